@@ -1,0 +1,104 @@
+"""The full config tree with the published Flow-GRPO / MapReduce LoRA defaults (DESIGN.md section 5).
+
+Every field lives here once, with its meaning; presets only change values. The tree is locked after loading
+(``mrlora.config.load_config``), so a typo in ``--set`` is an error naming the key, never a silent new field.
+Only the per-reward maps (``prompts``, ``reward_models``, ``per_reward``) accept new keys, because a user may
+add a reward of their own.
+"""
+
+import ml_collections
+
+SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# FLUX adds the feed-forward projections of the double blocks and the MLP projections of the single blocks.
+FLUX_TARGETS = SD3_TARGETS + (
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.seed = 42
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = ""             # preset name, recorded in run.json and used for OUT_ROOT/<name>/
+    c.model.arch = "sd3"          # "sd3" | "flux": which diffusers pipeline and sampler
+    c.model.pretrained = ""       # local dir, hub id, or tiny:sd3 / tiny:flux (built on first use)
+    c.model.dtype = "bf16"        # "fp32" | "bf16" | "fp16": weights and sampling dtype on the device
+    c.model.gradient_checkpointing = False
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 32
+    c.lora.alpha = 64
+    c.lora.target_modules = list(SD3_TARGETS)
+    c.lora.init = "gaussian"      # peft init_lora_weights; B starts at zero either way
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_steps = 10       # SDE steps per training sample
+    c.sample.eval_num_steps = 40  # ODE steps for evaluation
+    c.sample.guidance_scale = 4.5
+    c.sample.resolution = 512
+    c.sample.noise_level = 0.7    # a in std_dev_t = a * sqrt(sigma / (1 - sigma))
+    c.sample.group_size = 16      # images per prompt (G)
+    c.sample.prompts_per_step = 8  # prompts per optimizer step, over all processes
+    c.sample.batch_size = 8       # images per sampling forward pass on one process
+    c.sample.max_sequence_length = 256
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100           # optimizer steps per expert per cycle (= merge_steps)
+    c.train.lr = 3e-4
+    c.train.adam_beta1 = 0.9
+    c.train.adam_beta2 = 0.999
+    c.train.weight_decay = 1e-4
+    c.train.adam_epsilon = 1e-8
+    c.train.max_grad_norm = 1.0
+    c.train.clip_range = 1e-4     # PPO ratio clip epsilon
+    c.train.adv_clip_max = 5.0
+    c.train.adv_std = "group"     # "group": each prompt group's own std; "batch": std of the whole batch
+    c.train.beta = 0.04           # KL weight to the reference (adapter disabled); 0 disables the KL forward
+    c.train.timestep_fraction = 0.99  # fraction of the stored SDE steps trained on
+    c.train.micro_batch = 4       # samples per backward pass on one process (gradient accumulation inside a step)
+    c.train.cfg = True            # apply CFG in the training forward, as in sampling
+    c.train.ema = True
+    c.train.ema_decay = 0.9
+    c.train.ema_every = 8
+    c.train.checkpoint_every = 20
+    c.train.deepspeed = ""        # "" | "zero2": DeepSpeed ZeRO-2 through accelerate for the large model
+
+    c.rewards = ["geneval", "pickscore", "ocr"]
+    c.weights = [1.0, 1.0, 1.0]   # Reduce weights, one per reward, normalised to sum 1
+
+    # Prompt source per reward: a file (GenEval metadata .jsonl or one prompt per line) or gen:<kind>:<n>.
+    c.prompts = ml_collections.ConfigDict()
+    c.prompts.geneval = "gen:geneval:2000"
+    c.prompts.pickscore = "gen:simple:2000"
+    c.prompts.ocr = "gen:ocr:2000"
+
+    # Keyword arguments of each reward's factory (rewards.build_reward(name, **kwargs)).
+    c.reward_models = ml_collections.ConfigDict()
+    c.reward_models.geneval = ml_collections.ConfigDict({"backend": "inprocess"})
+    c.reward_models.pickscore = ml_collections.ConfigDict({
+        "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        "model": "yuvalkirstain/PickScore_v1",
+        "normalize": True,
+    })
+    c.reward_models.ocr = ml_collections.ConfigDict({"backend": "rapidocr"})
+
+    # Per-reward overrides, same tree shape as the top level (e.g. per_reward.pickscore.train.beta = 0.01).
+    c.per_reward = ml_collections.ConfigDict()
+    c.per_reward.geneval = ml_collections.ConfigDict({"train": {"beta": 0.04}})
+    c.per_reward.pickscore = ml_collections.ConfigDict({"train": {"beta": 0.01}})
+    c.per_reward.ocr = ml_collections.ConfigDict({"train": {"beta": 0.04}})
+
+    c.mapreduce = ml_collections.ConfigDict()
+    c.mapreduce.cycles = 80
+    c.mapreduce.mode = "parallel"       # "parallel" | "sequential"
+    c.mapreduce.merge_mode = "exact"    # "exact" | "reference" (public code: average A and B; inexact)
+    c.mapreduce.allow_negative_weights = False
+    c.mapreduce.export_every = 0        # materialise a full model every K cycles (0: only on demand)
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.wandb = False
+    c.logging.tensorboard = False
+    c.logging.project = "mrlora"
+    return c

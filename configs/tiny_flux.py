@@ -1,0 +1,11 @@
+"""A tiny random FLUX (built on first use, no download): the FLUX code path on a laptop or CI."""
+
+from configs.common import FLUX_TARGETS, base_config
+from configs.tiny import apply_tiny
+
+
+def get_config():
+    c = apply_tiny(base_config(), "flux")
+    c.lora.target_modules = list(FLUX_TARGETS)
+    c.sample.guidance_scale, c.sample.noise_level = 3.5, 0.9
+    return c

@@ -1,0 +1,315 @@
+"""Load, override, validate and freeze experiment configs.
+
+Presets are ml_collections ``get_config()`` modules under ``configs/``. Users change them from the command line
+with ``--set key.path=value``. The tree is locked, so an unknown key or a value of the wrong type is rejected
+with the key named and the closest known keys suggested, before anything is planned or written. The frozen
+form (a plain dict) goes into ``run.json`` so a resumed run uses exactly the config it started with.
+
+This module is imported on login nodes: stdlib and ml_collections only.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import importlib
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import ml_collections
+
+PRESETS = ("sd35m", "flux", "tiny-sd3", "tiny-flux")
+# Maps keyed by reward name: a user adding a reward may create new keys here.
+OPEN_MAPS = ("prompts", "reward_models", "per_reward")
+DTYPES = ("fp32", "bf16", "fp16")
+ARCHS = ("sd3", "flux")
+MODES = ("parallel", "sequential")
+MERGE_MODES = ("exact", "reference")
+ADV_STD = ("group", "batch")
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the key and what to do."""
+
+
+def _preset_module(preset: str):
+    path = Path(preset)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise ConfigError(f"config file {preset} does not exist")
+        spec = importlib.util.spec_from_file_location(f"mrlora_user_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    name = preset.replace("-", "_")
+    try:
+        return importlib.import_module(f"configs.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"configs.{name}":
+            raise
+        hint = difflib.get_close_matches(preset, PRESETS, n=1)
+        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(
+            f"unknown model preset {preset!r}.{suggestion} Known presets: {', '.join(PRESETS)}; "
+            "or pass a path to a .py file with get_config()."
+        ) from None
+
+
+def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_all_keys(value, path + "."))
+    return keys
+
+
+def _unknown_key(cfg: ml_collections.ConfigDict, key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.6)
+    hint = f" Closest known keys: {', '.join(close)}." if close else ""
+    return ConfigError(f"unknown config key {key!r}.{hint} `--print-config` lists every key.")
+
+
+def _parse_value(raw: str, current: Any) -> Any:
+    """Parse a command-line value into the type of the field it replaces."""
+    if isinstance(current, str):
+        return raw
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if isinstance(current, (list, tuple)) and "," in raw:
+            return [part.strip() for part in raw.split(",") if part.strip()]
+        return raw
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    """Check ``value`` against the type of ``current``; return the value to store."""
+    if current is None or isinstance(current, ml_collections.ConfigDict):
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(current, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(current, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, (str, int, float)):
+            return [value]
+    else:
+        return value
+    raise ConfigError(
+        f"config key {key!r} expects {type(current).__name__} (current value {current!r}), "
+        f"got {type(value).__name__} {value!r}"
+    )
+
+
+def set_value(cfg: ml_collections.ConfigDict, key: str, raw: Any, parse: bool = True) -> None:
+    """Set ``key`` (dotted path) in ``cfg``; raise ConfigError for unknown keys or wrong types."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"malformed config key {key!r}")
+    node = cfg
+    open_map = parts[0] in OPEN_MAPS
+    for depth, part in enumerate(parts[:-1]):
+        if part not in node:
+            if not (open_map and depth >= 1):
+                raise _unknown_key(cfg, key)
+            with node.unlocked():
+                node[part] = ml_collections.ConfigDict()
+        node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"config key {'.'.join(parts[:depth + 1])!r} is a value, not a group: cannot set {key!r}")
+    leaf = parts[-1]
+    if leaf not in node:
+        if not (open_map and len(parts) >= 2):
+            raise _unknown_key(cfg, key)
+        value = _parse_value(raw, None) if parse and isinstance(raw, str) else raw
+        with node.unlocked():
+            node[leaf] = value
+        return
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict) and not open_map:
+        raise ConfigError(f"config key {key!r} is a group; set one of its fields, e.g. {key}.{next(iter(current.keys()), 'x')}")
+    value = _parse_value(raw, current) if parse and isinstance(raw, str) else raw
+    if isinstance(current, ml_collections.ConfigDict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} expects a mapping, got {value!r}")
+        with node.unlocked():
+            node[leaf] = ml_collections.ConfigDict(value)
+        return
+    node[leaf] = _coerce(key, value, current)
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    return key.strip(), raw.strip()
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+    for item in overrides:
+        key, raw = parse_override(item)
+        set_value(cfg, key, raw)
+    return cfg
+
+
+def load_config(preset: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Build a preset, apply ``key=value`` overrides, validate, and return the locked config."""
+    module = _preset_module(preset)
+    cfg = module.get_config()
+    cfg.lock()
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: ml_collections.ConfigDict) -> dict:
+    """The frozen, JSON-serialisable form stored in run.json."""
+    return json.loads(cfg.to_json())
+
+
+def config_from_dict(data: dict) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(copy.deepcopy(data))
+    cfg.lock()
+    return cfg
+
+
+def _merge_into(cfg: ml_collections.ConfigDict, overrides: dict, prefix: str) -> None:
+    for key, value in overrides.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, (dict, ml_collections.ConfigDict)) and not (
+            path.split(".")[0] in OPEN_MAPS and path.count(".") >= 1
+        ):
+            _merge_into(cfg, dict(value), path + ".")
+        else:
+            set_value(cfg, path, value, parse=False)
+
+
+def config_for_reward(cfg: ml_collections.ConfigDict, reward: str) -> ml_collections.ConfigDict:
+    """A copy of ``cfg`` with ``per_reward[reward]`` applied: what the expert for ``reward`` trains with."""
+    out = config_from_dict(config_to_dict(cfg))
+    overrides = cfg.per_reward.get(reward)
+    if overrides:
+        _merge_into(out, overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides), "")
+    return out
+
+
+def normalised_weights(weights: Iterable[float], allow_negative: bool = False) -> list[float]:
+    """Reduce weights normalised to sum 1 (by absolute sum when negative weights are allowed)."""
+    weights = [float(w) for w in weights]
+    if not weights:
+        raise ConfigError("no merge weights given")
+    if any(not math.isfinite(w) for w in weights):
+        raise ConfigError(f"merge weights must be finite numbers, got {weights}")
+    if not allow_negative and any(w < 0 for w in weights):
+        raise ConfigError(
+            f"negative merge weight in {weights}. Weights must be >= 0; for task-arithmetic style negation "
+            "pass --allow-negative-weights (mapreduce.allow_negative_weights=True)."
+        )
+    total = sum(abs(w) for w in weights) if allow_negative else sum(weights)
+    if total == 0:
+        raise ConfigError(f"merge weights {weights} are all zero; give at least one positive weight")
+    return [w / total for w in weights]
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Cross-field checks that types alone cannot express. Raises ConfigError naming the key."""
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(cfg.model.arch in ARCHS, "model.arch", f"must be one of {ARCHS}, got {cfg.model.arch!r}")
+    need(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {cfg.model.dtype!r}")
+    need(bool(cfg.model.pretrained), "model.pretrained", "is empty; give a local model dir or a hub id")
+    need(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
+    need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "needs at least one module name")
+    need(cfg.sample.num_steps >= 1, "sample.num_steps", "must be >= 1")
+    need(cfg.sample.eval_num_steps >= 1, "sample.eval_num_steps", "must be >= 1")
+    need(cfg.sample.group_size >= 2, "sample.group_size", "must be >= 2 (advantages compare samples of a prompt)")
+    need(cfg.sample.prompts_per_step >= 1, "sample.prompts_per_step", "must be >= 1")
+    need(cfg.sample.batch_size >= 1, "sample.batch_size", "must be >= 1")
+    need(cfg.sample.resolution % 16 == 0 and cfg.sample.resolution > 0, "sample.resolution", "must be a positive multiple of 16")
+    need(0 <= cfg.sample.noise_level <= 2, "sample.noise_level", "must be in [0, 2]")
+    need(cfg.train.steps >= 1, "train.steps", "must be >= 1")
+    need(cfg.train.lr > 0, "train.lr", "must be > 0")
+    need(0 < cfg.train.timestep_fraction <= 1, "train.timestep_fraction", "must be in (0, 1]")
+    need(cfg.train.clip_range > 0, "train.clip_range", "must be > 0")
+    need(cfg.train.beta >= 0, "train.beta", "must be >= 0")
+    need(cfg.train.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+    need(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    need(cfg.train.ema_every >= 1, "train.ema_every", "must be >= 1")
+    need(0 <= cfg.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+    need(cfg.train.adv_std in ADV_STD, "train.adv_std", f"must be one of {ADV_STD}")
+    need(cfg.train.deepspeed in ("", "zero2"), "train.deepspeed", "must be '' or 'zero2'")
+    need(cfg.mapreduce.cycles >= 1, "mapreduce.cycles", "must be >= 1")
+    need(cfg.mapreduce.mode in MODES, "mapreduce.mode", f"must be one of {MODES}")
+    need(cfg.mapreduce.merge_mode in MERGE_MODES, "mapreduce.merge_mode", f"must be one of {MERGE_MODES}")
+    need(cfg.mapreduce.export_every >= 0, "mapreduce.export_every", "must be >= 0")
+
+    rewards = list(cfg.rewards)
+    need(len(rewards) >= 1, "rewards", "name at least one reward")
+    need(len(set(rewards)) == len(rewards), "rewards", f"names a reward twice: {rewards}")
+    need(
+        len(cfg.weights) == len(rewards), "weights",
+        f"has {len(cfg.weights)} values for {len(rewards)} rewards {rewards}; give one weight per reward",
+    )
+    try:
+        normalised_weights(cfg.weights, cfg.mapreduce.allow_negative_weights)
+    except ConfigError as exc:
+        raise ConfigError(f"weights: {exc}") from None
+    for reward in rewards:
+        need(reward in cfg.prompts and bool(cfg.prompts[reward]), f"prompts.{reward}",
+             f"no prompt source for reward {reward!r}; set prompts.{reward}=<file or gen:kind:n>")
+    known = _known_rewards()
+    if known is not None:
+        for reward in rewards:
+            if ":" in reward:  # "package.module:factory" user rewards are resolved when the job builds them
+                continue
+            need(reward in known, "rewards",
+                 f"unknown reward {reward!r}; known rewards: {', '.join(sorted(known))}")
+    for reward, overrides in cfg.per_reward.items():
+        probe = config_from_dict({k: v for k, v in config_to_dict(cfg).items() if k != "per_reward"})
+        try:
+            _merge_into(probe, overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides), "")
+        except ConfigError as exc:
+            raise ConfigError(f"per_reward.{reward}: {exc}") from None
+
+
+def _known_rewards() -> set[str] | None:
+    """Names in the reward registry, or None when the rewards package is not importable here."""
+    try:
+        from rewards import available_rewards  # torch-free by contract
+    except ImportError:
+        return None
+    return set(available_rewards())
+
+
+def format_config(cfg: ml_collections.ConfigDict) -> str:
+    """Every key with its value, one per line, for ``--print-config``."""
+    lines = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                lines.append(f"{prefix}{key} = {value!r}")
+
+    walk(cfg, "")
+    return "\n".join(lines)

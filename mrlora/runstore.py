@@ -1,0 +1,512 @@
+"""The run directory on the shared filesystem: the single source of truth of a MapReduce run.
+
+Everything that survives a crash, a preemption or a login-node reboot lives here, so the rules are strict
+(DESIGN.md section 3):
+
+* every file is written to a temporary name in the same directory, flushed, fsynced, ``os.replace``d and the
+  directory fsynced, so a reader never sees a half-written file;
+* a directory (checkpoint, finished expert, merged cycle) counts as complete only when its marker exists and
+  the sizes it lists match; the marker is written last. Scans trust markers, never "latest" pointers;
+* ownership of a run is a lease file created with ``O_EXCL`` (``flock`` is often disabled on Lustre), broken
+  only when the caller's liveness check (``squeue``, pid) says its owner is gone.
+
+This module is imported on login nodes: stdlib only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+RUN_TS_FORMAT = "%Y%m%d_%H%M%S"
+RUN_JSON = "run.json"
+LEASE = "LEASE.json"
+CHECKPOINT_MARKER = "COMPLETE.json"
+DONE_MARKER = "DONE.json"
+MERGE_MARKER = "MERGE_DONE.json"
+MARKER_NAMES = (CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER)
+_TMP_PREFIX = ".tmp-"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_CYCLE_RE = re.compile(r"^cycle_(\d{4,})$")
+
+
+class RunStoreError(RuntimeError):
+    """A run-directory problem the user must act on; the message says what to do."""
+
+
+class LeaseHeldError(RunStoreError):
+    """Another launcher chain owns the run."""
+
+    def __init__(self, message: str, lease: "LeaseInfo"):
+        super().__init__(message)
+        self.lease = lease
+
+
+class NotVisibleError(RunStoreError):
+    """A file another node wrote did not appear within the polling bound."""
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+
+def fsync_dir(path: Path | str) -> None:
+    """Persist a directory entry (a rename or a new file) on filesystems that need it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some network filesystems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{_TMP_PREFIX}{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success fsync it and rename it into place.
+
+    Use it for writers that want a filename (``safetensors.torch.save_file``, ``torch.save``). On an exception
+    the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path | str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path | str):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def wait_for(path: Path | str, timeout: float = 60.0, interval: float = 0.5) -> Path:
+    """Poll for ``path`` written on another node (NFS attribute caching can hide it for a while)."""
+    path = Path(path)
+    deadline = time.monotonic() + timeout
+    while True:
+        # listing the parent refreshes the directory cache on NFS clients
+        with contextlib.suppress(OSError):
+            os.listdir(path.parent)
+        if path.exists():
+            return path
+        if time.monotonic() >= deadline:
+            raise NotVisibleError(
+                f"{path} did not appear within {timeout:.0f} s. If another job wrote it, check that job's log; "
+                "if the shared filesystem is slow, raise the timeout."
+            )
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------------------------------- markers
+
+def file_digest(path: Path | str, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _payload_files(directory: Path) -> list[Path]:
+    files = []
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name not in MARKER_NAMES and not p.name.startswith(_TMP_PREFIX):
+            files.append(p)
+    return files
+
+
+def write_marker(directory: Path | str, name: str, extra: dict | None = None, checksums: bool = True) -> dict:
+    """Record every file of ``directory`` (size and sha256) in marker ``name``, written last and atomically.
+
+    The marker is what makes the directory complete: call this only after every other file is in place.
+    """
+    directory = Path(directory)
+    files = {}
+    for p in _payload_files(directory):
+        rel = p.relative_to(directory).as_posix()
+        entry = {"size": p.stat().st_size}
+        if checksums:
+            entry["sha256"] = file_digest(p)
+        files[rel] = entry
+    marker = {
+        "complete": True,
+        "written_at": _dt.datetime.now().isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "files": files,
+        **(extra or {}),
+    }
+    atomic_write_json(directory / name, marker)
+    return marker
+
+
+def read_marker(directory: Path | str, name: str, verify: str = "size") -> dict | None:
+    """The marker's content if the directory is complete, else None.
+
+    ``verify``: "none" trusts the marker, "size" (default, cheap) checks every listed file exists with its
+    size, "sha256" also re-hashes them (use before trusting a checkpoint someone else wrote).
+    """
+    directory = Path(directory)
+    try:
+        marker = read_json(directory / name)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("complete") is not True:
+        return None
+    if verify == "none":
+        return marker
+    for rel, entry in marker.get("files", {}).items():
+        p = directory / rel
+        try:
+            if p.stat().st_size != entry["size"]:
+                return None
+        except OSError:
+            return None
+        if verify == "sha256" and "sha256" in entry and file_digest(p) != entry["sha256"]:
+            return None
+    return marker
+
+
+def reset_incomplete_dir(directory: Path | str, marker: str) -> Path:
+    """Make ``directory`` an empty directory unless it is already complete (then raise).
+
+    Writers call this before filling a directory: leftovers of a killed writer are removed, a completed
+    directory is never overwritten.
+    """
+    directory = Path(directory)
+    if read_marker(directory, marker, verify="none") is not None:
+        raise RunStoreError(f"{directory} is already complete ({marker} exists); refusing to overwrite it")
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    return directory
+
+
+# ------------------------------------------------------------------------------------------------------- lease
+
+@dataclass
+class LeaseInfo:
+    """Who owns a run: the launcher process that created the lease and the Slurm jobs it submitted."""
+
+    owner_id: str
+    host: str
+    pid: int
+    created: str
+    executor: str = "slurm"
+    job_ids: list[str] = field(default_factory=list)
+    command: str = ""
+
+    @classmethod
+    def new(cls, executor: str, command: str = "") -> "LeaseInfo":
+        return cls(
+            owner_id=uuid.uuid4().hex,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            created=_dt.datetime.now().isoformat(timespec="seconds"),
+            executor=executor,
+            command=command,
+        )
+
+
+def pid_alive(pid: int) -> bool:
+    """True when ``pid`` runs on this host and is not a zombie (PID 1 may not reap orphans)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("State:"):
+                    return "Z" not in line.split()[1]
+    except OSError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------- layout
+
+@dataclass
+class ExpertState:
+    done: bool = False
+    checkpoint_step: int | None = None
+    checkpoint_path: Path | None = None
+
+
+@dataclass
+class CycleState:
+    cycle: int
+    experts: dict[str, ExpertState]
+    merged: bool = False
+
+
+@dataclass
+class RunState:
+    """What the run directory proves is finished; resume and status read only this."""
+
+    last_complete_cycle: int
+    cycles: dict[int, CycleState]
+
+    @property
+    def next_cycle(self) -> int:
+        return self.last_complete_cycle + 1
+
+
+def new_run_ts(now: _dt.datetime | None = None) -> str:
+    return (now or _dt.datetime.now()).strftime(RUN_TS_FORMAT)
+
+
+def is_run_ts(name: str) -> bool:
+    try:
+        _dt.datetime.strptime(name, RUN_TS_FORMAT)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths and completion checks of one run: ``OUT_ROOT/<model>/<RUN_TS>/``."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # -- identity
+    @property
+    def run_ts(self) -> str:
+        return self.root.name
+
+    @classmethod
+    def create(cls, out_root: Path | str, model: str, run_ts: str | None = None) -> "RunDir":
+        """Create a new, empty run directory; the timestamp is the run's identity, so never reuse one."""
+        parent = Path(out_root) / model
+        parent.mkdir(parents=True, exist_ok=True)
+        stamp = run_ts or new_run_ts()
+        for _ in range(120):
+            try:
+                (parent / stamp).mkdir()
+                return cls(parent / stamp)
+            except FileExistsError:
+                if run_ts:
+                    raise RunStoreError(f"run {parent / stamp} already exists; resume it with --resume {stamp}")
+                time.sleep(1.0)
+                stamp = new_run_ts()
+        raise RunStoreError(f"could not create a fresh run directory under {parent}")
+
+    @classmethod
+    def find(cls, out_root: Path | str, model: str, run_ts: str | None = None) -> "RunDir":
+        """The run ``run_ts`` (or the newest run with a run.json) of ``model`` under ``out_root``."""
+        parent = Path(out_root) / model
+        if run_ts:
+            run = cls(parent / run_ts)
+            if not run.run_json.exists():
+                raise RunStoreError(
+                    f"no run {run_ts} under {parent} (missing {run.run_json}); `python -m launch.status "
+                    f"--out-root {out_root} --model {model}` lists runs"
+                )
+            return run
+        runs = sorted(p for p in parent.glob("*") if is_run_ts(p.name) and (p / RUN_JSON).exists()) \
+            if parent.is_dir() else []
+        if not runs:
+            raise RunStoreError(f"no runs of {model} under {out_root}; start one with python -m launch.mapreduce")
+        return cls(runs[-1])
+
+    # -- paths
+    @property
+    def run_json(self) -> Path:
+        return self.root / RUN_JSON
+
+    @property
+    def lease_path(self) -> Path:
+        return self.root / LEASE
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def cycle_dir(self, cycle: int) -> Path:
+        if cycle < 1:
+            raise ValueError(f"cycles count from 1, got {cycle}")
+        return self.root / f"cycle_{cycle:04d}"
+
+    def expert_dir(self, cycle: int, reward: str) -> Path:
+        return self.cycle_dir(cycle) / reward
+
+    def checkpoint_dir(self, cycle: int, reward: str, step: int) -> Path:
+        return self.expert_dir(cycle, reward) / f"checkpoint-{step}"
+
+    def adapter_dir(self, cycle: int, reward: str) -> Path:
+        return self.expert_dir(cycle, reward) / "adapter"
+
+    def metrics_path(self, cycle: int, reward: str) -> Path:
+        return self.expert_dir(cycle, reward) / "metrics.jsonl"
+
+    def merged_dir(self, cycle: int) -> Path:
+        return self.cycle_dir(cycle) / "merged"
+
+    # -- run.json
+    def write_run_json(self, data: dict) -> None:
+        atomic_write_json(self.run_json, data)
+
+    def read_run_json(self) -> dict:
+        try:
+            return read_json(self.run_json)
+        except FileNotFoundError:
+            raise RunStoreError(f"{self.root} is not a run directory (no {RUN_JSON})") from None
+        except ValueError as exc:
+            raise RunStoreError(f"{self.run_json} is corrupt ({exc}); restore it from a backup") from None
+
+    # -- completion
+    def expert_done(self, cycle: int, reward: str) -> dict | None:
+        return read_marker(self.expert_dir(cycle, reward), DONE_MARKER)
+
+    def merge_done(self, cycle: int) -> dict | None:
+        return read_marker(self.merged_dir(cycle), MERGE_MARKER)
+
+    def checkpoints(self, cycle: int, reward: str) -> list[tuple[int, Path]]:
+        """Complete step checkpoints of an expert, oldest first."""
+        expert = self.expert_dir(cycle, reward)
+        found = []
+        if expert.is_dir():
+            for p in expert.iterdir():
+                m = _CHECKPOINT_RE.match(p.name)
+                if m and p.is_dir() and read_marker(p, CHECKPOINT_MARKER) is not None:
+                    found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest_checkpoint(self, cycle: int, reward: str) -> tuple[int, Path] | None:
+        found = self.checkpoints(cycle, reward)
+        return found[-1] if found else None
+
+    def cycles_present(self) -> list[int]:
+        return sorted(int(m.group(1)) for p in self.root.glob("cycle_*") if (m := _CYCLE_RE.match(p.name)))
+
+    def scan(self, rewards: list[str]) -> RunState:
+        """What is provably finished: the contiguous prefix of merged cycles, and per-expert progress."""
+        cycles: dict[int, CycleState] = {}
+        for c in self.cycles_present():
+            experts = {}
+            for r in rewards:
+                latest = self.latest_checkpoint(c, r)
+                experts[r] = ExpertState(
+                    done=self.expert_done(c, r) is not None,
+                    checkpoint_step=latest[0] if latest else None,
+                    checkpoint_path=latest[1] if latest else None,
+                )
+            cycles[c] = CycleState(c, experts, merged=self.merge_done(c) is not None)
+        last = 0
+        while last + 1 in cycles and cycles[last + 1].merged:
+            last += 1
+        return RunState(last_complete_cycle=last, cycles=cycles)
+
+    def merged_updates(self, up_to_cycle: int) -> list[Path]:
+        """Merged-update directories of cycles 1..up_to_cycle; every one must be complete."""
+        dirs = []
+        for c in range(1, up_to_cycle + 1):
+            if self.merge_done(c) is None:
+                raise RunStoreError(
+                    f"cycle {c} of {self.root} has no complete merge ({self.merged_dir(c) / MERGE_MARKER}); "
+                    f"resume the run to redo it"
+                )
+            dirs.append(self.merged_dir(c))
+        return dirs
+
+    # -- lease
+    def read_lease(self) -> LeaseInfo | None:
+        try:
+            data = read_json(self.lease_path)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            # a torn lease can only come from a writer killed mid-write; treat as held by nobody we can check
+            return LeaseInfo(owner_id="corrupt", host="?", pid=-1, created="?")
+        return LeaseInfo(**{k: v for k, v in data.items() if k in LeaseInfo.__dataclass_fields__})
+
+    def acquire_lease(self, info: LeaseInfo, is_stale: Callable[[LeaseInfo], bool]) -> LeaseInfo:
+        """Take ownership of the run or raise LeaseHeldError naming the owner.
+
+        The lease file is created with O_EXCL, which is atomic on NFS v3+ and Lustre. A held lease is broken
+        only when ``is_stale(holder)`` says its jobs and process are gone; breaking renames it aside first, so
+        two launchers racing to break it cannot both win.
+        """
+        for _ in range(3):
+            try:
+                fd = os.open(self.lease_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.read_lease()
+                if holder is None:
+                    continue
+                if holder.owner_id == info.owner_id:
+                    return info
+                if not is_stale(holder):
+                    jobs = f" (jobs {', '.join(holder.job_ids)})" if holder.job_ids else ""
+                    raise LeaseHeldError(
+                        f"run {self.root} is owned by another launcher: host {holder.host} pid {holder.pid}"
+                        f"{jobs}, since {holder.created}. Wait for it, cancel it with "
+                        f"`python -m launch.cancel {self.run_ts}`, or pass --adopt to take over its jobs.",
+                        holder,
+                    )
+                aside = self.root / f"{LEASE}.broken-{uuid.uuid4().hex[:8]}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self.lease_path, aside)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(asdict(info), fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+            fsync_dir(self.root)
+            return info
+        raise RunStoreError(f"could not acquire the lease of {self.root}: it keeps changing hands; retry")
+
+    def update_lease(self, info: LeaseInfo) -> None:
+        """Rewrite our own lease (e.g. with the job ids just submitted)."""
+        holder = self.read_lease()
+        if holder is None or holder.owner_id != info.owner_id:
+            raise RunStoreError(f"lost the lease of {self.root} to {holder}; another launcher took over the run")
+        atomic_write_json(self.lease_path, asdict(info))
+
+    def release_lease(self, info: LeaseInfo) -> None:
+        holder = self.read_lease()
+        if holder is not None and holder.owner_id == info.owner_id:
+            with contextlib.suppress(FileNotFoundError):
+                self.lease_path.unlink()
+            fsync_dir(self.root)
