@@ -1,0 +1,228 @@
+"""OCR reward: does the image show the text the prompt asked for?
+
+Rule (DESIGN.md section 7, as in Flow-GRPO): the target is the text between the first pair of double quotes
+in the prompt; the recognised text is every line the OCR engine read, concatenated. Both are normalised
+(all whitespace removed, lower case). The distance d is 0 when the target is a substring of the recognition,
+else the Levenshtein distance, capped at len(target); reward = 1 - d / len(target), so it lies in [0, 1].
+
+Backends: ``rapidocr`` runs the PP-OCR detection + recognition ONNX models that ship inside the
+rapidocr-onnxruntime wheel, fully offline on CPU (the default, and what the tests exercise); ``paddleocr``
+uses PaddleOCR 2.x (what the reference code uses) when it is installed with its models; ``auto`` prefers
+PaddleOCR when it is importable and can reach its models, else rapidocr. Both read images one at a time (the
+engines are not batched); the reward itself takes a batch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from rewards.base import Reward, RewardError, RewardOutput
+from rewards.hub import hub_offline
+
+ON_MISSING_POLICIES = ("error", "zero", "skip-nan")
+_QUOTED = re.compile(r"[\"\u201c](.*?)[\"\u201d]", re.DOTALL)
+_WHITESPACE = re.compile(r"\s+")
+
+
+def extract_target(prompt: str) -> str | None:
+    """Text between the first pair of double quotes (ASCII or typographic), or None if there is none."""
+    match = _QUOTED.search(prompt)
+    if match is None:
+        return None
+    return match.group(1)
+
+
+def normalise(text: str) -> str:
+    """The comparison form: every whitespace character removed, lower case."""
+    return _WHITESPACE.sub("", text).lower()
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions each cost 1)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def ocr_distance(target: str, recognised: str) -> int:
+    """0 if normalised ``target`` occurs in normalised ``recognised``, else Levenshtein capped at len(target)."""
+    t, r = normalise(target), normalise(recognised)
+    if not t:
+        raise ValueError("OCR target is empty after normalisation")
+    if t in r:
+        return 0
+    return min(levenshtein(t, r), len(t))
+
+
+def ocr_score(target: str, recognised: str) -> float:
+    """1 - d / len(target) on normalised text; 1.0 means the target was read exactly."""
+    return 1.0 - ocr_distance(target, recognised) / len(normalise(target))
+
+
+class OcrBackend(Protocol):
+    name: str
+
+    def read(self, images: Sequence) -> list[str]:
+        """The recognised text of each image (all lines concatenated, in reading order)."""
+
+
+def _bgr(image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+
+
+class RapidOcrBackend:
+    """PP-OCRv4 det + rec (ONNX, bundled in the rapidocr-onnxruntime wheel); no network, no model download."""
+
+    name = "rapidocr"
+
+    def __init__(self, min_confidence: float = 0.0, **engine_kwargs) -> None:
+        try:
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError as exc:
+            raise RewardError(
+                "OCR backend 'rapidocr' needs the rapidocr-onnxruntime package: pip install rapidocr-onnxruntime"
+            ) from exc
+        self._engine = RapidOCR(**engine_kwargs)
+        self.min_confidence = float(min_confidence)
+
+    def read(self, images: Sequence) -> list[str]:
+        texts = []
+        for image in images:
+            result, _ = self._engine(_bgr(image), use_det=True, use_cls=False, use_rec=True)
+            lines = [text for _box, text, conf in (result or []) if float(conf) > self.min_confidence]
+            texts.append(" ".join(lines))
+        return texts
+
+
+class PaddleOcrBackend:
+    """PaddleOCR 2.x, as the reference uses it (``use_angle_cls=False``, English, lines with confidence > 0).
+
+    PaddleOCR downloads its models on first use; on an offline node pass ``det_model_dir`` /
+    ``rec_model_dir`` (and any other PaddleOCR constructor argument) through ``paddle_kwargs``.
+    """
+
+    name = "paddleocr"
+
+    def __init__(self, min_confidence: float = 0.0, use_gpu: bool = False, **paddle_kwargs) -> None:
+        try:
+            from paddleocr import PaddleOCR
+        except ImportError as exc:
+            raise RewardError(
+                "OCR backend 'paddleocr' needs paddleocr and paddlepaddle installed; use backend='rapidocr' "
+                "for the offline PP-OCR ONNX models instead"
+            ) from exc
+        kwargs = {"use_angle_cls": False, "lang": "en", "use_gpu": use_gpu, "show_log": False}
+        kwargs.update(paddle_kwargs)
+        self._engine = PaddleOCR(**kwargs)
+        self.min_confidence = float(min_confidence)
+
+    def read(self, images: Sequence) -> list[str]:
+        texts = []
+        for image in images:
+            result = self._engine.ocr(_bgr(image), cls=False)
+            page = result[0] if result else None
+            lines = [text for _box, (text, conf) in (page or []) if float(conf) > self.min_confidence]
+            texts.append(" ".join(lines))
+        return texts
+
+
+def make_backend(backend: str = "auto", min_confidence: float = 0.0, paddle_kwargs: dict | None = None):
+    """Build an OCR backend by name: ``rapidocr``, ``paddleocr`` or ``auto``."""
+    paddle_kwargs = dict(paddle_kwargs or {})
+    if backend == "auto":
+        paddle_usable = importlib.util.find_spec("paddleocr") is not None and (
+            not hub_offline() or {"det_model_dir", "rec_model_dir"} <= set(paddle_kwargs)
+        )
+        backend = "paddleocr" if paddle_usable else "rapidocr"
+    if backend == "rapidocr":
+        return RapidOcrBackend(min_confidence=min_confidence)
+    if backend == "paddleocr":
+        return PaddleOcrBackend(min_confidence=min_confidence, **paddle_kwargs)
+    raise RewardError(f"unknown OCR backend {backend!r}; choose 'rapidocr', 'paddleocr' or 'auto'")
+
+
+@dataclass(frozen=True)
+class _Target:
+    index: int
+    text: str
+
+
+class OcrReward(Reward):
+    """Score = 1 - capped_edit_distance / len(target), in [0, 1].
+
+    ``on_missing`` decides what happens to a prompt without quoted text: ``"error"`` (default) raises before
+    any OCR runs, ``"zero"`` scores it 0, ``"skip-nan"`` scores it NaN (excluded from means by the caller).
+    Details: ``distance`` (capped, NaN when skipped), ``target_length`` (normalised characters, 0 when none),
+    ``exact`` (1.0 when the target was read exactly).
+    """
+
+    name = "ocr"
+    higher_is_better = True
+
+    def __init__(self, backend: OcrBackend, on_missing: str = "error", batch_size: int = 8) -> None:
+        if on_missing not in ON_MISSING_POLICIES:
+            raise RewardError(f"ocr: on_missing must be one of {ON_MISSING_POLICIES}, got {on_missing!r}")
+        self.backend = backend
+        self.on_missing = on_missing
+        self.batch_size = max(1, int(batch_size))
+
+    def _targets(self, prompts: list[str]) -> list[_Target | None]:
+        targets: list[_Target | None] = []
+        for i, prompt in enumerate(prompts):
+            raw = extract_target(prompt)
+            if raw is None or not normalise(raw):
+                if self.on_missing == "error":
+                    raise RewardError(
+                        f"ocr: prompt {i} has no text between double quotes ({prompt[:80]!r}); the OCR reward "
+                        'needs prompts like: A sign that says "OPEN". Fix the prompt set or set '
+                        "reward_models.ocr.on_missing to 'zero' or 'skip-nan'."
+                    )
+                targets.append(None)
+            else:
+                targets.append(_Target(i, raw))
+        return targets
+
+    def score(self, images: list, prompts: list[str], metadata: list[dict]) -> RewardOutput:
+        targets = self._targets(prompts)
+        n = len(images)
+        scores = np.full(n, np.nan if self.on_missing == "skip-nan" else 0.0, dtype=np.float32)
+        distance = np.full(n, np.nan, dtype=np.float32)
+        length = np.zeros(n, dtype=np.float32)
+        todo = [t for t in targets if t is not None]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            texts = self.backend.read([images[t.index] for t in chunk])
+            for target, text in zip(chunk, texts):
+                d = ocr_distance(target.text, text)
+                length[target.index] = len(normalise(target.text))
+                distance[target.index] = d
+                scores[target.index] = 1.0 - d / length[target.index]
+        exact = np.where(np.isnan(distance), np.nan, (distance == 0).astype(np.float32))
+        return RewardOutput(scores=scores, details={"distance": distance, "target_length": length, "exact": exact})
+
+
+def build_ocr(
+    backend: str = "auto",
+    on_missing: str = "error",
+    batch_size: int = 8,
+    min_confidence: float = 0.0,
+    paddle_kwargs: dict | None = None,
+    device: str | None = None,
+) -> OcrReward:
+    """OCR edit-distance reward (``device`` is accepted for config symmetry; PaddleOCR uses GPU if it is cuda)."""
+    if backend == "paddleocr" or backend == "auto":
+        paddle_kwargs = dict(paddle_kwargs or {})
+        if device is not None:
+            paddle_kwargs.setdefault("use_gpu", str(device).startswith("cuda"))
+    return OcrReward(make_backend(backend, min_confidence, paddle_kwargs), on_missing=on_missing, batch_size=batch_size)
