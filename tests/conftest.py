@@ -124,22 +124,30 @@ class SlurmCluster:
             )
         return records
 
-    def wait_for_job(self, job_id: str, timeout: float = 60.0, poll: float = 0.5) -> dict[str, SacctRecord]:
-        """Poll sacct until every record of ``job_id`` (all tasks of an array) is in a terminal state.
+    def wait_for_job(
+        self, job_id: str, timeout: float = 60.0, array_size: int | None = None, poll: float = 0.5
+    ) -> dict[str, SacctRecord]:
+        """Poll sacct until the job, or all ``array_size`` tasks of a job array, are in a terminal state.
 
-        Raises ``TimeoutError`` naming the states seen last, so a stuck test says why.
+        ``array_size`` is required for arrays: slurmdbd learns of array tasks seconds after they run, and
+        meanwhile reports the array's last task under the bare array id. Raises ``TimeoutError`` naming
+        the states seen last, so a stuck test says why.
         """
+        job_id = str(job_id)
+        if array_size is None:
+            expected = {job_id}
+        else:
+            expected = {f"{job_id}_{i}" for i in range(array_size)}
         deadline = time.monotonic() + timeout
-        records: dict[str, SacctRecord] = {}
         while True:
             records = self.sacct(job_id)
-            if records and all(r.terminal for r in records.values()):
-                return records
+            if expected <= records.keys() and all(records[j].terminal for j in expected):
+                return {j: records[j] for j in sorted(expected)}
             if time.monotonic() >= deadline:
                 seen = {jid: r.state for jid, r in records.items()} or "no sacct record"
                 raise TimeoutError(
-                    f"job {job_id} not finished after {timeout:.0f} s (states: {seen}); "
-                    f"see `squeue` and {self.log_dir}/slurmctld.log"
+                    f"job {job_id} not finished after {timeout:.0f} s (waiting for {sorted(expected)}; "
+                    f"sacct shows {seen}); see `squeue` and {self.log_dir}/slurmctld.log"
                 )
             time.sleep(poll)
 

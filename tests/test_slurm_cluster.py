@@ -85,7 +85,7 @@ def test_array_then_afterok_dependent(slurm_cluster, tmp_path: Path) -> None:
     )
     dependent = executor.submit(count_markers, str(out_dir))
 
-    tasks = slurm_cluster.wait_for_job(array_id)
+    tasks = slurm_cluster.wait_for_job(array_id, array_size=3)
     dep = slurm_cluster.wait_for_job(dependent.job_id)[dependent.job_id]
 
     assert sorted(tasks) == [f"{array_id}_{i}" for i in range(3)]
