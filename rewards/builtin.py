@@ -20,7 +20,7 @@ DEFAULT_GENEVAL_CLIP = "openai/clip-vit-large-patch14"
 
 def _pickscore_models(model: str = DEFAULT_PICKSCORE_MODEL, processor: str = DEFAULT_PICKSCORE_PROCESSOR,
                       **_ignored) -> list[ModelRef]:
-    return [ModelRef(processor, "CLIP processor"), ModelRef(model, "PickScore model")]
+    return [ModelRef(processor, "CLIP processor", weights=False), ModelRef(model, "PickScore model")]
 
 
 @register_reward("pickscore", models=_pickscore_models)

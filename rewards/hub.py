@@ -20,6 +20,7 @@ class ModelRef:
 
     repo_id: str
     purpose: str
+    weights: bool = True  # False: only configs/tokenizer files are needed (e.g. a processor)
 
 
 def hub_offline() -> bool:
