@@ -22,6 +22,7 @@ _LAZY = {
     "TINY_ARCHS": "mrlora.models.tiny",
     "LORA_TARGETS": "mrlora.models.lora_targets",
     "lora_targets": "mrlora.models.lora_targets",
+    "lora_target_modules": "mrlora.models.lora_targets",
 }
 
 __all__ = ["ModelError", "ModelNotFoundError", "TinyBuildError", "UnknownArchError", *_LAZY]

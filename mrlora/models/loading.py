@@ -151,8 +151,11 @@ def ensure_tiny(arch: str, seed: int = 0) -> Path:
                 lock.unlink(missing_ok=True)
         if read_marker(out) is not None:
             return build_tiny(arch, out, seed=seed)
-        if _lock_is_stale(lock) or time.monotonic() > deadline:
-            # The holder died (or is hung): building anyway is safe, the atomic rename decides the winner.
+        if _lock_is_stale(lock):
+            _break_lock(lock)  # its holder died: take over (retry the O_EXCL create at once)
+            continue
+        if time.monotonic() > deadline:
+            # The holder is alive but hung: building anyway is safe, the atomic rename decides the winner.
             return build_tiny(arch, out, seed=seed, replace_incomplete=True)
         time.sleep(_TINY_POLL_S)
 
@@ -165,6 +168,16 @@ def _try_lock(lock: Path) -> bool:
     with os.fdopen(fd, "w") as f:
         json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
     return True
+
+
+def _break_lock(lock: Path) -> None:
+    """Remove a stale lock; renaming first means only one of several waiters deletes it."""
+    grave = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+    try:
+        os.rename(lock, grave)
+    except FileNotFoundError:
+        return
+    grave.unlink(missing_ok=True)
 
 
 def _lock_is_stale(lock: Path) -> bool:
