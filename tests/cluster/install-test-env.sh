@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Prepare a machine to run mrlora's test suite: the Python stack, then the local Slurm cluster.
+#
+# Why torch first: `pip install -e .` would otherwise pull the default (CUDA) torch wheel from PyPI. On a
+# CPU machine the suite runs against the torch 2.13.0 CPU wheel (DESIGN.md section 10), so it is installed
+# first, and only when the installed torch is not already 2.13.0 (never upgraded or replaced otherwise).
+#
+# Environment:
+#   PYTHON           interpreter to install into (default: python)
+#   TORCH_INDEX_URL  where the CPU wheel comes from (default: https://download.pytorch.org/whl/cpu)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+PY="${PYTHON:-python}"
+TORCH_VERSION=2.13.0
+
+have=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
+if [[ ${have%%+*} == "$TORCH_VERSION" ]]; then
+    echo "[install-test-env] torch $have already installed"
+else
+    echo "[install-test-env] installing torch==$TORCH_VERSION (CPU wheel; found: ${have:-none})"
+    "$PY" -m pip install "torch==$TORCH_VERSION" --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+fi
+
+echo "[install-test-env] pip install -e .[test]"
+"$PY" -m pip install -e ".[test]"
+
+echo "[install-test-env] starting the local Slurm cluster"
+bash tests/cluster/slurm-up.sh
