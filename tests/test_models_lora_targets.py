@@ -1,0 +1,70 @@
+"""The published LoRA target lists attach to the real diffusers transformers, and only where intended."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from peft import LoraConfig
+
+from mrlora.models.errors import UnknownArchError
+from mrlora.models.lora_targets import LORA_TARGETS, lora_target_modules
+
+
+def _lora_modules(transformer) -> set[str]:
+    return {name for name, module in transformer.named_modules() if hasattr(module, "lora_A")}
+
+
+def test_sd3_adapter_covers_every_attention_projection(tiny_sd3_dir: str) -> None:
+    transformer = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir).transformer
+    targets = lora_target_modules(transformer, "sd3")
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+
+    wrapped = _lora_modules(transformer)
+    assert wrapped == set(targets)
+    expected_block0 = {f"transformer_blocks.0.attn.{s}" for s in LORA_TARGETS["sd3"]}
+    expected_block0 |= {f"transformer_blocks.0.attn2.{s}" for s in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert expected_block0 <= wrapped
+    assert not any(".ff." in n or "ff_context" in n or n == "proj_out" for n in wrapped)
+
+
+def test_flux_adapter_adds_feed_forward_but_not_the_output_layer(tiny_flux_dir: str) -> None:
+    transformer = FluxPipeline.from_pretrained(tiny_flux_dir).transformer
+    targets = lora_target_modules(transformer, "flux")
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+
+    wrapped = _lora_modules(transformer)
+    assert wrapped == set(targets)
+    assert {
+        "transformer_blocks.0.attn.to_add_out",
+        "transformer_blocks.0.ff.net.0.proj",
+        "transformer_blocks.0.ff.net.2",
+        "transformer_blocks.0.ff_context.net.0.proj",
+        "transformer_blocks.0.ff_context.net.2",
+        "single_transformer_blocks.0.attn.to_q",
+        "single_transformer_blocks.0.proj_mlp",
+        "single_transformer_blocks.0.proj_out",
+    } <= wrapped
+    assert "proj_out" not in wrapped  # the final output layer stays frozen
+    trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_adapter_changes_the_output(tiny_flux_dir: str) -> None:
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(height=64, width=64, num_inference_steps=2, max_sequence_length=16, output_type="latent")
+    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    targets = lora_target_modules(pipe.transformer, "flux")
+    # init_lora_weights=False: random A *and* B, so the adapter is not a no-op from the start.
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets))
+    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert not torch.allclose(before, after)
+
+
+def test_wrong_arch_is_reported(tiny_sd3_dir: str) -> None:
+    transformer = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir).transformer
+    with pytest.raises(UnknownArchError, match="proj_mlp.*model.arch='flux'"):
+        lora_target_modules(transformer, "flux")
+    with pytest.raises(UnknownArchError, match="no LoRA targets for arch 'sdxl'"):
+        lora_target_modules(transformer, "sdxl")
