@@ -1,0 +1,129 @@
+"""The stored form of a cycle's reduced update, and folding updates into a model.
+
+``cycle_XXXX/merged/update.safetensors`` holds, per adapted module, ``<module>.lora_A`` (R x in) and
+``<module>.lora_B`` (out x R) in fp32 with ``dW = lora_B @ lora_A`` exactly (weights and alpha/r folded into B).
+At rank R = sum of the experts' ranks it is lossless and a few hundred MB at most, where a full checkpoint
+per cycle would be 5-24 GB. ``update.json`` records how it was made; ``MERGE_DONE.json`` (runstore marker,
+written last) makes it count.
+
+The base a cycle's Map step trains from is base_0 plus every earlier cycle's update. ``apply_updates`` folds
+them into a loaded transformer in fp32 (all updates summed onto the fp32 weight, one rounding at the end) and
+casts to the training dtype, so 80 cycles of bf16 training do not accumulate 80 bf16 roundings of the base.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from mrlora.reduce.errors import ArchMismatchError, ReduceError, ShapeMismatchError
+from mrlora.reduce.safetensors_io import read_tensors, write_tensors
+from mrlora.runstore import MERGE_MARKER, RunDir, atomic_file, atomic_write_json, read_json, read_marker
+
+log = logging.getLogger("mrlora.reduce")
+
+UPDATE_WEIGHTS = "update.safetensors"
+UPDATE_JSON = "update.json"
+CONTINUE_ADAPTER = "adapter"  # reference mode: the averaged LoRA, in expert adapter format
+FORMAT_VERSION = 1
+
+
+def write_update(out_dir: Path | str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], info: dict) -> None:
+    """Write ``update.safetensors`` then ``update.json`` (atomically; the caller writes the marker last)."""
+    out_dir = Path(out_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for module in sorted(factors):
+        A, B = factors[module]
+        tensors[f"{module}.lora_A"] = A.to(torch.float32).contiguous()
+        tensors[f"{module}.lora_B"] = B.to(torch.float32).contiguous()
+    with atomic_file(out_dir / UPDATE_WEIGHTS) as tmp:
+        write_tensors(tmp, tensors, metadata={"format": "mrlora-update", "version": str(FORMAT_VERSION)})
+    atomic_write_json(out_dir / UPDATE_JSON, {"format_version": FORMAT_VERSION, **info})
+
+
+def read_update_info(update_dir: Path | str) -> dict:
+    path = Path(update_dir) / UPDATE_JSON
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ReduceError(f"cannot read {path} ({exc}); redo that cycle's merge") from None
+
+
+def load_update(update_dir: Path | str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (A, B)}`` of a complete update directory (its marker must exist)."""
+    update_dir = Path(update_dir)
+    if read_marker(update_dir, MERGE_MARKER) is None:
+        raise ReduceError(
+            f"{update_dir} is not a complete merge (no valid {MERGE_MARKER}); rerun the merge of that cycle"
+        )
+    tensors = read_tensors(update_dir / UPDATE_WEIGHTS)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in tensors:
+        module, _, factor = key.rpartition(".lora_")
+        if factor not in ("A", "B") or not module:
+            raise ReduceError(f"{update_dir / UPDATE_WEIGHTS}: unexpected tensor {key!r}")
+        if factor == "A":
+            B = tensors.get(f"{module}.lora_B")
+            A = tensors[key]
+            if B is None or A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+                raise ShapeMismatchError(f"{update_dir / UPDATE_WEIGHTS}: factors of {module} are missing or do not fit")
+            factors[module] = (A, B)
+    return factors
+
+
+def apply_updates(transformer: torch.nn.Module, update_dirs: Iterable[Path | str],
+                  dtype: torch.dtype | None = None, arch: str | None = None) -> list[str]:
+    """Fold reduced updates into ``transformer``'s weights in fp32, then cast them to ``dtype``.
+
+    Works on a plain diffusers transformer or one that already carries peft LoRA layers (the base layer is
+    updated). Every module named by an update must exist with the right shape, otherwise nothing is changed
+    and ShapeMismatchError/ArchMismatchError says which. Returns the folded module names.
+    """
+    update_dirs = [Path(d) for d in update_dirs]
+    named = dict(transformer.named_modules())
+    updates = []
+    for d in update_dirs:
+        info = read_update_info(d)
+        if arch and info.get("arch") and info["arch"] != arch:
+            raise ArchMismatchError(f"{d} is an update for {info['arch']}, not {arch}")
+        updates.append((d, load_update(d)))
+
+    targets: dict[str, torch.nn.Parameter] = {}
+    for d, factors in updates:
+        for module, (A, B) in factors.items():
+            layer = named.get(module)
+            layer = getattr(layer, "base_layer", layer)
+            weight = getattr(layer, "weight", None)
+            if weight is None:
+                raise ArchMismatchError(f"{d} updates {module}, which this transformer does not have")
+            if tuple(weight.shape) != (B.shape[0], A.shape[1]):
+                raise ShapeMismatchError(
+                    f"{d}: {module} update is {B.shape[0]}x{A.shape[1]}, the weight is {list(weight.shape)}"
+                )
+            targets[module] = weight
+
+    with torch.no_grad():
+        for module, weight in targets.items():
+            w32 = weight.detach().to(torch.float32, copy=True)
+            for _, factors in updates:
+                if module in factors:
+                    A, B = factors[module]
+                    w32.addmm_(B.to(w32.device), A.to(w32.device))
+            weight.data = w32.to(dtype or weight.dtype)
+        if dtype is not None:
+            transformer.to(dtype=dtype)
+    log.info("folded %d update(s) into %d module(s)", len(updates), len(targets))
+    return sorted(targets)
+
+
+def effective_base(run_dir: Path | str, cycle: int) -> list[Path]:
+    """Update directories whose fold onto base_0 is the base the Map step of ``cycle`` starts from.
+
+    That is cycles 1 .. cycle-1, each of which must have a complete merge (RunStoreError otherwise).
+    """
+    if cycle < 1:
+        raise ValueError(f"cycles count from 1, got {cycle}")
+    return RunDir(run_dir).merged_updates(cycle - 1)
