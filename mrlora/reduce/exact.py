@@ -98,7 +98,7 @@ def check_experts(experts: list[ExpertAdapter], base: BaseTransformer | None = N
                 if tuple(info.shape) != shape:
                     raise ShapeMismatchError(
                         f"{e.path}: {module} expects a {shape[0]}x{shape[1]} weight, the base "
-                        f"{base.transformer_dir} has {list(info.shape)}; the adapter belongs to a different base"
+                        f"{base.transformer_dir} has {'x'.join(map(str, info.shape))}; the adapter belongs to a different base"
                     )
     return archs.pop() if archs else None
 
