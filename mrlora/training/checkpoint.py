@@ -1,0 +1,122 @@
+"""Step checkpoints of an expert: write through the run store, find and restore the newest complete one.
+
+``checkpoint-<step>/`` holds the live adapter (expert format), ``ema.safetensors``, ``training_state.pt``
+(optimizer, step, EMA update count, data position, RNG states of every rank) and ``COMPLETE.json`` last
+(docs/internals.md). A directory without its marker is the leftover of a killed writer: it is ignored by resume
+and replaced when that step is written again. Only the newest ``KEEP`` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mrlora.runstore import CHECKPOINT_MARKER, atomic_file, read_marker, reset_incomplete_dir, write_marker
+from mrlora.training.errors import TrainError
+from mrlora.training.lora import read_adapter_weights, write_expert_adapter
+
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "training_state.pt"
+KEEP = 2
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+@dataclass
+class Restored:
+    step: int
+    path: Path
+    adapter: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    state: dict
+
+
+def checkpoint_path(expert_dir: Path, step: int) -> Path:
+    return Path(expert_dir) / f"checkpoint-{step}"
+
+
+def complete_checkpoints(expert_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of an expert directory, oldest first (a directory counts only with its marker)."""
+    expert_dir = Path(expert_dir)
+    found = []
+    if expert_dir.is_dir():
+        for p in expert_dir.iterdir():
+            name = p.name
+            if p.is_dir() and name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+                if read_marker(p, CHECKPOINT_MARKER) is not None:
+                    found.append((int(name[len("checkpoint-"):]), p))
+    return sorted(found)
+
+
+def save_checkpoint(
+    expert_dir: Path,
+    step: int,
+    adapter: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None,
+    state: dict,
+    cfg,
+    base: str,
+    reward: str,
+    keep_existing: bool = False,
+) -> Path:
+    """Write ``checkpoint-<step>`` (rank 0): adapter, EMA, training state, then the marker; prune old ones.
+
+    ``keep_existing``: the directory was prepared with
+    :func:`prepare_dir` and already holds files other ranks wrote (DeepSpeed's sharded optimizer state).
+    """
+    from safetensors.torch import save_file
+
+    path = checkpoint_path(expert_dir, step)
+    if read_marker(path, CHECKPOINT_MARKER) is not None:
+        return path  # this exact step was already saved (e.g. preempted right after a periodic checkpoint)
+    if not keep_existing:
+        reset_incomplete_dir(path, CHECKPOINT_MARKER)
+    write_expert_adapter(path, adapter, cfg, base, reward)
+    if ema is not None:
+        with atomic_file(path / EMA_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp))
+    with atomic_file(path / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+    write_marker(path, CHECKPOINT_MARKER, {"step": int(step)})
+    for old_step, old in complete_checkpoints(expert_dir)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def prepare_dir(path: Path) -> None:
+    """Empty an incomplete checkpoint directory before several ranks write into it (no-op if complete)."""
+    if read_marker(path, CHECKPOINT_MARKER) is None:
+        reset_incomplete_dir(path, CHECKPOINT_MARKER)
+
+
+def load_latest(expert_dir: Path) -> Restored | None:
+    """The newest complete checkpoint of ``expert_dir`` (checksums verified), or None."""
+    from safetensors.torch import load_file
+
+    for step, path in reversed(complete_checkpoints(expert_dir)):
+        if read_marker(path, CHECKPOINT_MARKER, verify="sha256") is None:
+            continue  # listed files changed after the marker: not trustworthy, fall back to an older one
+        try:
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable state means this checkpoint is unusable
+            raise TrainError(f"{path / STATE_FILE} is complete but unreadable ({exc}); delete {path} to resume "
+                             "from the previous checkpoint") from None
+        if int(state.get("step", -1)) != step:
+            raise TrainError(f"{path} holds step {state.get('step')} but is named for step {step}; delete it")
+        ema_path = path / EMA_FILE
+        return Restored(step, path, read_adapter_weights(path),
+                        load_file(str(ema_path)) if ema_path.is_file() else None, state)
+    return None

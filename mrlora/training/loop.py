@@ -1,0 +1,361 @@
+"""One Flow-GRPO expert, from the effective base to a saved EMA adapter, resumable at any step.
+
+Per optimizer step (DESIGN.md section 5): every process samples its share of ``prompts_per_step x group_size``
+images with the SDE sampler (no grad), scores them, the rewards of all processes are gathered so each prompt's
+group is normalised as a whole, then for every trained SDE step and every micro-batch the transition log-prob is
+recomputed with gradients and the clipped GRPO loss (plus beta * KL to the adapter-free reference) is
+back-propagated; gradients accumulate over all of them (accelerate) into one AdamW step with grad-norm clipping,
+followed by the EMA update.
+
+Everything a step depends on is either in the checkpoint (adapter, optimizer, EMA, RNG) or a pure function of
+(seed, reward, cycle, step) (prompts, noise), so a run restarted from a checkpoint retraces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mrlora import distributed
+from mrlora.grpo import group_advantages, grpo_loss, train_step_indices
+from mrlora.runstore import DONE_MARKER, read_marker, wait_for, write_marker
+from mrlora.sampling import PromptEmbeds, flow_model, sample, step_log_prob
+from mrlora.training import checkpoint as ckpt
+from mrlora.training.data import PromptSchedule
+from mrlora.training.errors import Preempted, TrainError
+from mrlora.training.lora import add_lora, lora_state, load_lora_state, write_expert_adapter
+from mrlora.training.metrics import MetricsLog
+from mrlora.training.signals import StopFlag
+
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class ExpertJob:
+    """What to train and where. ``cfg`` already has ``per_reward[reward]`` applied (``config_for_reward``)."""
+
+    cfg: Any
+    reward: str
+    out_dir: Path
+    base_spec: str  # model spec for load_pipeline: local dir, hub id, tiny:<arch>
+    base_id: str  # recorded in the adapter's mrlora.json
+    prior_updates: list[Path] = field(default_factory=list)
+    seed_salt: int = 0  # distinguishes experts (reward, cycle) so they do not share prompts and noise
+    progress: bool = True
+    extra_done: dict = field(default_factory=dict)
+
+
+def _accelerator(cfg, n_backward: int, use_cpu: bool):
+    from accelerate import Accelerator
+
+    kwargs = {}
+    if cfg.train.deepspeed == "zero2":
+        if use_cpu:
+            raise TrainError("train.deepspeed='zero2' needs GPUs; on CPU set train.deepspeed=''")
+        from accelerate.utils import DeepSpeedPlugin
+
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+            zero_stage=2, gradient_accumulation_steps=n_backward, gradient_clipping=cfg.train.max_grad_norm,
+        )
+    # cpu=True is required for torchrun on CPU: a plain Accelerator() silently does not distribute (DESIGN.md 10)
+    return Accelerator(cpu=use_cpu, gradient_accumulation_steps=n_backward, mixed_precision="no", **kwargs)
+
+
+def _apply_prior_updates(transformer, update_dirs: list[Path], dtype: str) -> None:
+    if not update_dirs:
+        return
+    try:
+        from mrlora.reduce import apply_updates
+    except ImportError as exc:
+        raise TrainError(f"this base needs {len(update_dirs)} merged update(s) but mrlora.reduce is unavailable "
+                         f"({exc}); install the complete mrlora package") from None
+    from mrlora.models.loading import torch_dtype
+
+    apply_updates(transformer, [Path(d) for d in update_dirs], torch_dtype(dtype))
+
+
+class _Step:
+    """Running sums of per-micro-batch statistics for one optimizer step."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, **values: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+def train_expert(job: ExpertJob) -> dict:
+    """Train (or continue) one expert into ``job.out_dir``; return DONE.json's content.
+
+    Raises :class:`Preempted` after checkpointing when SIGUSR2/SIGTERM arrived on any rank.
+    """
+    out_dir = Path(job.out_dir)
+    done = read_marker(out_dir, DONE_MARKER)
+    if done is not None:
+        return done
+    cfg = job.cfg
+    dist = distributed.detect()
+    distributed.export(dist)
+    use_cpu = not torch.cuda.is_available()
+    total = int(cfg.train.steps)
+    group, per_step = int(cfg.sample.group_size), int(cfg.sample.prompts_per_step)
+    local_n = per_step * group // dist.world_size
+    if local_n * dist.world_size != per_step * group:
+        raise TrainError(
+            f"{per_step} prompts x {group} samples per step cannot be split over {dist.world_size} processes; make "
+            "sample.prompts_per_step * sample.group_size a multiple of the number of processes"
+        )
+    train_steps = train_step_indices(int(cfg.sample.num_steps), float(cfg.train.timestep_fraction))
+    micro = int(cfg.train.micro_batch)
+    n_backward = len(train_steps) * math.ceil(local_n / micro)
+    accelerator = _accelerator(cfg, n_backward, use_cpu)
+    is_main = accelerator.is_main_process
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    import rewards as rewards_pkg
+    from rewards.prompts import load_prompt_source
+
+    from mrlora.models.loading import load_pipeline
+
+    pipe = load_pipeline(job.base_spec, cfg.model.arch, cfg.model.dtype, accelerator.device)
+    transformer = pipe.transformer
+    _apply_prior_updates(transformer, job.prior_updates, cfg.model.dtype)
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False)
+    if cfg.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    torch.manual_seed(int(cfg.seed))  # identical LoRA init on every rank
+    params = add_lora(transformer, cfg)
+    optimizer = torch.optim.AdamW(
+        list(params.values()), lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        weight_decay=cfg.train.weight_decay, eps=cfg.train.adam_epsilon,
+    )
+    ema = None
+    if cfg.train.ema:
+        from mrlora.ema import LoraEMA
+
+        ema = LoraEMA(params.items(), cfg.train.ema_decay, cfg.train.ema_every)
+    reward_cfg = cfg.reward_models.get(job.reward)
+    reward_kwargs = reward_cfg.to_dict() if hasattr(reward_cfg, "to_dict") else dict(reward_cfg or {})
+    reward_fn = rewards_pkg.build_reward(job.reward, **reward_kwargs)
+    if job.reward not in cfg.prompts:
+        raise TrainError(f"no prompt source for reward {job.reward!r}; set prompts.{job.reward}=<file or gen:kind:n>")
+    items = load_prompt_source(cfg.prompts[job.reward], int(cfg.seed))
+    schedule = PromptSchedule(len(items), per_step, group, int(cfg.seed), job.seed_salt)
+    model = flow_model(pipe)
+    wrapped, optimizer = accelerator.prepare(transformer, optimizer)
+
+    start = _restore(job, accelerator, params, optimizer, ema, per_step)
+    metrics = MetricsLog(out_dir / METRICS_FILE, start, is_main, cfg.logging, f"{out_dir.parent.name}/{job.reward}")
+    sample_kw = dict(num_steps=int(cfg.sample.num_steps), guidance_scale=float(cfg.sample.guidance_scale),
+                     resolution=int(cfg.sample.resolution), noise_level=float(cfg.sample.noise_level),
+                     batch_size=int(cfg.sample.batch_size), max_sequence_length=int(cfg.sample.max_sequence_length))
+    train_guidance = float(cfg.sample.guidance_scale)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, disable=not (is_main and job.progress), desc=f"expert {job.reward}")
+    last_record: dict = metrics.records[-1] if metrics.records else {}
+    try:
+        with StopFlag() as stop:
+            for step in range(start, total):
+                t0 = time.perf_counter()
+                plan = schedule.plan(step, dist.rank, dist.world_size)
+                idx = range(plan.local.start, plan.local.stop)
+                prompts = [items[plan.prompt_indices[i]].prompt for i in idx]
+                metadata = [dict(items[plan.prompt_indices[i]].metadata) for i in idx]
+                transformer.eval()
+                with torch.no_grad():
+                    res = sample(pipe, prompts, seeds=plan.seeds[plan.local], transformer=transformer, **sample_kw)
+                scores = torch.as_tensor(reward_fn(res.images, prompts, metadata).scores, dtype=torch.float32)
+                all_scores = distributed.all_gather_cat(scores.to(accelerator.device), accelerator).cpu()
+                adv_all = group_advantages(all_scores, torch.tensor(plan.group_ids), cfg.train.adv_std,
+                                           cfg.train.adv_clip_max)
+                adv = adv_all[plan.local].to(accelerator.device)
+                t_sample = time.perf_counter() - t0
+
+                stats, grad_norm = _Step(), float("nan")
+                transformer.train()
+                embeds = res.embeds if cfg.train.cfg else PromptEmbeds(
+                    res.embeds.prompt_embeds, res.embeds.pooled, text_ids=res.embeds.text_ids)
+                for j in train_steps:
+                    for mb in range(0, local_n, micro):
+                        sel = slice(mb, mb + micro)
+                        with accelerator.accumulate(wrapped):
+                            terms = _micro_batch_loss(cfg, model, wrapped, transformer, res, embeds, sel, j, adv[sel],
+                                                      train_guidance)
+                            accelerator.backward(terms.loss)
+                            if accelerator.sync_gradients:
+                                grad_norm = float(accelerator.clip_grad_norm_(list(params.values()),
+                                                                              cfg.train.max_grad_norm))
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                        stats.add(loss=terms.loss.item(), policy_loss=terms.policy_loss.item(), kl=terms.kl.item(),
+                                  clip_fraction=terms.clip_fraction.item(), ratio_mean=terms.ratio.mean().item(),
+                                  ratio_max_dev=(terms.ratio - 1).abs().max().item())
+                done_steps = step + 1
+                if ema is not None:
+                    ema.step(done_steps)
+                means = _reduce_means(stats.means(), accelerator)
+                elapsed = time.perf_counter() - t0
+                record = {
+                    "step": done_steps, "reward_mean": float(all_scores.mean()),
+                    "reward_std": float(all_scores.std(unbiased=False)), **means,
+                    "lr": float(optimizer.param_groups[0]["lr"]), "grad_norm": grad_norm,
+                    "samples_per_s": len(all_scores) / elapsed, "step_time_s": elapsed, "sample_time_s": t_sample,
+                    "processes": dist.world_size,
+                }
+                metrics.log(record)
+                last_record = record
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward_mean']:.4f}", kl=f"{record['kl']:.2e}")
+                stopping = distributed.any_rank(stop.requested, accelerator)
+                if done_steps % int(cfg.train.checkpoint_every) == 0 or done_steps == total or stopping:
+                    path = _save(job, accelerator, params, optimizer, ema, done_steps, plan.data_position)
+                    if stopping and done_steps < total:
+                        raise Preempted(done_steps, str(path))
+    finally:
+        bar.close()
+        metrics.close()
+    return _finish(job, accelerator, params, ema, total, last_record)
+
+
+def _micro_batch_loss(cfg, model, wrapped, transformer, res, embeds, sel, j, adv, guidance):
+    lat = res.latents[sel, j].to(transformer.device)
+    nxt = res.latents[sel, j + 1].to(transformer.device)
+    emb = embeds.select(sel)
+    out = step_log_prob(model, wrapped, lat, nxt, j, res.timesteps, res.sigmas, emb, guidance,
+                        float(cfg.sample.noise_level))
+    ref_mean = None
+    beta = float(cfg.train.beta)
+    if beta > 0:
+        with torch.no_grad():
+            transformer.disable_adapters()
+            try:
+                ref_mean = step_log_prob(model, transformer, lat, nxt, j, res.timesteps, res.sigmas, emb, guidance,
+                                         float(cfg.sample.noise_level)).mean
+            finally:
+                transformer.enable_adapters()
+    old = res.log_probs[sel, j].to(out.log_prob.device)
+    return grpo_loss(out.log_prob, old, adv, float(cfg.train.clip_range), beta, out.mean, ref_mean, out.std)
+
+
+def _reduce_means(values: dict[str, float], accelerator) -> dict[str, float]:
+    if accelerator.num_processes == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    out = {k: float(v) for k, v in zip(keys, t.tolist())}
+    if "ratio_max_dev" in values:  # a maximum, not a mean
+        mx = torch.tensor([values["ratio_max_dev"]], dtype=torch.float64, device=accelerator.device)
+        out["ratio_max_dev"] = float(accelerator.gather(mx).max())
+    return out
+
+
+def _restore(job: ExpertJob, accelerator, params, optimizer, ema, per_step: int) -> int:
+    """Continue from the newest complete checkpoint (chosen by rank 0, loaded by all); return its step."""
+    from accelerate.utils import broadcast_object_list
+
+    choice = [None]
+    if accelerator.is_main_process:
+        found = ckpt.complete_checkpoints(job.out_dir)
+        choice = [found[-1][0] if found else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)
+    step = choice[0]
+    if step is None:
+        return 0
+    path = ckpt.checkpoint_path(job.out_dir, step)
+    wait_for(path / "COMPLETE.json", timeout=120)
+    restored = ckpt.load_latest(job.out_dir) if accelerator.is_main_process else None
+    if restored is None or restored.step != step:
+        restored = _load_exact(path, step)
+    load_lora_state(params, restored.adapter)
+    if job.cfg.train.deepspeed == "zero2":
+        accelerator.load_state(str(path / "deepspeed"))
+    else:
+        optimizer.load_state_dict(restored.state["optimizer"])
+    if ema is not None:
+        if restored.ema is None:
+            raise TrainError(f"{path} has no EMA state but train.ema is on; resume with train.ema=False or delete it")
+        ema.load_state_dict(restored.ema, restored.state["ema_updates"])
+    if restored.state.get("data_position") != step * per_step:
+        raise TrainError(
+            f"{path} was written with a different sample.prompts_per_step (data position "
+            f"{restored.state.get('data_position')} at step {step}); resume with the config it was started with"
+        )
+    rngs = restored.state["rng"]
+    ckpt.set_rng_state(rngs[accelerator.process_index] if accelerator.process_index < len(rngs) else rngs[0])
+    return step
+
+
+def _load_exact(path: Path, step: int) -> ckpt.Restored:
+    from safetensors.torch import load_file
+
+    from mrlora.training.lora import read_adapter_weights
+
+    state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+    ema_path = path / ckpt.EMA_FILE
+    return ckpt.Restored(step, path, read_adapter_weights(path),
+                         load_file(str(ema_path)) if ema_path.is_file() else None, state)
+
+
+def _save(job: ExpertJob, accelerator, params, optimizer, ema, step: int, data_position: int) -> Path:
+    from accelerate.utils import gather_object
+
+    rngs = gather_object([ckpt.rng_state()]) if accelerator.num_processes > 1 else [ckpt.rng_state()]
+    path = ckpt.checkpoint_path(job.out_dir, step)
+    if job.cfg.train.deepspeed == "zero2":  # ZeRO-2 shards optimizer state: every rank writes its part
+        if accelerator.is_main_process:
+            ckpt.prepare_dir(path)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(path / "deepspeed"))
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {
+            "step": step, "data_position": data_position, "rng": rngs,
+            "optimizer": optimizer.state_dict() if job.cfg.train.deepspeed != "zero2" else None,
+            "ema_updates": ema.num_updates if ema is not None else 0, "world_size": accelerator.num_processes,
+        }
+        ckpt.save_checkpoint(job.out_dir, step, lora_state(params), ema.state_dict() if ema is not None else None,
+                             state, job.cfg, job.base_id, job.reward,
+                             keep_existing=job.cfg.train.deepspeed == "zero2")
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _finish(job: ExpertJob, accelerator, params, ema, total: int, last_record: dict) -> dict:
+    """Write adapter/ (the EMA weights) and DONE.json last, on rank 0; every rank returns the marker."""
+    out_dir = Path(job.out_dir)
+    if accelerator.is_main_process:
+        adapter_dir = out_dir / ADAPTER_DIR
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)  # leftover of a run killed between adapter/ and DONE.json
+        weights = {k: v.clone() for k, v in ema.state_dict().items()} if ema is not None else lora_state(params)
+        write_expert_adapter(adapter_dir, weights, job.cfg, job.base_id, job.reward)
+        write_marker(out_dir, DONE_MARKER, {
+            "status": "ok", "reward": job.reward, "steps": total, "adapter": ADAPTER_DIR,
+            "weights": "ema" if ema is not None else "live", "final_metrics": last_record,
+            "processes": accelerator.num_processes, **job.extra_done,
+        })
+    accelerator.wait_for_everyone()
+    done = wait_for(out_dir / DONE_MARKER, timeout=120) and read_marker(out_dir, DONE_MARKER, verify="none")
+    if done is None:
+        raise TrainError(f"{out_dir / DONE_MARKER} was written by rank 0 but is not readable here")
+    return done
