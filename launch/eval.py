@@ -1,0 +1,278 @@
+"""Submit an eval as Slurm jobs: an array over prompt shards, then an aggregation job with afterok.
+
+Why a submitter and not just the template: it checks everything the job would check (checkpoint markers,
+prompt file format, reward names, the settings of an existing ``--out``) on the login node, in a second,
+before anything waits in the queue; and it submits only the shards that are not finished yet, so running the
+same command again after a failure redoes exactly what is missing.
+
+Example::
+
+    python -m launch.eval --checkpoint /runs/sd35m/20261123_101500:12 --suite geneval \\
+        --prompts evaluation_metadata.jsonl --out /evals/cycle12 --shards 8 --profile mycluster
+
+``--print`` shows the two rendered sbatch scripts instead of submitting them (nothing is written). The
+templates live in ``slurm_templates/`` (their variables are documented at their top) and the rendered scripts
+are kept in ``OUT/slurm/``, so a user can resubmit them by hand.
+
+Login-node module: nothing heavy at module level; the eval modules it calls are torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = REPO_ROOT / "slurm_templates"
+EVAL_TEMPLATE = TEMPLATES / "eval.sbatch"
+AGGREGATE_TEMPLATE = TEMPLATES / "eval_aggregate.sbatch"
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+EXIT_USER_ERROR = 2
+
+
+class TemplateError(ValueError):
+    """A template and the values given for it do not match (a missing, unknown or unused variable)."""
+
+
+def render_template(text: str, values: dict[str, str]) -> str:
+    """Replace ``{{name}}`` by ``values[name]``; doc comment lines (``# ...``) are left as they are.
+
+    Every placeholder must have a value and every value must be used, so a template edited by a user and the
+    submitter cannot drift apart silently.
+    """
+    used: set[str] = set()
+    lines = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("# ") or line.rstrip("\n") == "#":
+            lines.append(line)
+            continue
+
+        def substitute(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in values:
+                raise TemplateError(f"template variable {{{{{name}}}}} has no value; known: {', '.join(sorted(values))}")
+            used.add(name)
+            return values[name]
+
+        lines.append(_PLACEHOLDER.sub(substitute, line))
+    unused = sorted(set(values) - used)
+    if unused:
+        raise TemplateError(f"values given for variables the template does not use: {', '.join(unused)}")
+    # an empty multi-line value leaves a blank line; drop those so the #SBATCH block stays contiguous
+    return re.sub(r"\n{3,}", "\n\n", "".join(lines))
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """Resources of one job (one array task, or the aggregation job)."""
+
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time_min: int = 60
+    cpus: int = 1
+    mem_gb: float = 0.0
+    gpus: int = 0
+    gres_gpu: bool = True
+
+    def sbatch_lines(self, comment: str) -> str:
+        lines = []
+        for key, value in (("partition", self.partition), ("account", self.account), ("qos", self.qos)):
+            if value:
+                lines.append(f"#SBATCH --{key}={value}")
+        lines += [f"#SBATCH --time={self.time_min}", "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
+                  f"#SBATCH --cpus-per-task={self.cpus}"]
+        if self.mem_gb > 0:
+            lines.append(f"#SBATCH --mem={int(round(self.mem_gb * 1024))}M")
+        if self.gpus > 0:
+            lines.append(f"#SBATCH --gres=gpu:{self.gpus}" if self.gres_gpu else f"#SBATCH --gpus-per-node={self.gpus}")
+        lines.append(f"#SBATCH --comment={comment}")
+        return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch.eval", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    e = p.add_argument_group("eval (passed to python -m eval.run; see its --help)")
+    e.add_argument("--checkpoint", required=True,
+                   help="base | RUN_DIR:<cycle> (0 = base) | expert dir RUN_DIR/cycle_XXXX/<reward> | exported dir")
+    e.add_argument("--suite", required=True, help="geneval | ocr | pickscore | all | a reward name | a comma list")
+    e.add_argument("--prompts", required=True, help="GenEval metadata .jsonl or a text file, one prompt per line")
+    e.add_argument("--out", required=True, help="eval output directory")
+    e.add_argument("--seed", type=int, default=0, help="eval seed (default 0)")
+    e.add_argument("--samples", type=int, default=None, help="images per prompt (default 4 for geneval, else 1)")
+    e.add_argument("--batch-size", type=int, default=None, help="images per pipeline call")
+    e.add_argument("--steps", type=int, default=None, help="ODE steps (default sample.eval_num_steps)")
+    e.add_argument("--cfg", type=float, default=None, help="guidance scale (default sample.guidance_scale)")
+    e.add_argument("--resolution", type=int, default=None, help="image side (default sample.resolution)")
+    e.add_argument("--config", default=None, help="preset for base / exported checkpoints")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    s = p.add_argument_group("slurm")
+    s.add_argument("--shards", type=int, default=1, help="array tasks the prompt set is split into (default 1)")
+    s.add_argument("--profile", default=None,
+                   help="cluster profile (configs/clusters/<name>.toml or a path): partition, account, qos, "
+                        "setup lines, env; default: the built-in one-process profile")
+    s.add_argument("--partition", default=None, help="override the profile's partition for the eval tasks")
+    s.add_argument("--time", type=int, default=60, help="time limit of one shard in minutes (default 60)")
+    s.add_argument("--gpus", type=int, default=None,
+                   help="GPUs per shard (default 1 if the profile has GPUs, else 0)")
+    s.add_argument("--cpus", type=int, default=None, help="CPUs per shard (default: the profile's cpus_per_gpu)")
+    s.add_argument("--mem-gb", type=float, default=None, help="memory per shard in GB (default: the profile's)")
+    s.add_argument("--max-parallel", type=int, default=0, help="run at most this many shards at once (0: no cap)")
+    s.add_argument("--print", action="store_true", help="print the rendered sbatch scripts; submit and write nothing")
+    return p
+
+
+def eval_run_args(args: argparse.Namespace) -> list[str]:
+    """The eval.run arguments (absolute paths, so the job's working directory does not matter)."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    checkpoint = args.checkpoint
+    if checkpoint != "base":
+        run, sep, cycle = checkpoint.rpartition(":")
+        checkpoint = f"{absolute(run)}:{cycle}" if sep and cycle.isdigit() and run else absolute(checkpoint)
+    argv = ["--checkpoint", checkpoint, "--suite", args.suite, "--prompts", absolute(args.prompts),
+            "--out", absolute(args.out), "--seed", str(args.seed)]
+    for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size), ("--steps", args.steps),
+                        ("--cfg", args.cfg), ("--resolution", args.resolution), ("--config", args.config)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for item in args.set:
+        argv += ["--set", item]
+    return argv
+
+
+def _profile(name: str | None):
+    from launch.profiles import default_profile, load_profile
+
+    return load_profile(name) if name else default_profile()
+
+
+def render_scripts(args: argparse.Namespace, run_argv: list[str], array: str, out: Path) -> tuple[str, str]:
+    profile = _profile(args.profile)
+    gpus = args.gpus if args.gpus is not None else (1 if profile.gpus_per_node > 0 else 0)
+    shard_size = JobSize(
+        partition=args.partition if args.partition is not None else profile.partition,
+        account=profile.account, qos=profile.qos, time_min=args.time,
+        cpus=args.cpus if args.cpus is not None else profile.cpus_per_gpu,
+        mem_gb=args.mem_gb if args.mem_gb is not None else profile.mem_per_gpu_gb * max(1, gpus),
+        gpus=gpus, gres_gpu=profile.gres_gpu,
+    )
+    aggregate_size = JobSize(partition=profile.merge_partition, account=profile.account, qos=profile.qos,
+                             time_min=max(10, profile.merge_time_min), cpus=profile.merge_cpus,
+                             mem_gb=profile.merge_mem_gb)
+    comment = f"mrlora-eval:{out.name}"
+    common = {
+        "log_dir": shlex.quote(str(out / "logs")),
+        "setup": "\n".join(profile.setup_lines),
+        "workdir": shlex.quote(str(REPO_ROOT)),
+        "python": shlex.quote(sys.executable),
+    }
+    eval_script = render_template(EVAL_TEMPLATE.read_text(), {
+        **common, "job_name": f"mrlora-eval-{out.name}", "array": array, "num_shards": str(args.shards),
+        "sbatch_options": shard_size.sbatch_lines(comment), "eval_args": shlex.join(run_argv),
+    })
+    aggregate_script = render_template(AGGREGATE_TEMPLATE.read_text(), {
+        **common, "job_name": f"mrlora-eval-{out.name}-aggregate",
+        "sbatch_options": aggregate_size.sbatch_lines(comment), "out": shlex.quote(str(out)),
+    })
+    return eval_script, aggregate_script
+
+
+def array_spec(indices: list[int], max_parallel: int) -> str:
+    """Compact Slurm array spec: ``0-7``, or ``1,3,5-6``; ``%k`` caps concurrent tasks."""
+    parts, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(parts) + (f"%{max_parallel}" if max_parallel > 0 else "")
+
+
+def sbatch(script: Path, extra: list[str]) -> str:
+    """Submit ``script``; return the job id. Raises SlurmError with Slurm's own message."""
+    from launch.slurm import SlurmError, clean_submission_env
+
+    cmd = ["sbatch", "--parsable", *extra, str(script)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=clean_submission_env())
+    except FileNotFoundError:
+        raise SlurmError("sbatch not found: run this on a Slurm login node, or use `python -m eval.run` "
+                         "to evaluate locally") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError("sbatch did not answer within 60 s; is slurmctld up?") from None
+    if proc.returncode != 0:
+        raise SlurmError(f"sbatch {script} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from eval.errors import EvalError
+    from eval.plan import EvalDir
+    from eval.run import build_parser as eval_parser
+    from eval.run import prepare
+    from eval.settings import check_same, read_settings
+
+    if args.shards < 1:
+        raise EvalError(f"--shards must be >= 1, got {args.shards}")
+    run_argv = eval_run_args(args)
+    # validate exactly as the job will (checkpoint markers, prompt file, rewards, settings of an existing --out)
+    settings, ckpt, _cfg, _prompts, _shard = prepare(eval_parser().parse_args([*run_argv, "--shard", f"0/{args.shards}"]))
+    out = EvalDir(Path(args.out).expanduser().resolve())
+    existing = read_settings(out.root)
+    if existing is not None:
+        check_same(out.root, existing, settings)
+    if out.done() is not None:
+        print(f"{out.root} is already complete (DONE.json); nothing to submit")
+        return 0
+    pending = out.pending_shards(args.shards)
+    eval_script, aggregate_script = render_scripts(args, run_argv, array_spec(pending, args.max_parallel) or "0",
+                                                   out.root)
+    if args.print:
+        if pending:
+            print(f"# ---- {out.root / 'slurm' / 'eval.sbatch'} (shards {array_spec(pending, 0)} of {args.shards})")
+            print(eval_script)
+        print(f"# ---- {out.root / 'slurm' / 'eval_aggregate.sbatch'}")
+        print(aggregate_script)
+        return 0
+
+    from mrlora.runstore import atomic_write_text
+
+    slurm_dir = out.root / "slurm"
+    (out.root / "logs").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(slurm_dir / "eval.sbatch", eval_script)
+    atomic_write_text(slurm_dir / "eval_aggregate.sbatch", aggregate_script)
+    dependency = []
+    if pending:
+        array_id = sbatch(slurm_dir / "eval.sbatch", [])
+        dependency = [f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes"]
+        print(f"submitted eval array {array_id}: {len(pending)} shard(s) of {args.shards} for {ckpt.label}")
+    aggregate_id = sbatch(slurm_dir / "eval_aggregate.sbatch", dependency)
+    print(f"submitted aggregation job {aggregate_id}; results in {out.root} (logs in {out.root / 'logs'})")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with user errors printed as one line and exit status 2."""
+    from eval.cli import user_errors
+    from launch.profiles import ProfileError
+    from launch.slurm import SlurmError
+
+    try:
+        return main(argv)
+    except (*user_errors(), ProfileError, SlurmError, TemplateError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
