@@ -8,7 +8,7 @@ rewards accept (and ignore) ``device`` and ``batch_size`` so one config shape fi
 from __future__ import annotations
 
 from rewards.base import Reward, RewardError, register_reward
-from rewards.hub import ModelRef
+from rewards.hub import ModelRef, resolve_model
 
 DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -34,6 +34,9 @@ def pickscore(
     cache_dir: str | None = None,
 ) -> Reward:
     """PickScore human preference: logit_scale * cos(image, prompt) (optionally / normalize_by, e.g. 26)."""
+    # Resolve (and, offline, fail) before importing torch/transformers: a missing model is reported in ms.
+    processor = resolve_model(processor, reward="pickscore", purpose="CLIP processor", cache_dir=cache_dir)
+    model = resolve_model(model, reward="pickscore", purpose="PickScore model", cache_dir=cache_dir)
     from rewards.pickscore import build_pickscore
 
     return build_pickscore(model=model, processor=processor, device=device, batch_size=batch_size,
@@ -107,6 +110,8 @@ def geneval(
 
         scorer = GenEvalClient(url, timeout=timeout, retries=retries, backoff=backoff, batch_size=batch_size)
     elif backend == "local":
+        detector = resolve_model(detector, reward="geneval", purpose="Mask2Former detector", cache_dir=cache_dir)
+        clip = resolve_model(clip, reward="geneval", purpose="CLIP colour model", cache_dir=cache_dir)
         from rewards.geneval_detector import load_scorer
         from rewards.hub import resolve_device
 
