@@ -1,0 +1,168 @@
+"""What a submitted job runs: thin wrappers around the training and merge entry points.
+
+The wrappers add what only the launcher knows about: requeueing a preempted expert (its own array task
+``<array id>_<task>``, from rank 0 only, and only while the job is still RUNNING, so a user's ``scancel`` is
+never undone), extending the chain with the next window after a merge, and releasing the run's lease after the
+last merge. Heavy code (torch, diffusers) is imported inside the call, on the compute node.
+
+The same wrappers run under the local executor, one subprocess per job:
+``python -m launch.jobs expert RUN_ROOT CYCLE REWARD`` and ``python -m launch.jobs merge RUN_ROOT CYCLE``
+(exit 0 done, 3 interrupted after a checkpoint, 1 failed).
+
+``MRLORA_JOB_ENTRYPOINTS`` (internal, for tests of the launcher itself) names a module that provides
+``train_expert_in_run``, ``merge_cycle_in_run`` and ``Preempted`` in place of mrlora.train / mrlora.reduce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+
+EXIT_INTERRUPTED = 3
+ENTRYPOINTS_ENV = "MRLORA_JOB_ENTRYPOINTS"
+
+
+class JobFailed(RuntimeError):
+    """A job that must fail (and take its dependents with it) instead of being requeued."""
+
+
+def _train_module():
+    override = os.environ.get(ENTRYPOINTS_ENV)
+    return importlib.import_module(override or "mrlora.train")
+
+
+def _merge_module():
+    override = os.environ.get(ENTRYPOINTS_ENV)
+    return importlib.import_module(override or "mrlora.reduce")
+
+
+def _log(msg: str) -> None:
+    print(f"[mrlora.launch] {msg}", flush=True)
+
+
+def slurm_task_id() -> str | None:
+    """This job's own Slurm id: ``<array id>_<task>`` inside an array, else the job id; None outside Slurm."""
+    array_id, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_id and task:
+        return f"{array_id}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def handle_preemption(what: str, max_requeues: int) -> None:
+    """After the expert checkpointed on a signal: requeue our own task on Slurm, or report an interruption."""
+    job = slurm_task_id()
+    if job is None:
+        raise SystemExit(EXIT_INTERRUPTED)
+    if int(os.environ.get("SLURM_PROCID", "0")) != 0:
+        _log(f"{what}: checkpointed on signal; rank 0 decides about the requeue")
+        raise SystemExit(0)
+    from launch import slurm
+
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restarts >= max_requeues:
+        raise JobFailed(f"{what}: interrupted again after {restarts} requeues (limit {max_requeues}); "
+                        f"raise max_requeues in the cluster profile or a longer time_min, then --resume")
+    state = slurm.job_state(job)
+    if state != "RUNNING":
+        # scancel (CANCELLED) or the hard time limit: requeueing would undo the user's decision
+        _log(f"{what}: checkpointed; job {job} is {state or 'gone'}, not requeueing")
+        raise SystemExit(1)
+    slurm.requeue(job)
+    _log(f"{what}: checkpointed and requeued {job} (restart {restarts + 1}/{max_requeues})")
+    raise SystemExit(0)
+
+
+@dataclass
+class ExpertTask:
+    """Train the expert of ``reward`` in cycle ``cycle`` of the run at ``run_root`` (one array task)."""
+
+    run_root: str
+    cycle: int
+    reward: str
+    max_requeues: int = 20
+
+    def __call__(self) -> dict:
+        module = _train_module()
+        what = f"cycle {self.cycle} expert {self.reward}"
+        _log(f"{what}: starting in {self.run_root}")
+        try:
+            result = module.train_expert_in_run(self.run_root, self.cycle, self.reward)
+        except module.Preempted:
+            handle_preemption(what, self.max_requeues)
+            raise
+        _log(f"{what}: done")
+        return result
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's hook when USR2 arrives before training installed its own handler: just run us again
+        (the entry point continues from the newest complete checkpoint)."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+@dataclass
+class MergeTask:
+    """Merge cycle ``cycle``; then submit the next window (``extend``) or release the lease (``final``)."""
+
+    run_root: str
+    cycle: int
+    extend: bool = False
+    final: bool = False
+    owner_id: str = ""
+
+    def __call__(self) -> dict:
+        module = _merge_module()
+        _log(f"cycle {self.cycle} merge: starting in {self.run_root}")
+        marker = module.merge_cycle_in_run(self.run_root, self.cycle)
+        _log(f"cycle {self.cycle} merge: done")
+        if int(os.environ.get("SLURM_PROCID", "0")) != 0 or slurm_task_id() is None:
+            return marker
+        if self.extend:
+            from launch.submit import extend_chain
+
+            extend_chain(self.run_root, self.owner_id)
+        if self.final:
+            from mrlora.runstore import RunDir
+
+            run = RunDir(self.run_root)
+            lease = run.read_lease()
+            if lease is not None and lease.owner_id == self.owner_id:
+                run.release_lease(lease)
+                _log("last cycle merged; released the run's lease")
+        return marker
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.jobs",
+                                     description="Run one job of a MapReduce LoRA run (what the executors call).")
+    sub = parser.add_subparsers(dest="what", required=True)
+    e = sub.add_parser("expert", help="train one expert of one cycle")
+    e.add_argument("run_root")
+    e.add_argument("cycle", type=int)
+    e.add_argument("reward")
+    m = sub.add_parser("merge", help="merge one cycle")
+    m.add_argument("run_root")
+    m.add_argument("cycle", type=int)
+    args = parser.parse_args(argv)
+    try:
+        if args.what == "expert":
+            ExpertTask(args.run_root, args.cycle, args.reward)()
+        else:
+            MergeTask(args.run_root, args.cycle)()
+    except JobFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The local executor: the same plan, run on this machine in dependency order, with a progress display.
+
+Where there is no Slurm (a laptop, CI, this machine), ``python -m launch.mapreduce`` runs the plan in the
+foreground: one subprocess per task (``python -m launch.jobs ...``), exactly the job wrappers a cluster runs, so
+the run directory has the same layout and ``--resume`` / ``launch.status`` work the same way. Tasks run one at a
+time: the tiny presets fill a small machine with one process, and a failure stops the chain like
+``kill-on-invalid-dep`` does on Slurm. Ctrl-C asks the running task to checkpoint (SIGTERM) and exits; resume
+with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from launch.jobs import EXIT_INTERRUPTED
+from launch.plan import Plan
+from mrlora.runstore import RunDir
+
+LOCAL_LOG_DIR = "local"
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    key: str
+    cycle: int
+    kind: str
+    reward: str | None
+    argv: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"cycle {self.cycle} {'merge' if self.kind == 'merge' else self.reward}"
+
+
+def local_tasks(plan: Plan, run_root: str) -> list[LocalTask]:
+    tasks = []
+    for job in plan.topological():
+        if job.kind == "merge":
+            tasks.append(LocalTask(job.key, job.cycle, "merge", None,
+                                   ("merge", run_root, str(job.cycle))))
+        else:
+            for r in job.rewards:
+                key = job.key if not job.array else f"{job.key}-{r}"
+                tasks.append(LocalTask(key, job.cycle, "expert", r, ("expert", run_root, str(job.cycle), r)))
+    return tasks
+
+
+def log_path(run: RunDir, task_key: str) -> Path:
+    return run.logs_dir / LOCAL_LOG_DIR / f"{task_key}.log"
+
+
+def _steps_done(run: RunDir, cycle: int, reward: str) -> tuple[int, dict]:
+    path = run.metrics_path(cycle, reward)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return 0, {}
+    last = {}
+    for line in reversed(lines):
+        try:
+            last = json.loads(line)
+            break
+        except ValueError:
+            continue
+    return sum(1 for line in lines if line.strip()), last
+
+
+def reward_summary(metrics: dict) -> str:
+    """The reward means of one metrics line, as "reward 0.512" (keys named like reward*, mean first)."""
+    keys = [k for k in metrics if "reward" in k.lower() and isinstance(metrics[k], (int, float))]
+    keys.sort(key=lambda k: (0 if "mean" in k else 1, k))
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys[:2])
+
+
+def _child_env() -> dict:
+    """This process's environment without Slurm's variables: a local task is a single process."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+
+
+def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO = sys.stdout,
+                     poll_s: float = 0.5) -> int:
+    """Run every task of ``plan`` in order; return 0 when all finished, else the failing exit code.
+
+    ``steps_of`` maps reward -> optimizer steps of its expert (for the progress display).
+    """
+    tasks = local_tasks(plan, str(run.root))
+    (run.logs_dir / LOCAL_LOG_DIR).mkdir(parents=True, exist_ok=True)
+    tty = out.isatty()
+    t_run = time.monotonic()
+    for n, task in enumerate(tasks, 1):
+        log = log_path(run, task.key)
+        prefix = f"[{n}/{len(tasks)}] {task.label}"
+        out.write(f"{prefix}: running (log {log})\n" if not tty else f"{prefix}: starting")
+        out.flush()
+        t0 = time.monotonic()
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(task.argv)}\n")
+            fh.flush()
+            proc = subprocess.Popen([sys.executable, "-u", "-m", "launch.jobs", *task.argv], stdout=fh,
+                                    stderr=subprocess.STDOUT, env=_child_env(), start_new_session=True)
+            last_shown = None
+            try:
+                while proc.poll() is None:
+                    time.sleep(poll_s)
+                    if task.kind == "expert":
+                        done, metrics = _steps_done(run, task.cycle, task.reward)
+                        shown = (done, reward_summary(metrics))
+                        if shown != last_shown:
+                            last_shown = shown
+                            line = f"{prefix}: step {done}/{steps_of.get(task.reward, '?')} {shown[1]}".rstrip()
+                            out.write(f"\r\033[K{line}" if tty else f"{line}\n")
+                            out.flush()
+            except KeyboardInterrupt:
+                out.write(f"\n{prefix}: interrupted; asking it to checkpoint...\n")
+                out.flush()
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                out.write(f"stopped. Continue with: python -m launch.mapreduce --resume {run.run_ts} "
+                          f"--out-root {run.root.parent.parent} --model {run.root.parent.name}\n")
+                return EXIT_INTERRUPTED
+        rc = proc.returncode
+        elapsed = time.monotonic() - t0
+        status = "done" if rc == 0 else ("interrupted (checkpointed)" if rc == EXIT_INTERRUPTED else f"FAILED (exit {rc})")
+        extra = ""
+        if task.kind == "expert" and rc == 0:
+            done, metrics = _steps_done(run, task.cycle, task.reward)
+            extra = f" {done} steps {reward_summary(metrics)}".rstrip()
+        out.write(f"{chr(13) + chr(27) + '[K' if tty else ''}{prefix}: {status} in {elapsed:.1f} s{extra}\n")
+        out.flush()
+        if rc != 0:
+            out.write(f"read the log: {log}\n")
+            return rc
+    out.write(f"all {len(tasks)} tasks finished in {time.monotonic() - t_run:.1f} s\n")
+    return 0

@@ -1,0 +1,245 @@
+"""The job graph of a MapReduce LoRA run, as a pure function of config, profile and what is already done.
+
+Per cycle: the experts (one Slurm array with one task per reward when every reward needs the same resources,
+else one job per reward), then one merge job ``afterok`` on all of them, then the next cycle's experts
+``afterok`` on that merge. Sequential mode chains the experts one after the other instead (for allocations too
+small to hold them at once). Only a window of ``window_cycles`` cycles is submitted at a time; the last merge of
+a window submits the next one from its compute node, so the queue never holds more than one window of jobs.
+
+Nothing here talks to Slurm or touches disk: first launch, ``--resume``, ``--adopt``, ``--dry-run`` and the
+chain's own window extension all call ``build_plan`` with a different ``Progress`` and submit window 0. That
+keeps the logic testable without a scheduler and makes ``--dry-run`` show exactly what is submitted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from launch.profiles import ClusterProfile, Resources
+
+MODES = ("parallel", "sequential")
+MERGE = "merge"
+EXPERTS = "experts"
+
+
+class PlanError(ValueError):
+    """The request cannot be planned (bad cycles, no rewards...); the message says what to change."""
+
+
+def safe_name(text: str) -> str:
+    """A string usable inside a Slurm job name and a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
+def job_prefix(run_ts: str) -> str:
+    return f"mrlora-{run_ts}-"
+
+
+def run_comment(run_ts: str) -> str:
+    return f"mrlora:{run_ts}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One Slurm submission: an expert array, a single expert, or a merge.
+
+    ``after`` names jobs of the same plan this one waits for (afterok); ``after_ids`` are ids of jobs already
+    in the queue (adopted from an earlier launcher). ``window`` 0 is submitted now; window k > 0 is submitted
+    by the ``extends`` merge of window k - 1 once it has finished.
+    """
+
+    key: str
+    cycle: int
+    kind: str                       # "expert" | "merge"
+    rewards: tuple[str, ...]        # expert tasks in array order; empty for a merge
+    resources: Resources
+    after: tuple[str, ...] = ()
+    after_ids: tuple[str, ...] = ()
+    window: int = 0
+    extends: bool = False           # merge that submits the next window when it has finished
+    final: bool = False             # merge of the run's last cycle
+
+    @property
+    def array(self) -> bool:
+        return self.kind == "expert" and len(self.rewards) > 1
+
+    @property
+    def role(self) -> str:
+        if self.kind == MERGE:
+            return MERGE
+        return EXPERTS if self.array else safe_name(self.rewards[0])
+
+    def name(self, run_ts: str) -> str:
+        return f"{job_prefix(run_ts)}{self.key}"
+
+
+def job_key(cycle: int, role: str) -> str:
+    return f"c{cycle:04d}-{role}"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the run already holds: finished experts and merges, and work owned by jobs still in the queue.
+
+    ``live`` maps (cycle, reward) or (cycle, "merge") to the queued/running job id that will produce it.
+    """
+
+    done: frozenset = frozenset()          # {(cycle, reward)}
+    merged: frozenset = frozenset()        # {cycle}
+    live: dict = field(default_factory=dict)
+
+    @property
+    def last_merged(self) -> int:
+        last = 0
+        while last + 1 in self.merged:
+            last += 1
+        return last
+
+
+@dataclass
+class Plan:
+    run_ts: str
+    mode: str
+    rewards: tuple[str, ...]
+    cycles: int
+    first_cycle: int
+    window_cycles: int
+    jobs: list[Job]
+
+    @property
+    def complete(self) -> bool:
+        return not self.jobs
+
+    def window(self, index: int) -> list[Job]:
+        return [j for j in self.jobs if j.window == index]
+
+    @property
+    def n_windows(self) -> int:
+        return 1 + max((j.window for j in self.jobs), default=0)
+
+    def by_key(self) -> dict[str, Job]:
+        return {j.key: j for j in self.jobs}
+
+    def topological(self) -> list[Job]:
+        """Jobs in an order where every job comes after what it depends on (the local executor's order)."""
+        return list(self.jobs)  # build_plan appends a job only after its dependencies
+
+
+def build_plan(
+    *,
+    run_ts: str,
+    rewards: list[str] | tuple[str, ...],
+    cycles: int,
+    profile: ClusterProfile,
+    mode: str = "parallel",
+    progress: Progress | None = None,
+    window_cycles: int | None = None,
+) -> Plan:
+    """Every job still needed to finish ``cycles`` cycles, in dependency order, grouped into windows."""
+    rewards = tuple(rewards)
+    if cycles < 1:
+        raise PlanError(f"cycles must be >= 1, got {cycles}")
+    if not rewards:
+        raise PlanError("no rewards to train; name at least one with --rewards")
+    if len(set(rewards)) != len(rewards):
+        raise PlanError(f"a reward is named twice in {list(rewards)}")
+    if mode not in MODES:
+        raise PlanError(f"mode must be one of {MODES}, got {mode!r}")
+    progress = progress or Progress()
+    window = window_cycles or profile.window_cycles
+    if window < 1:
+        raise PlanError(f"window_cycles must be >= 1, got {window}")
+    first = progress.last_merged + 1
+    plan = Plan(run_ts=run_ts, mode=mode, rewards=rewards, cycles=cycles, first_cycle=first,
+                window_cycles=window, jobs=[])
+    if first > cycles:
+        return plan
+
+    # what the next cycle's experts wait for: a planned merge (key) or a queued one (id); nothing for cycle 1
+    prev_key: tuple[str, ...] = ()
+    prev_ids: tuple[str, ...] = ()
+    for cycle in range(first, cycles + 1):
+        win = (cycle - first) // window
+        last_of_window = cycle == cycles or (cycle - first + 1) % window == 0
+        todo = [r for r in rewards if (cycle, r) not in progress.done and (cycle, r) not in progress.live]
+        live_ids = tuple(dict.fromkeys(progress.live[(cycle, r)] for r in rewards if (cycle, r) in progress.live))
+
+        expert_keys: list[str] = []
+        if mode == "parallel":
+            groups = {profile.expert_resources(r).key() for r in todo}
+            if len(todo) > 1 and len(groups) == 1:
+                job = Job(job_key(cycle, EXPERTS), cycle, "expert", tuple(todo), profile.expert_resources(todo[0]),
+                          prev_key, prev_ids, win)
+                plan.jobs.append(job)
+                expert_keys.append(job.key)
+            else:
+                for r in todo:
+                    job = Job(job_key(cycle, safe_name(r)), cycle, "expert", (r,), profile.expert_resources(r),
+                              prev_key, prev_ids, win)
+                    plan.jobs.append(job)
+                    expert_keys.append(job.key)
+            merge_after, merge_ids = tuple(expert_keys), live_ids
+            if not expert_keys and not live_ids:    # every expert already done: merge right after the last one
+                merge_after, merge_ids = prev_key, prev_ids
+        else:
+            # sequential: each expert waits for the previous one of its cycle (or the previous merge)
+            chain_key, chain_ids = prev_key, prev_ids
+            for r in rewards:
+                if (cycle, r) in progress.done:
+                    continue
+                if (cycle, r) in progress.live:
+                    chain_key, chain_ids = (), (progress.live[(cycle, r)],)
+                    continue
+                job = Job(job_key(cycle, safe_name(r)), cycle, "expert", (r,), profile.expert_resources(r),
+                          chain_key, chain_ids, win)
+                plan.jobs.append(job)
+                chain_key, chain_ids = (job.key,), ()
+            merge_after, merge_ids = chain_key, chain_ids
+
+        if (cycle, MERGE) in progress.live:
+            prev_key, prev_ids = (), (progress.live[(cycle, MERGE)],)
+            continue
+        merge = Job(job_key(cycle, MERGE), cycle, MERGE, (), profile.merge, merge_after, merge_ids, win,
+                    extends=last_of_window and cycle < cycles, final=cycle == cycles)
+        plan.jobs.append(merge)
+        prev_key, prev_ids = (merge.key,), ()
+    return plan
+
+
+def submission_dependencies(job: Job, plan_ids: dict[str, str]) -> list[str]:
+    """Job ids ``job`` must wait for when its window is submitted.
+
+    Dependencies on jobs of an earlier window are dropped: a window is submitted only after the merge that
+    ends the previous one has finished, so everything it waited for is complete.
+    """
+    ids = list(job.after_ids)
+    for key in job.after:
+        if key in plan_ids:
+            ids.append(plan_ids[key])
+    return ids
+
+
+def format_plan(plan: Plan, profile: ClusterProfile) -> str:
+    """The plan as a table a person reads: one line per job, grouped by window."""
+    if plan.complete:
+        return f"run {plan.run_ts}: all {plan.cycles} cycles are merged; nothing to do"
+    lines = [
+        f"run {plan.run_ts}: cycles {plan.first_cycle}..{plan.cycles}, {plan.mode} mode, rewards "
+        f"{', '.join(plan.rewards)}, {len(plan.jobs)} jobs in {plan.n_windows} window(s) of "
+        f"{plan.window_cycles} cycle(s); profile {profile.name}",
+    ]
+    header = f"{'window':>6}  {'job name':<40} {'tasks':<34} {'resources':<28} after"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for job in plan.jobs:
+        tasks = ",".join(job.rewards) if job.kind == "expert" else "merge"
+        if job.array:
+            tasks = f"array[{len(job.rewards)}]: {tasks}"
+        after = [f"c{k[1:5].lstrip('0')}:{k.split('-', 1)[1]}" for k in job.after] + [f"job {i}" for i in job.after_ids]
+        if job.window > 0 and job.after and all(plan.by_key()[k].window < job.window for k in job.after):
+            after = ["(submitted when the previous window ends)"]
+        note = "  -> submits window %d" % (job.window + 1) if job.extends else ""
+        lines.append(f"{job.window:>6}  {job.name(plan.run_ts):<40} {tasks:<34} {job.resources.describe():<28} "
+                     f"{' '.join(after) or '-'}{note}")
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Runs as the launcher sees them: run.json, progress for the planner, the lease and its liveness check.
+
+The run directory is the single source of truth (DESIGN.md section 3). This module turns it into what the
+planner needs (``Progress``), writes ``run.json`` once and appends resume changes to its ``history``, and
+decides whether a lease's owner is gone: a Slurm chain is alive while any of its jobs is in the queue, a local
+run while its launcher process lives on this host.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from launch.journal import read_records
+from launch.plan import MERGE, Progress
+from launch.profiles import ClusterProfile, profile_from_dict
+from mrlora.runstore import LeaseInfo, RunDir, pid_alive
+
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+class LaunchError(RuntimeError):
+    """A launch that must not go ahead; the message tells the user what to do instead."""
+
+
+def now() -> str:
+    return _dt.datetime.now().isoformat(timespec="seconds")
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "launch.mapreduce", *sys.argv[1:]])
+
+
+def code_version() -> str:
+    from mrlora import __version__ as version  # torch-free by contract
+
+    try:
+        sha = subprocess.run(["git", "-C", str(CODE_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        sha = ""
+    return f"{version}+g{sha}" if sha else str(version)
+
+
+def profile_of(meta: dict) -> ClusterProfile:
+    return profile_from_dict(meta["cluster"], where=f"run.json cluster profile of {meta.get('run_ts', '?')}")
+
+
+def progress_of(run: RunDir, rewards: list[str], live: dict | None = None) -> Progress:
+    """What the run directory proves finished (plus work held by queued jobs) in the planner's terms."""
+    state = run.scan(rewards)
+    done = frozenset((c, r) for c, cs in state.cycles.items() for r, es in cs.experts.items() if es.done)
+    merged = frozenset(c for c, cs in state.cycles.items() if cs.merged)
+    return Progress(done=done, merged=merged, live=dict(live or {}))
+
+
+def live_units(run: RunDir, queued) -> dict:
+    """Map queued jobs of the run to the units they will produce: {(cycle, reward|"merge"): job id}."""
+    records = {r.job_id: r for r in read_records(run)}
+    live: dict = {}
+    for q in queued:
+        rec = records.get(q.base_id)
+        if rec is None:
+            continue
+        if rec.kind == MERGE:
+            live[(rec.cycle, MERGE)] = rec.job_id
+            continue
+        if rec.array and "_" in q.job_id and q.job_id.split("_", 1)[1].isdigit():
+            index = int(q.job_id.split("_", 1)[1])
+            if index < len(rec.rewards):
+                live[(rec.cycle, rec.rewards[index])] = rec.job_id
+        else:  # a single expert, or array tasks not yet split ("123_[0-2]"): all of its rewards
+            for r in rec.rewards:
+                live[(rec.cycle, r)] = rec.job_id
+    return live
+
+
+def lease_is_stale(run_ts: str):
+    """A liveness check for RunDir.acquire_lease: is the holder's chain (or local launcher) gone?"""
+
+    def check(holder: LeaseInfo) -> bool:
+        if holder.owner_id == "corrupt":
+            return True
+        same_host = holder.host == socket.gethostname()
+        if holder.executor == "local" or not holder.job_ids:
+            if same_host:
+                return not pid_alive(holder.pid)
+            if holder.executor == "local":
+                raise LaunchError(
+                    f"run {run_ts} is being run by a local launcher on host {holder.host} (pid {holder.pid}); "
+                    f"this host cannot check it. Stop it there, or delete the run's LEASE.json if it is dead."
+                )
+        from launch import slurm
+
+        return not slurm.run_jobs_in_queue(run_ts, set(holder.job_ids))
+
+    return check
+
+
+def check_out_root(out_root: Path) -> None:
+    """Fail before anything is written when ``out_root`` cannot hold a run directory."""
+    probe = out_root
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise LaunchError(f"--out-root {out_root}: {probe} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise LaunchError(f"--out-root {out_root} is not writable ({probe} denies write access); "
+                          f"pass --out-root with a directory you can write on the shared filesystem")
+
+
+def new_run_json(run: RunDir, model: str, cfg_dict: dict, profile: ClusterProfile, executor: str) -> dict:
+    return {
+        "run_ts": run.run_ts,
+        "model": model,
+        "created": now(),
+        "code_version": code_version(),
+        "config": cfg_dict,
+        "cluster": profile.to_dict(),
+        "executor": executor,
+        "history": [{"at": now(), "command": command_line(), "changes": {}, "action": "start"}],
+    }
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict:
+    """{dotted key: [old, new]} for every value that differs."""
+    a, b = flatten(old), flatten(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+# Changing these mid-run would make finished cycles incompatible with the rest: start a new run instead.
+FROZEN_ON_RESUME = ("rewards", "model.", "lora.")
+
+
+def check_resume_changes(changes: dict) -> None:
+    for key in changes:
+        if key == "rewards" or any(key.startswith(p) for p in FROZEN_ON_RESUME if p.endswith(".")):
+            raise LaunchError(
+                f"--set {key} cannot change on resume: the finished cycles were trained with "
+                f"{changes[key][0]!r}. Start a new run to use {changes[key][1]!r}."
+            )

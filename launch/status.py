@@ -1,0 +1,249 @@
+"""``python -m launch.status [RUN_TS]``: where a run stands, from one squeue call, one sacct call and the run dir.
+
+A table of cycles x (each reward + merge): the job's Slurm state, progress in optimizer steps (metrics lines or
+the newest complete checkpoint), the latest reward means from ``metrics.jsonl``; then elapsed time, an estimate
+of the time left from the cycles already merged, and every failure with the log to read. The run directory is
+the truth for what is finished (markers); Slurm tells what is queued, running or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch import slurm
+from launch.journal import JobRecord, latest_by_unit, read_records
+from launch.local import LOCAL_LOG_DIR
+from launch.mapreduce import find_run, out_root_of
+from launch.plan import MERGE
+from launch.runs import LaunchError
+from mrlora.config import config_for_reward, config_from_dict
+from mrlora.runstore import RunDir, RunStoreError, pid_alive
+
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+@dataclass
+class Cell:
+    state: str = "-"           # what to show: DONE / RUNNING / PENDING(reason) / FAILED / -
+    steps: str = ""
+    rewards: str = ""
+    failure: str = ""          # "<state>: read <log>" when it failed
+
+
+@dataclass
+class RunStatus:
+    run: RunDir
+    model: str
+    executor: str
+    rewards: list[str]
+    cycles: int
+    last_merged: int
+    rows: dict[int, dict[str, Cell]] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    queued: int = 0
+    slurm_note: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.last_merged >= self.cycles
+
+
+def _parse_time(text: str | None) -> _dt.datetime | None:
+    try:
+        return _dt.datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _metrics(run: RunDir, cycle: int, reward: str) -> tuple[int, dict]:
+    path = run.metrics_path(cycle, reward)
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError:
+        return 0, {}
+    for line in reversed(lines):
+        try:
+            return len(lines), json.loads(line)
+        except ValueError:
+            continue
+    return len(lines), {}
+
+
+def _reward_mean(metrics: dict) -> str:
+    """The newest reward mean of a metrics line ("r=0.512"), preferring a key named like reward*mean."""
+    keys = sorted((k for k, v in metrics.items() if "reward" in k.lower() and isinstance(v, (int, float))),
+                  key=lambda k: (0 if "mean" in k else 1, k))
+    return f"r={metrics[keys[0]]:.3g}" if keys else ""
+
+
+def _local_log(run: RunDir, cycle: int, unit: str) -> Path | None:
+    folder = run.logs_dir / LOCAL_LOG_DIR
+    for name in (f"c{cycle:04d}-{unit}.log", f"c{cycle:04d}-experts-{unit}.log"):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
+    meta = run.read_run_json()
+    cfg = config_from_dict(meta["config"])
+    rewards = list(cfg.rewards)
+    state = run.scan(rewards)
+    status = RunStatus(run=run, model=meta.get("model", run.root.parent.name), executor=meta.get("executor", "?"),
+                       rewards=rewards, cycles=cfg.mapreduce.cycles, last_merged=state.last_complete_cycle)
+    records = read_records(run)
+    latest = latest_by_unit(records)
+
+    queue: dict[str, slurm.QueuedJob] = {}
+    acct: dict[str, slurm.AccountedJob] = {}
+    if use_slurm and records and slurm.have_slurm():
+        try:
+            for q in slurm.run_jobs_in_queue(run.run_ts, {r.job_id for r in records}):
+                queue[q.job_id] = q
+            acct = {a.job_id: a for a in slurm.sacct_jobs(sorted({r.job_id for r in latest.values()}))}
+        except slurm.SlurmError as exc:
+            status.slurm_note = f"Slurm not available ({exc}); showing the run directory only"
+    status.queued = len(queue)
+
+    steps_total = {r: config_for_reward(cfg, r).train.steps for r in rewards}
+    last_cycle = max([status.last_merged + 1, *state.cycles.keys(), *(c for c, _ in latest)])
+    for c in range(1, min(last_cycle, status.cycles) + 1):
+        row: dict[str, Cell] = {}
+        cs = state.cycles.get(c)
+        for unit in [*rewards, MERGE]:
+            cell = Cell()
+            if unit == MERGE:
+                done = bool(cs and cs.merged)
+            else:
+                es = cs.experts.get(unit) if cs else None
+                done = bool(es and es.done)
+                n, metrics = _metrics(run, c, unit)
+                ckpt = es.checkpoint_step if es and es.checkpoint_step else 0
+                cell.steps = f"{max(n, ckpt)}/{steps_total[unit]}"
+                cell.rewards = _reward_mean(metrics)
+            rec: JobRecord | None = latest.get((c, unit))
+            if rec is not None:
+                task = rec.task_id(unit) if unit != MERGE else rec.job_id
+                q = queue.get(task) or next((v for k, v in queue.items() if v.base_id == rec.job_id and "[" in k), None)
+                a = acct.get(task) or next((v for k, v in acct.items() if v.base_id == rec.job_id and "[" in k), None)
+                if q is not None and not done:
+                    cell.state = q.state + (f"({q.reason})" if q.state == "PENDING" and q.reason not in ("", "None") else "")
+                elif done:
+                    cell.state = "DONE"
+                elif a is not None:
+                    cell.state = a.state
+                    if a.state == "CANCELLED" and a.start in ("", "None", "Unknown"):
+                        cell.state = "CANCELLED(never ran)"  # a parent failed or the run was cancelled
+                    elif a.state in FAILED_STATES or a.state == "COMPLETED":
+                        out, err = rec.log_paths(None if unit == MERGE else unit)
+                        cell.failure = f"{a.state} (exit {a.exit_code}): read {err} (and {out.name})"
+                else:
+                    cell.state = "SUBMITTED"
+            elif done:
+                cell.state = "DONE"
+            elif status.executor == "local":
+                log = _local_log(run, c, unit)
+                if log is not None:
+                    cell.state = "STARTED"
+                    lease = run.read_lease()
+                    if lease is None or not pid_alive(lease.pid):
+                        cell.state = "STOPPED"
+                        cell.failure = f"stopped before finishing: read {log}"
+            row[unit] = cell
+        status.rows[c] = row
+
+    created = _parse_time(meta.get("created"))
+    merge_times = {}
+    for c in range(1, status.last_merged + 1):
+        marker = run.merge_done(c)
+        if marker:
+            merge_times[c] = _parse_time(marker.get("written_at"))
+    end = merge_times.get(status.cycles) if status.finished else None
+    if created:
+        status.elapsed_s = ((end or _dt.datetime.now()) - created).total_seconds()
+    stamps = [created] + [merge_times.get(c) for c in range(1, status.last_merged + 1)]
+    durations = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:]) if a and b]
+    if status.finished:
+        status.eta_s = 0.0
+    elif durations:
+        recent = durations[-5:]
+        status.eta_s = sum(recent) / len(recent) * (status.cycles - status.last_merged)
+    return status
+
+
+def render(status: RunStatus) -> str:
+    units = [*status.rewards, MERGE]
+    width = max(26, *(len(u) + 2 for u in units))
+    lines = [
+        f"run {status.run.run_ts} ({status.model}, {status.executor})  {status.run.root}",
+        f"cycles merged: {status.last_merged}/{status.cycles}   elapsed {_fmt_duration(status.elapsed_s)}   "
+        f"estimated time left {_fmt_duration(status.eta_s)}   jobs in queue: {status.queued}",
+    ]
+    if status.slurm_note:
+        lines.append(status.slurm_note)
+    lines.append("cycle " + "".join(f"{u:<{width}}" for u in units))
+    failures = []
+    for c, row in status.rows.items():
+        cells = []
+        for u in units:
+            cell = row[u]
+            text = cell.state if u == MERGE else f"{cell.state} {cell.steps} {cell.rewards}".strip()
+            cells.append(f"{text[:width - 1]:<{width}}")
+            if cell.failure:
+                failures.append(f"  cycle {c} {u}: {cell.failure}")
+        lines.append(f"{c:<6}" + "".join(cells))
+    if status.finished:
+        lines.append("finished: every cycle is merged")
+    if failures:
+        lines.append("failures:")
+        lines.extend(failures)
+        lines.append(f"continue with: python -m launch.mapreduce --resume {status.run.run_ts} "
+                     f"--out-root {status.run.root.parent.parent} --model {status.run.root.parent.name}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.status", description="Show where a MapReduce LoRA run stands.")
+    p.add_argument("run_ts", nargs="?", help="the run's timestamp (default: the newest run)")
+    p.add_argument("--out-root", metavar="DIR", help="where runs live (default: $MRLORA_OUT_ROOT or ./runs)")
+    p.add_argument("--model", help="the model directory to look in (default: any)")
+    p.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 10) until the run finishes or nothing is queued")
+    p.add_argument("--no-slurm", action="store_true", help="do not ask Slurm; show the run directory only")
+    args = p.parse_args(argv)
+    try:
+        run = find_run(out_root_of(args), args.model, args.run_ts)
+        while True:
+            status = collect(run, use_slurm=not args.no_slurm)
+            text = render(status)
+            if args.watch and sys.stdout.isatty():
+                sys.stdout.write("\033[2J\033[H")
+            print(text, flush=True)
+            if not args.watch or status.finished or (status.executor == "slurm" and status.queued == 0):
+                return 0
+            time.sleep(args.watch)
+    except (LaunchError, RunStoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Submitting a plan's window to Slurm with submitit, and rendering the sbatch text it would submit.
+
+One function (``sbatch_parameters``) turns a planned job into submitit parameters; ``render_sbatch`` feeds them
+to submitit's own sbatch writer, so ``--dry-run`` and the golden files show byte for byte what a real
+submission writes. Every job carries ``--kill-on-invalid-dep=yes`` (a failed parent cancels its dependents
+instead of leaving them pending forever), ``--requeue`` and ``--open-mode=append`` (a requeued task appends to
+its log), the pre-timeout signal, and its name and comment (``mrlora-<run_ts>-c0003-<role>``,
+``mrlora:<run_ts>``) so status and cancel find exactly this run's jobs.
+
+``extend_chain`` is what the last merge of a window runs on its compute node: it re-plans from the run
+directory and submits the next window, so nothing needs to stay alive on the login node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from launch import journal
+from launch.plan import Job, Plan, build_plan, run_comment, submission_dependencies
+from launch.profiles import ClusterProfile
+
+SUBMITIT_DIR = "slurm"
+
+
+def submitit_folder(run_root: Path | str) -> Path:
+    return Path(run_root) / "logs" / SUBMITIT_DIR
+
+
+def _mem(gb: float) -> str:
+    """--mem per node, as submitit writes it ("4GB", or MB for fractions)."""
+    return f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB"
+
+
+def sbatch_parameters(job: Job, run_ts: str, profile: ClusterProfile, dependencies: list[str]) -> dict:
+    """submitit ``SlurmExecutor.update_parameters`` keywords for ``job`` (sbatch's names)."""
+    res = job.resources
+    params: dict = {
+        "job_name": job.name(run_ts),
+        "time": res.time_min,
+        "nodes": res.nodes,
+        "ntasks_per_node": res.procs_per_node,
+        "cpus_per_task": res.cpus_per_task,
+        "signal_delay_s": profile.signal_delay_s,
+        "comment": run_comment(run_ts),
+        "wckey": "mrlora",
+    }
+    if res.gpus_per_node:
+        if res.gres_gpu:
+            params["gres"] = f"gpu:{res.gpus_per_node}"
+        else:
+            params["gpus_per_node"] = res.gpus_per_node
+    if res.mem_gb:
+        params["mem"] = _mem(res.mem_gb)
+    for key in ("partition", "account", "qos"):
+        if getattr(res, key):
+            params[key] = getattr(res, key)
+    if profile.setup_lines:
+        params["setup"] = profile.setup_lines
+    if dependencies:
+        params["dependency"] = "afterok:" + ":".join(dependencies)
+    extra = {"kill-on-invalid-dep": "yes", "requeue": True}
+    params["additional_parameters"] = extra
+    return params
+
+
+def submit_command(folder: Path | str, python: str | None = None) -> str:
+    """The command submitit puts after srun (what every task runs)."""
+    python = python or shlex.quote(sys.executable)
+    return " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def render_sbatch(job: Job, run_ts: str, profile: ClusterProfile, dependencies: list[str], folder: Path | str,
+                  python: str | None = None) -> str:
+    """The sbatch file submitit writes for ``job``, rendered by submitit itself without submitting."""
+    from submitit.slurm import slurm as submitit_slurm
+
+    params = sbatch_parameters(job, run_ts, profile, dependencies)
+    if job.array:
+        params["map_count"] = len(job.rewards)
+    return submitit_slurm._make_sbatch_string(command=submit_command(folder, python), folder=folder, **params)
+
+
+def job_callables(job: Job, run_root: str, owner_id: str, profile: ClusterProfile) -> list:
+    """What each submission runs: one ExpertTask per array task, or one MergeTask."""
+    from launch.jobs import ExpertTask, MergeTask
+
+    if job.kind == "merge":
+        return [MergeTask(run_root, job.cycle, extend=job.extends, final=job.final, owner_id=owner_id)]
+    return [ExpertTask(run_root, job.cycle, r, max_requeues=profile.max_requeues) for r in job.rewards]
+
+
+def make_executor(folder: Path, params: dict, max_requeues: int):
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
+    executor.update_parameters(**params)
+    return executor
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str] | None):
+    """Run sbatch with ``env`` as the process environment (submitit calls sbatch with os.environ)."""
+    if env is None:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def submit_window(run_root: Path | str, plan: Plan, profile: ClusterProfile, owner_id: str, index: int = 0,
+                  env: dict[str, str] | None = None) -> dict[str, str]:
+    """Submit window ``index`` of ``plan``; return {job key: Slurm job id}. All or nothing.
+
+    If sbatch fails midway, the jobs already submitted for this window are cancelled before the error is
+    raised, so a failed launch never leaves a partial chain behind.
+    """
+    from launch import slurm
+    from mrlora.runstore import RunDir
+
+    run = RunDir(run_root)
+    folder = submitit_folder(run.root)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids: dict[str, str] = {}
+    try:
+        with _environment(env):
+            for job in plan.window(index):
+                deps = submission_dependencies(job, ids)
+                params = sbatch_parameters(job, plan.run_ts, profile, deps)
+                executor = make_executor(folder, params, profile.max_requeues)
+                calls = job_callables(job, str(run.root), owner_id, profile)
+                if job.array:
+                    with executor.batch():
+                        submitted = [executor.submit(call) for call in calls]
+                    job_id = submitted[0].job_id.split("_", 1)[0]
+                else:
+                    job_id = executor.submit(calls[0]).job_id
+                ids[job.key] = job_id
+                journal.write_record(run, journal.new_record(
+                    job_id=job_id, key=job.key, name=job.name(plan.run_ts), cycle=job.cycle, kind=job.kind,
+                    rewards=job.rewards, array=job.array, window=job.window, after=deps, log_dir=str(folder),
+                ))
+    except BaseException:
+        if ids:
+            with contextlib.suppress(Exception):
+                slurm.scancel(list(ids.values()))
+        raise
+    return ids
+
+
+def extend_chain(run_root: str, owner_id: str) -> dict[str, str]:
+    """Submit the next window of a run from inside its chain (the window's last merge job calls this).
+
+    Idempotent: when jobs for the next cycle are already queued (a requeued merge, or a launcher that adopted
+    the run and submitted them) nothing is submitted. Does nothing when another launcher owns the run.
+    """
+    from launch import runs, slurm
+    from mrlora.config import config_from_dict
+    from mrlora.runstore import RunDir
+
+    run = RunDir(run_root)
+    lease = run.read_lease()
+    if lease is None or lease.owner_id != owner_id:
+        print(f"[mrlora] not extending the chain of {run.root}: the run is now owned by "
+              f"{lease.owner_id if lease else 'nobody'}", flush=True)
+        return {}
+    meta = run.read_run_json()
+    cfg = config_from_dict(meta["config"])
+    profile = runs.profile_of(meta)
+    plan = build_plan(run_ts=run.run_ts, rewards=list(cfg.rewards), cycles=cfg.mapreduce.cycles, profile=profile,
+                      mode=cfg.mapreduce.mode, progress=runs.progress_of(run, list(cfg.rewards)))
+    if plan.complete:
+        return {}
+    prefix = f"mrlora-{run.run_ts}-c{plan.first_cycle:04d}-"
+    already = [j.job_id for j in slurm.run_jobs_in_queue(run.run_ts) if j.name.startswith(prefix)]
+    if already:
+        print(f"[mrlora] cycle {plan.first_cycle} is already queued ({', '.join(already)}); not extending", flush=True)
+        return {}
+    ids = submit_window(run.root, plan, profile, owner_id, env=slurm.clean_submission_env())
+    lease.job_ids = list(ids.values())
+    run.update_lease(lease)
+    print(f"[mrlora] submitted cycles {plan.first_cycle}..{max(j.cycle for j in plan.window(0))}: "
+          f"{', '.join(f'{k}={v}' for k, v in ids.items())}", flush=True)
+    return ids

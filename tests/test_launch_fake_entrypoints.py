@@ -1,0 +1,96 @@
+"""Stand-ins for the job entry points, for tests of the launcher's own machinery (ordering, failure, requeue).
+
+They honour the contract of docs/internals.md on the run directory (metrics.jsonl per step, step checkpoints
+with COMPLETE.json, DONE.json last, merged/MERGE_DONE.json last, continue from the newest checkpoint,
+checkpoint + ``Preempted`` on SIGUSR2/SIGTERM) in milliseconds instead of minutes, and they check the order the
+launcher promises: an expert of cycle c refuses to start unless cycles < c are merged, a merge refuses to start
+unless every expert of its cycle is DONE. Selected with ``MRLORA_JOB_ENTRYPOINTS=test_launch_fake_entrypoints``.
+
+Knobs (environment): ``FAKE_STEP_S`` seconds per step (default 0.05); ``FAKE_FAIL=<cycle>:<reward>`` makes
+that expert fail once its first step is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from mrlora.config import config_for_reward, config_from_dict
+from mrlora.runstore import (CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER, RunDir, atomic_write_text,
+                             reset_incomplete_dir, write_marker)
+
+
+class Preempted(Exception):
+    pass
+
+
+def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
+    run = RunDir(run_root)
+    done = run.expert_done(cycle, reward)
+    if done is not None:
+        return done
+    run.merged_updates(cycle - 1)  # raises unless every earlier cycle is merged
+    if int(os.environ.get("SLURM_PROCID", "0")) != 0:
+        return _follow_rank0(run, cycle, reward)
+    cfg = config_for_reward(config_from_dict(run.read_run_json()["config"]), reward)
+    latest = run.latest_checkpoint(cycle, reward)
+    step = latest[0] if latest else 0
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGUSR2, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
+    metrics = run.metrics_path(cycle, reward)
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    # a resumed expert keeps only the metrics of the steps its checkpoint holds
+    kept = metrics.read_text().splitlines()[:step] if metrics.exists() else []
+    atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+    while step < cfg.train.steps:
+        time.sleep(step_s)
+        step += 1
+        with open(metrics, "a") as fh:
+            fh.write(json.dumps({"step": step, "reward_mean": 0.1 * step + cycle, "pid": os.getpid(),
+                                 "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}) + "\n")
+        if os.environ.get("FAKE_FAIL") == f"{cycle}:{reward}":
+            raise RuntimeError(f"FAKE_FAIL: expert {reward} of cycle {cycle} fails on purpose")
+        ckpt = reset_incomplete_dir(run.checkpoint_dir(cycle, reward, step), CHECKPOINT_MARKER)
+        (ckpt / "adapter_model.safetensors").write_bytes(b"fake" * step)
+        write_marker(ckpt, CHECKPOINT_MARKER, {"step": step})
+        if stop["signal"] is not None:
+            raise Preempted(f"signal {stop['signal']} at step {step}")
+    adapter = run.adapter_dir(cycle, reward)
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"adapter")
+    return write_marker(run.expert_dir(cycle, reward), DONE_MARKER, {"status": "ok", "steps": step})
+
+
+def _follow_rank0(run: RunDir, cycle: int, reward: str) -> dict:
+    """Ranks > 0 write nothing (as in real training): wait for rank 0's DONE, or stop on a signal."""
+    stop = {"signal": None}
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+    while stop["signal"] is None:
+        done = run.expert_done(cycle, reward)
+        if done is not None:
+            return done
+        time.sleep(0.1)
+    raise Preempted(f"signal {stop['signal']} on a follower rank")
+
+
+def merge_cycle_in_run(run_root: str, cycle: int) -> dict:
+    run = RunDir(run_root)
+    done = run.merge_done(cycle)
+    if done is not None:
+        return done
+    rewards = list(run.read_run_json()["config"]["rewards"])
+    missing = [r for r in rewards if run.expert_done(cycle, r) is None]
+    if missing:
+        raise RuntimeError(f"merge of cycle {cycle} started before experts {missing} were DONE")
+    merged = reset_incomplete_dir(run.merged_dir(cycle), MERGE_MARKER)
+    (merged / "update.safetensors").write_bytes(b"update")
+    return write_marker(merged, MERGE_MARKER, {"experts": rewards})
