@@ -28,7 +28,7 @@ def apply_tiny(c: ml_collections.ConfigDict, arch: str) -> ml_collections.Config
     c.train.checkpoint_every = 3
     c.train.ema_every = 1
     c.train.deepspeed = ""
-    c.rewards = ["brightness", "colorfulness", "jpeg_compressibility"]
+    c.rewards = ["brightness", "colourfulness", "jpeg_compressibility"]
     c.weights = [1.0, 1.0, 1.0]
     c.prompts = ml_collections.ConfigDict({name: "gen:simple:64" for name in c.rewards})
     c.reward_models = ml_collections.ConfigDict({name: {} for name in c.rewards})

@@ -51,7 +51,7 @@ def test_overrides_are_typed():
         ("weights=[0, 0, 0]", "all zero"),
         ("weights=[1, 1]", "2 values for 3 rewards"),
         ("mapreduce.cycles=0", "mapreduce.cycles"),
-        ("rewards=['brightness', 'colorfulness', 'nosuch']", "prompts.nosuch: no prompt source"),
+        ("rewards=['brightness', 'colourfulness', 'nosuch']", "prompts.nosuch: no prompt source"),
         ("train", "must look like key.path=value"),
     ],
 )
@@ -63,7 +63,7 @@ def test_bad_overrides_name_the_key(override, message):
 def test_per_reward_overrides_apply_only_to_that_reward_and_are_validated():
     cfg = load_config("tiny-sd3", ["per_reward.brightness.train.lr=0.5"])
     assert config_for_reward(cfg, "brightness").train.lr == 0.5
-    assert config_for_reward(cfg, "colorfulness").train.lr == cfg.train.lr
+    assert config_for_reward(cfg, "colourfulness").train.lr == cfg.train.lr
     with pytest.raises(ConfigError, match="per_reward.brightness.*train.lrx"):
         load_config("tiny-sd3", ["per_reward.brightness.train.lrx=0.5"])
 
@@ -85,3 +85,8 @@ def test_config_modules_do_not_import_torch():
            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_unknown_reward_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match="unknown reward 'nosuch'; known rewards: .*brightness"):
+        load_config("tiny-sd3", ["rewards=['brightness', 'colourfulness', 'nosuch']", "prompts.nosuch=gen:simple:4"])
