@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,45 @@ def test_models_package_imports_without_torch() -> None:
         "assert 'torch' not in sys.modules, 'mrlora.models imported torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, timeout=120)
+
+
+
+def test_concurrent_builders_leave_one_complete_model(tmp_path: Path) -> None:
+    """Two processes building into the same empty cache at once (``resolve_model`` under its lock, and the CLI
+    straight into the directory): both succeed with the same complete model, and nothing is left over."""
+    env = {**os.environ, "MRLORA_CACHE": str(tmp_path)}
+    out = tmp_path / "tiny-flux-v1"
+    commands = [
+        [sys.executable, "-c", "from mrlora.models.loading import resolve_model; print(resolve_model('tiny:flux'))"],
+        [sys.executable, "-m", "mrlora.models.tiny", "--arch", "flux", "--out", str(out)],
+    ]
+    procs = [subprocess.Popen(c, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]
+    results = [p.communicate(timeout=600) for p in procs]
+    for proc, (stdout, stderr) in zip(procs, results):
+        assert proc.returncode == 0, stderr
+        assert stdout.strip().splitlines()[-1] == str(out)
+    assert read_marker(out).arch == "flux"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    FluxPipeline.from_pretrained(str(out))  # the winner's copy is whole
+
+
+def test_waits_for_a_live_builder_instead_of_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another live process holds the lock, resolve_model waits for its result and leaves its lock alone."""
+    monkeypatch.setenv("MRLORA_CACHE", str(tmp_path))
+    out = tiny_cache_dir("sd3")
+    lock = out.with_name(out.name + ".lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "time": 0}))
+        builder = threading.Timer(0.5, build_tiny, args=("sd3", out))  # the "other process" finishing its build
+        builder.start()
+        calls = []
+        monkeypatch.setattr("mrlora.models.loading.build_tiny", lambda *a, **k: calls.append(k) or build_tiny(*a, **k))
+        assert resolve_model("tiny:sd3") == str(out)
+        builder.join()
+        assert all(not k.get("replace_incomplete") for k in calls), "the waiter must not build while the lock is live"
+        assert lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -258,6 +258,23 @@ def build_pipeline(arch: str, seed: int = 0) -> Any:
 # atomic, idempotent build on disk
 
 
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """No per-shard progress bars in job logs for a build that takes a second."""
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as t_logging
+
+    states = [(mod, mod.is_progress_bar_enabled()) for mod in (d_logging, t_logging)]
+    for mod, _ in states:
+        mod.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for mod, enabled in states:
+            if enabled:
+                mod.enable_progress_bar()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -349,7 +366,8 @@ def build_tiny(arch: str, out: str | os.PathLike[str], seed: int = 0, replace_in
     partial = out.with_name(f".{out.name}{_PARTIAL_TAG}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         pipe = build_pipeline(arch, seed)
-        pipe.save_pretrained(partial, safe_serialization=True)
+        with _quiet_progress_bars():
+            pipe.save_pretrained(partial, safe_serialization=True)
         done = TinyMarker(
             arch=arch,
             seed=seed,
