@@ -113,11 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     from rewards.builtin import DEFAULT_GENEVAL_CLIP, DEFAULT_GENEVAL_DETECTOR
 
     try:
+        from rewards.hub import resolve_model
+
+        # Resolve first: a missing model is reported before torch/transformers are imported.
+        detector = resolve_model(args.detector or DEFAULT_GENEVAL_DETECTOR, reward="geneval",
+                                 purpose="Mask2Former detector", cache_dir=args.cache_dir)
+        clip = resolve_model(args.clip or DEFAULT_GENEVAL_CLIP, reward="geneval", purpose="CLIP colour model",
+                             cache_dir=args.cache_dir)
         from rewards.geneval_detector import load_scorer
         from rewards.hub import resolve_device
 
-        detector = args.detector or DEFAULT_GENEVAL_DETECTOR
-        clip = args.clip or DEFAULT_GENEVAL_CLIP
         scorer = load_scorer(detector, clip, resolve_device(args.device), batch_size=args.batch_size,
                              threshold=args.threshold, counting_threshold=args.counting_threshold,
                              cache_dir=args.cache_dir)
