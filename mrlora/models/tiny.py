@@ -285,6 +285,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _partial_path(out: Path) -> Path:
+    """A hidden sibling of ``out`` named after this host and pid, so a later build can tell if it is abandoned."""
+    return out.with_name(f".{out.name}{_PARTIAL_TAG}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def _remove_stale_partials(out: Path) -> None:
     """Delete ``.partial`` siblings left by killed builds (own host: dead pid; other hosts: older than a day)."""
     host = socket.gethostname()
@@ -327,8 +332,11 @@ def _check_existing(out: Path, marker: TinyMarker, arch: str, seed: int) -> Path
 
 
 def _move_aside_incomplete(out: Path) -> None:
-    """Rename an incomplete directory out of the way (atomic for readers), then delete it."""
-    trash = out.with_name(f".{out.name}.trash-{os.getpid()}-{secrets.token_hex(4)}")
+    """Rename an incomplete directory out of the way (atomic for readers), then delete it.
+
+    The temporary name follows the ``.partial`` pattern, so a deletion killed half-way is cleaned up later too.
+    """
+    trash = _partial_path(out)
     try:
         os.rename(out, trash)
     except FileNotFoundError:
@@ -363,7 +371,7 @@ def build_tiny(arch: str, out: str | os.PathLike[str], seed: int = 0, replace_in
     import diffusers
     import transformers
 
-    partial = out.with_name(f".{out.name}{_PARTIAL_TAG}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+    partial = _partial_path(out)
     try:
         pipe = build_pipeline(arch, seed)
         with _quiet_progress_bars():
