@@ -34,6 +34,9 @@ from pathlib import Path
 
 import pytest
 
+# Session fixtures for the tiny models (tiny_sd3_dir, tiny_flux_dir) live in their own module.
+pytest_plugins = ["fixtures_models"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPTS = REPO_ROOT / "tests" / "cluster"
 DEFAULT_SLURM_HOME = Path("/var/tmp/mrlora-slurm")

@@ -7,7 +7,8 @@
 #
 # Environment:
 #   PYTHON           interpreter to install into (default: python)
-#   TORCH_INDEX_URL  where the CPU wheel comes from (default: https://download.pytorch.org/whl/cpu)
+#   TORCH_INDEX_URL  optional index for the torch wheel (e.g. PyTorch's CPU index on a machine whose pip
+#                    does not already resolve torch==2.13.0 to a CPU build); unset: pip's own configuration
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -19,7 +20,11 @@ if [[ ${have%%+*} == "$TORCH_VERSION" ]]; then
     echo "[install-test-env] torch $have already installed"
 else
     echo "[install-test-env] installing torch==$TORCH_VERSION (CPU wheel; found: ${have:-none})"
-    "$PY" -m pip install "torch==$TORCH_VERSION" --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+    if [[ -n ${TORCH_INDEX_URL:-} ]]; then
+        "$PY" -m pip install "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
+    else
+        "$PY" -m pip install "torch==$TORCH_VERSION"
+    fi
 fi
 
 echo "[install-test-env] pip install -e .[test]"
