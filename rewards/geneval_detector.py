@@ -87,23 +87,32 @@ class Mask2FormerDetector:
         if top_index.numel() == 0:
             return []
         queries, labels = top_index // num_classes, top_index % num_classes
-        masks = F.interpolate(mask_logits[queries][None], size=padded_hw, mode="bilinear", align_corners=False)
+        # Several (query, class) pairs share a query's mask: upsample each distinct mask once.
+        unique_queries, pair_to_mask = torch.unique(queries, return_inverse=True)
+        masks = F.interpolate(mask_logits[unique_queries][None], size=padded_hw, mode="bilinear", align_corners=False)
         masks = masks[..., : valid_hw[0], : valid_hw[1]]
         masks = F.interpolate(masks, size=(image.height, image.width), mode="bilinear", align_corners=False)[0]
         probs_px = masks.sigmoid()
         binary = probs_px > 0.5
         area = binary.flatten(1).sum(-1)
         mask_scores = (probs_px * binary).flatten(1).sum(-1) / area.clamp(min=1)
-        scores = (top_scores * mask_scores).cpu().numpy()
+        scores = (top_scores * mask_scores[pair_to_mask]).cpu().numpy()
         binary_np = binary.cpu().numpy()
+        boxes = [_mask_box(m) for m in binary_np]
         detections = []
-        for i in range(len(scores)):
-            if int(area[i]) == 0:
+        for i, m in enumerate(pair_to_mask.tolist()):
+            if boxes[m] is None:  # empty mask: nothing there
                 continue
-            ys, xs = np.nonzero(binary_np[i])
-            box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-            detections.append(Detection(self.class_names[int(labels[i])], float(scores[i]), box, binary_np[i]))
+            detections.append(Detection(self.class_names[int(labels[i])], float(scores[i]), boxes[m], binary_np[m]))
         return detections
+
+
+def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Tight (x0, y0, x1, y1) around a boolean mask, or None when it is empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
 
 
 class ClipColourClassifier:
