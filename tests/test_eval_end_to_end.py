@@ -1,0 +1,304 @@
+"""Eval end to end on tiny random models: a hand-built run with a merged cycle, artefacts, numbers, report, Slurm.
+
+The run directory is built with the real Map/Reduce formats (expert adapters via
+``mrlora.reduce.save_expert_adapter``, DONE markers, the real ``merge_cycle_in_run``), so eval is tested
+against exactly what a run leaves on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval.checkpoint import resolve_checkpoint
+from eval.errors import EvalError
+from mrlora.config import config_to_dict, load_config
+from mrlora.runstore import DONE_MARKER, RunDir, write_marker
+
+REPO = Path(__file__).resolve().parents[1]
+# the tiny preset with two model-free rewards (independent of later changes to the preset's reward list)
+TINY_SETS = ["rewards=['brightness','jpeg_compressibility']", "weights=[1.0,1.0]",
+             "prompts.jpeg_compressibility=gen:simple:8", "prompts.brightness=gen:simple:8"]
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v"], "peft_type": "LORA"}
+MODULES = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "transformer_blocks.1.attn.to_k")
+SUITE = "geneval,brightness,jpeg_compressibility"
+GENEVAL_PROMPTS = [
+    {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
+    {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}],
+     "prompt": "a photo of two dogs"},
+    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"},
+]
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """MRLORA_CACHE for the tiny build, inherited by subprocesses and Slurm jobs."""
+    previous = os.environ.get("MRLORA_CACHE")
+    if previous is None:
+        os.environ["MRLORA_CACHE"] = str(tmp_path_factory.mktemp("mrlora_cache"))
+    from mrlora.models.loading import resolve_model
+
+    resolve_model("tiny:sd3")
+    yield os.environ["MRLORA_CACHE"]
+    if previous is None:
+        os.environ.pop("MRLORA_CACHE", None)
+
+
+def _random_lora(shapes: dict[str, tuple[int, int]], seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for module in MODULES:
+        out_f, in_f = shapes[module]
+        state[f"{module}.lora_A.weight"] = torch.randn(LORA["r"], in_f, generator=g) * 0.3
+        state[f"{module}.lora_B.weight"] = torch.randn(out_f, LORA["r"], generator=g) * 0.3
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache_env) -> RunDir:
+    """A tiny-sd3 run: cycle 1 experts DONE and merged, cycle 2 experts DONE but not merged."""
+    from diffusers import SD3Transformer2DModel
+
+    from mrlora.models.loading import resolve_model
+    from mrlora.reduce import merge_cycle_in_run, save_expert_adapter
+
+    cfg = load_config("tiny-sd3", TINY_SETS)
+    run = RunDir.create(tmp_path_factory.mktemp("runs"), "tiny-sd3", run_ts="20261123_101500")
+    run.write_run_json({"run_ts": run.run_ts, "model": "tiny-sd3", "config": config_to_dict(cfg), "history": []})
+    transformer = SD3Transformer2DModel.from_pretrained(Path(resolve_model("tiny:sd3")) / "transformer")
+    shapes = {name: tuple(m.weight.shape) for name, m in transformer.named_modules() if name in MODULES}
+    for cycle in (1, 2):
+        for k, reward in enumerate(cfg.rewards):
+            save_expert_adapter(_random_lora(shapes, 10 * cycle + k), run.adapter_dir(cycle, reward), arch="sd3",
+                                lora_config=LORA, base=cfg.model.pretrained, reward=reward)
+            write_marker(run.expert_dir(cycle, reward), DONE_MARKER, extra={"status": "done"})
+    merge_cycle_in_run(str(run.root), 1)
+    return run
+
+
+@pytest.fixture(scope="module")
+def geneval_sets(tmp_path_factory) -> list[str]:
+    """--set overrides pointing the geneval reward at a tiny random detector and CLIP (no download)."""
+    from rewards.tiny_models import save_tiny_clip, save_tiny_mask2former
+
+    root = tmp_path_factory.mktemp("geneval_models")
+    det = save_tiny_mask2former(root / "m2f")
+    clip = save_tiny_clip(root / "clip")
+    return ["reward_models.geneval.backend=local", f"reward_models.geneval.detector={det}",
+            f"reward_models.geneval.clip={clip}", "reward_models.geneval.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "geneval.jsonl"
+    path.write_text("".join(json.dumps(m) + "\n" for m in GENEVAL_PROMPTS))
+    return path
+
+
+def _eval(checkpoint: str, out: Path, prompts: Path, sets: list[str], suite: str = SUITE,
+          extra: list[str] = ()) -> Path:
+    from eval.run import main
+
+    argv = ["--checkpoint", checkpoint, "--suite", suite, "--prompts", str(prompts), "--out", str(out),
+            "--samples", "2", "--batch-size", "4", "--steps", "2", *extra]
+    for item in sets:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def evals(tmp_path_factory, tiny_run, geneval_sets, prompt_file) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evals")
+    return {
+        "base": _eval("base", root / "base", prompt_file, TINY_SETS + geneval_sets, extra=["--config", "tiny-sd3"]),
+        "run0": _eval(f"{tiny_run.root}:0", root / "run0", prompt_file, geneval_sets),
+        "run1": _eval(f"{tiny_run.root}:1", root / "run1", prompt_file, geneval_sets),
+        "expert": _eval(str(tiny_run.expert_dir(2, "brightness")), root / "expert", prompt_file, geneval_sets),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+def test_eval_writes_every_artefact_in_the_official_layout(evals):
+    for name, out in evals.items():
+        assert (out / "DONE.json").is_file() and (out / "summary.json").is_file() and (out / "results.h5").is_file()
+        dirs = sorted(p.name for p in (out / "images").iterdir())
+        assert dirs == ["00000", "00001", "00002"], name  # only prompt folders: GenEval's evaluate_images.py works
+        for i, meta in enumerate(GENEVAL_PROMPTS):
+            folder = out / "images" / f"{i:05d}"
+            lines = (folder / "metadata.jsonl").read_text().splitlines()
+            assert [json.loads(line) for line in lines] == [meta]
+            assert sorted(p.name for p in (folder / "samples").iterdir()) == ["00000.png", "00001.png"]
+        from PIL import Image
+
+        with Image.open(out / "images" / "00001" / "samples" / "00001.png") as im:
+            assert im.size == (64, 64)
+
+
+def test_summary_equals_the_hdf5_rows_aggregated_independently(evals):
+    import h5py
+
+    summary = json.loads((evals["run1"] / "summary.json").read_text())
+    with h5py.File(evals["run1"] / "results.h5", "r") as fh:
+        assert fh["prompt_index"][()].tolist() == [0, 0, 1, 1, 2, 2]
+        assert fh["sample_index"][()].tolist() == [0, 1, 0, 1, 0, 1]
+        for reward in ("geneval", "brightness", "jpeg_compressibility"):
+            assert summary["rewards"][reward]["mean"] == pytest.approx(float(np.mean(fh["scores"][reward][()])))
+        tags = [t.decode() if isinstance(t, bytes) else t for t in fh["tag"][()]]
+        correct = fh["details/geneval/correct"][()]
+        per_tag = {t: float(np.mean([c for c, tt in zip(correct, tags) if tt == t])) for t in set(tags)}
+        assert {"correct", "strict_correct"} <= set(fh["details/geneval"])
+    block = summary["rewards"]["geneval"]["geneval"]
+    assert {t: v["accuracy"] for t, v in block["per_tag"].items()} == pytest.approx(per_tag)
+    assert block["overall"] == pytest.approx(np.mean(list(per_tag.values())))
+    assert summary["images"] == 6 and summary["prompts"] == 3
+
+
+def test_same_weights_give_identical_images_and_merged_updates_change_them(evals):
+    png = lambda name: (evals[name] / "images" / "00002" / "samples" / "00001.png").read_bytes()  # noqa: E731
+    assert png("run0") == png("base")  # the run's base_0 and the preset's base, same seeds: bit-identical
+    assert png("run1") != png("base")  # the merged update of cycle 1 is folded in
+    assert png("expert") != png("run1")
+
+
+def test_expert_checkpoint_is_base_plus_earlier_merges_plus_its_lora(tiny_run):
+    import torch
+    from safetensors.torch import load_file
+
+    from eval.model import build_pipeline
+    from mrlora.config import config_from_dict
+    from mrlora.models.loading import load_pipeline
+
+    ckpt = resolve_checkpoint(str(tiny_run.adapter_dir(2, "brightness")))
+    assert ckpt.kind == "expert" and ckpt.cycle == 2 and ckpt.reward == "brightness"
+    assert ckpt.update_dirs == (str(tiny_run.merged_dir(1)),)
+    pipe = build_pipeline(ckpt, config_from_dict(ckpt.config), "cpu")
+    base = load_pipeline("tiny:sd3")
+    update = load_file(str(tiny_run.merged_dir(1) / "update.safetensors"))
+    lora = load_file(str(tiny_run.adapter_dir(2, "brightness") / "adapter_model.safetensors"))
+    scale = LORA["lora_alpha"] / LORA["r"]
+    got, want = dict(pipe.transformer.named_modules()), dict(base.transformer.named_modules())
+    for module in MODULES:
+        expected = (want[module].weight + update[f"{module}.lora_B"] @ update[f"{module}.lora_A"]
+                    + scale * lora[f"{module}.lora_B.weight"] @ lora[f"{module}.lora_A.weight"])
+        torch.testing.assert_close(got[module].weight, expected, rtol=1e-5, atol=1e-5)
+    untouched = "transformer_blocks.0.attn.to_k"
+    torch.testing.assert_close(got[untouched].weight, want[untouched].weight, rtol=0, atol=0)
+
+
+def test_incomplete_or_unknown_checkpoints_are_refused(tiny_run, tmp_path):
+    with pytest.raises(EvalError, match="MERGE_DONE"):
+        resolve_checkpoint(f"{tiny_run.root}:2")  # experts done, merge not
+    with pytest.raises(EvalError, match="name a cycle"):
+        resolve_checkpoint(str(tiny_run.root))
+    with pytest.raises(EvalError, match="--config"):
+        resolve_checkpoint(f"{tiny_run.root}:1", preset="tiny-sd3")
+    half = RunDir(tiny_run.root).expert_dir(3, "brightness")
+    shutil.copytree(tiny_run.adapter_dir(2, "brightness"), half / "adapter")
+    try:
+        with pytest.raises(EvalError, match="incomplete.*DONE.json"):
+            resolve_checkpoint(str(half))
+    finally:
+        shutil.rmtree(half.parent)
+
+
+def test_rerun_skips_finished_work_and_refuses_other_settings(evals, tiny_run, geneval_sets, prompt_file):
+    out = evals["run1"]
+    before = (out / "DONE.json").stat().st_mtime_ns
+    _eval(f"{tiny_run.root}:1", out, prompt_file, geneval_sets)
+    assert (out / "DONE.json").stat().st_mtime_ns == before
+    with pytest.raises(EvalError, match="other settings.*seed"):
+        _eval(f"{tiny_run.root}:1", out, prompt_file, geneval_sets, extra=["--seed", "7"])
+
+
+def _distinct_colours(png: Path) -> tuple[int, float]:
+    from PIL import Image
+
+    with Image.open(png) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return len(np.unique(arr.reshape(-1, 3), axis=0)), float(arr.std())
+
+
+def test_report_is_self_contained_and_renders_its_images_in_chromium(evals, tmp_path):
+    from eval.report import main
+
+    out = tmp_path / "report"
+    assert main(["--inputs", str(evals["base"]), str(evals["run0"]), str(evals["run1"]), str(evals["expert"]),
+                 "--out", str(out), "--top", "2"]) == 0
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for section in ("Summary", "geneval: per-tag accuracy", "Reward vs cycle", "Pareto view", "Hypervolume",
+                    "Best and worst samples"):
+        assert section in md and section in page
+    for png in ("reward_vs_cycle.png", "pareto.png", "per_tag_geneval.png", "samples_00_geneval.png"):
+        assert (out / png).is_file() and f"]({png})" in md
+    srcs = re.findall(r'<img[^>]*src="([^"]+)"', page)
+    assert len(srcs) == 3 + 4 * 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium); the HTML render check needs it")
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={shot}", "--window-size=1200,2000",
+         (out / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert shot.is_file(), proc.stderr
+    colours, spread = _distinct_colours(shot)
+    # text and tables alone give a few hundred anti-aliasing greys; embedded plots and generated images give
+    # thousands of colours, a blank or broken-image page a handful
+    assert colours > 2000 and spread > 20, (colours, spread)
+
+
+@pytest.mark.slurm
+def test_two_shard_array_job_gives_the_same_summary_as_one_shard(slurm_cluster, cache_env, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\na blue car on a street\nthe sign says \"open\"\na small house\na dog\n")
+    common = ["--checkpoint", "base", "--config", "tiny-sd3", "--suite", "brightness,jpeg_compressibility",
+              "--prompts", str(prompts), "--samples", "2", "--batch-size", "3"]
+    for item in TINY_SETS:
+        common += ["--set", item]
+    sharded = tmp_path / "sharded"
+    proc = subprocess.run([sys.executable, "-m", "launch.eval", *common, "--out", str(sharded), "--shards", "2",
+                           "--profile", "local", "--time", "10"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    array_id = re.search(r"submitted eval array (\d+)", proc.stdout).group(1)
+    aggregate_id = re.search(r"submitted aggregation job (\d+)", proc.stdout).group(1)
+    # the reference runs meanwhile, single-threaded like the jobs (the local profile sets OMP_NUM_THREADS=1)
+    single = tmp_path / "single"
+    ref = subprocess.run([sys.executable, "-m", "eval.run", *common, "--out", str(single)], capture_output=True,
+                         text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ref.returncode == 0, ref.stderr
+    records = slurm_cluster.wait_for_job(aggregate_id, timeout=300)
+    logs = "\n".join(p.read_text() for p in sorted((sharded / "logs").glob("*.out")))
+    assert all(r.state == "COMPLETED" for r in records.values()), logs
+    tasks = slurm_cluster.wait_for_job(array_id, timeout=30)
+    assert sorted(tasks) == [f"{array_id}_0", f"{array_id}_1"]
+    assert all(r.state == "COMPLETED" for r in tasks.values()), logs
+
+    assert sorted(p.name for p in (sharded / "shards").iterdir()) == ["00000-of-00002", "00001-of-00002"]
+    a = json.loads((sharded / "summary.json").read_text())
+    b = json.loads((single / "summary.json").read_text())
+    assert a["rewards"] == b["rewards"] and a["images"] == b["images"] == 10
+    for png in sorted((single / "images").rglob("*.png")):
+        assert png.read_bytes() == (sharded / png.relative_to(single)).read_bytes(), png
+
+    # submitting again finds the eval complete and submits nothing
+    again = subprocess.run([sys.executable, "-m", "launch.eval", *common, "--out", str(sharded), "--shards", "2",
+                            "--profile", "local"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout
