@@ -177,6 +177,7 @@ class FlowModel:
     def decode(self, latents: torch.Tensor, resolution: int) -> list:
         raise NotImplementedError
 
+    @torch.no_grad()
     def _vae_decode(self, latents: torch.Tensor) -> list:
         vae = self.pipeline.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor

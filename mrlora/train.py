@@ -37,6 +37,7 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     ``per_reward[reward]`` applied. Continues from the newest complete checkpoint; returns at once if DONE exists.
     """
     from mrlora.config import config_for_reward, config_from_dict
+    from mrlora.reduce import effective_base
     from mrlora.runstore import RunDir
     from mrlora.training.data import salt_for
     from mrlora.training.loop import ExpertJob, train_expert
@@ -52,7 +53,7 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     cfg = config_for_reward(cfg, reward)
     job = ExpertJob(
         cfg=cfg, reward=reward, out_dir=run.expert_dir(cycle, reward), base_spec=cfg.model.pretrained,
-        base_id=cfg.model.pretrained, prior_updates=run.merged_updates(cycle - 1),
+        base_id=cfg.model.pretrained, prior_updates=effective_base(run.root, cycle),
         seed_salt=salt_for(reward, cycle), extra_done={"cycle": cycle, "run": run.run_ts},
     )
     return train_expert(job)
@@ -146,9 +147,10 @@ def _is_user_error(exc: BaseException) -> bool:
     from mrlora.config import ConfigError
     from mrlora.distributed import DistributedError
     from mrlora.models.errors import ModelError
+    from mrlora.reduce.errors import ReduceError
     from mrlora.runstore import RunStoreError
 
-    user = (TrainError, ConfigError, RunStoreError, ModelError, DistributedError)
+    user = (TrainError, ConfigError, RunStoreError, ModelError, DistributedError, ReduceError)
     try:
         from rewards.base import RewardError
 

@@ -8,6 +8,7 @@ and replaced when that step is written again. Only the newest ``KEEP`` complete 
 
 from __future__ import annotations
 
+import hashlib
 import random
 import shutil
 from dataclasses import dataclass
@@ -33,6 +34,15 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the adapter tensors (sorted keys): equal on every rank iff the replicas are bit-identical."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass

@@ -68,17 +68,13 @@ def _accelerator(cfg, n_backward: int, use_cpu: bool):
     return Accelerator(cpu=use_cpu, gradient_accumulation_steps=n_backward, mixed_precision="no", **kwargs)
 
 
-def _apply_prior_updates(transformer, update_dirs: list[Path], dtype: str) -> None:
+def _apply_prior_updates(transformer, update_dirs: list[Path], dtype: str, arch: str) -> None:
     if not update_dirs:
         return
-    try:
-        from mrlora.reduce import apply_updates
-    except ImportError as exc:
-        raise TrainError(f"this base needs {len(update_dirs)} merged update(s) but mrlora.reduce is unavailable "
-                         f"({exc}); install the complete mrlora package") from None
     from mrlora.models.loading import torch_dtype
+    from mrlora.reduce import apply_updates
 
-    apply_updates(transformer, [Path(d) for d in update_dirs], torch_dtype(dtype))
+    apply_updates(transformer, [Path(d) for d in update_dirs], torch_dtype(dtype), arch=arch)
 
 
 class _Step:
@@ -133,7 +129,7 @@ def train_expert(job: ExpertJob) -> dict:
 
     pipe = load_pipeline(job.base_spec, cfg.model.arch, cfg.model.dtype, accelerator.device)
     transformer = pipe.transformer
-    _apply_prior_updates(transformer, job.prior_updates, cfg.model.dtype)
+    _apply_prior_updates(transformer, job.prior_updates, cfg.model.dtype, cfg.model.arch)
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
@@ -319,7 +315,13 @@ def _load_exact(path: Path, step: int) -> ckpt.Restored:
 def _save(job: ExpertJob, accelerator, params, optimizer, ema, step: int, data_position: int) -> Path:
     from accelerate.utils import gather_object
 
-    rngs = gather_object([ckpt.rng_state()]) if accelerator.num_processes > 1 else [ckpt.rng_state()]
+    weights = lora_state(params)
+    mine = [{"rng": ckpt.rng_state(), "digest": ckpt.weights_digest(weights)}]
+    per_rank = gather_object(mine) if accelerator.num_processes > 1 else mine
+    digests = [r["digest"] for r in per_rank]
+    if len(set(digests)) != 1:  # DDP keeps replicas equal; a mismatch means a broken process group or a bug
+        raise TrainError(f"LoRA weights differ across ranks at step {step} (digests {digests}); not saving a "
+                         "checkpoint. Check that every rank runs the same code and config, then resume")
     path = ckpt.checkpoint_path(job.out_dir, step)
     if job.cfg.train.deepspeed == "zero2":  # ZeRO-2 shards optimizer state: every rank writes its part
         if accelerator.is_main_process:
@@ -329,11 +331,12 @@ def _save(job: ExpertJob, accelerator, params, optimizer, ema, step: int, data_p
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
-            "step": step, "data_position": data_position, "rng": rngs,
+            "step": step, "data_position": data_position, "rng": [r["rng"] for r in per_rank],
+            "rank_digests": digests,
             "optimizer": optimizer.state_dict() if job.cfg.train.deepspeed != "zero2" else None,
             "ema_updates": ema.num_updates if ema is not None else 0, "world_size": accelerator.num_processes,
         }
-        ckpt.save_checkpoint(job.out_dir, step, lora_state(params), ema.state_dict() if ema is not None else None,
+        ckpt.save_checkpoint(job.out_dir, step, weights, ema.state_dict() if ema is not None else None,
                              state, job.cfg, job.base_id, job.reward,
                              keep_existing=job.cfg.train.deepspeed == "zero2")
     accelerator.wait_for_everyone()

@@ -9,18 +9,14 @@ plus ``adapter_config.json`` (peft LoraConfig) and ``mrlora.json`` (arch, base, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from mrlora.runstore import atomic_file, atomic_write_json, atomic_write_text
 from mrlora.training.errors import TrainError
 
 ADAPTER_NAME = "default"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-MRLORA_JSON = "mrlora.json"
 
 
 def lora_config(rank: int, alpha: float, target_modules: list[str], init: str = "gaussian"):
@@ -81,24 +77,15 @@ def load_lora_state(params: dict[str, torch.nn.Parameter], state: dict[str, torc
         p.copy_(state[k].to(p.dtype))
 
 
-def adapter_config_dict(cfg) -> dict:
-    config = lora_config(cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.lora.init).to_dict()
-    return json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, (set, frozenset)) else str(o)))
-
-
 def write_expert_adapter(directory: Path, state: dict[str, torch.Tensor], cfg, base: str, reward: str) -> None:
-    """Write the expert adapter files into ``directory`` (atomically each; the caller writes the marker)."""
-    from safetensors.torch import save_file
+    """Write the expert adapter files into ``directory`` (each atomically; the caller writes the marker).
 
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_file(directory / ADAPTER_WEIGHTS) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(adapter_config_dict(cfg), indent=2, sort_keys=True))
-    atomic_write_json(directory / MRLORA_JSON, {
-        "arch": cfg.model.arch, "base": base, "reward": reward,
-        "scale": float(cfg.lora.alpha) / float(cfg.lora.rank),
-        "rank": int(cfg.lora.rank), "alpha": float(cfg.lora.alpha),
-    })
+    The format is owned by the Reduce step (``mrlora.reduce.save_expert_adapter``), which reads it back.
+    """
+    from mrlora.reduce import save_expert_adapter
+
+    config = lora_config(cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.lora.init)
+    save_expert_adapter(state, Path(directory), cfg.model.arch, config, base, reward)
 
 
 def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
