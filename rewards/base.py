@@ -122,7 +122,6 @@ class RewardSpec:
     name: str
     factory: RewardFactory
     models: ModelsFn | None = None
-    doc: str = ""
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
@@ -142,8 +141,7 @@ def register_reward(name: str, *, models: ModelsFn | None = None) -> Callable[[R
         existing = _REGISTRY.get(name)
         if existing is not None and existing.factory is not factory:
             raise ValueError(f"reward {name!r} is already registered by {existing.factory.__module__}")
-        doc = (factory.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = RewardSpec(name=name, factory=factory, models=models, doc=doc[0] if doc else "")
+        _REGISTRY[name] = RewardSpec(name=name, factory=factory, models=models)
         return factory
 
     return decorator

@@ -251,7 +251,7 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours_of: Co
         if name not in included:
             credits.append(0.0 if n >= k else 1.0)
 
-    score = float(np.mean(credits)) if credits else float(correct)
+    score = float(np.mean(credits))  # never empty: validate_metadata requires an include clause
     counts = {name: len(dets) for name, dets in objects.items()}
     return GenEvalResult(correct=bool(correct), strict_correct=bool(strict), score=score, reasons=tuple(reasons),
                          counts=counts)

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {len(failed)} model(s) failed: {', '.join(failed)}. Check network access and, for gated "
               "models, HF_TOKEN; then re-run (finished downloads are kept).", file=sys.stderr)
         return 1
-    print(f"done; on compute nodes set HF_HUB_OFFLINE=1 and {'HF_HUB_CACHE=' + args.cache if args.cache else 'the same HF_HOME'}")
+    cache = f"HF_HUB_CACHE={args.cache}" if args.cache else "the same HF_HOME"
+    print(f"done; on compute nodes set HF_HUB_OFFLINE=1 and {cache}")
     return 0
 
 

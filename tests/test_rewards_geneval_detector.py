@@ -12,6 +12,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -22,7 +23,7 @@ from rewards import RewardError, build_reward
 from rewards.geneval_client import GenEvalClient
 from rewards.geneval_detector import ClipColourClassifier, GenEvalScorer, load_scorer
 from rewards.geneval_rules import COCO_CLASSES, COLORS
-from rewards.geneval_rules import Detection, select_detections
+from rewards.geneval_rules import Detection
 from rewards.geneval_server import make_server
 from rewards.geneval_wire import WireError, decode_request, encode_request
 from rewards.tiny_models import save_tiny_clip, save_tiny_mask2former

@@ -49,7 +49,8 @@ def test_file_errors_name_file_and_line(tmp_path):
     with pytest.raises(PromptSourceError, match=r"a\.jsonl:3: not valid JSON"):
         load_prompt_source(str(bad_json))
     bad_meta = tmp_path / "b.jsonl"
-    bad_meta.write_text('{"tag": "colors", "prompt": "p", "include": [{"class": "cup", "count": 1, "color": "teal"}]}\n')
+    teal_cup = {"tag": "colors", "prompt": "p", "include": [{"class": "cup", "count": 1, "color": "teal"}]}
+    bad_meta.write_text(json.dumps(teal_cup) + "\n")
     with pytest.raises(PromptSourceError, match=r"b\.jsonl:1: include\[0\] colour 'teal'"):
         load_prompt_source(str(bad_meta))
     no_prompt = tmp_path / "c.jsonl"

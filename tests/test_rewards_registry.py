@@ -1,6 +1,5 @@
 """The reward registry: names, custom rewards (module path, decorator, entry point), errors, torch-free import."""
 
-import json
 import subprocess
 import sys
 import textwrap
