@@ -76,11 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Keyword arguments of each reward's factory (rewards.build_reward(name, **kwargs)).
     c.reward_models = ml_collections.ConfigDict()
-    c.reward_models.geneval = ml_collections.ConfigDict({"backend": "inprocess"})
+    c.reward_models.geneval = ml_collections.ConfigDict({"backend": "local"})  # or "server" with url=...
     c.reward_models.pickscore = ml_collections.ConfigDict({
         "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
         "model": "yuvalkirstain/PickScore_v1",
-        "normalize": True,
+        "normalize_by": 26.0,  # Flow-GRPO's scaling of logit_scale * cos
     })
     c.reward_models.ocr = ml_collections.ConfigDict({"backend": "rapidocr"})
 
