@@ -90,3 +90,19 @@ def test_config_modules_do_not_import_torch():
 def test_unknown_reward_lists_the_registered_ones():
     with pytest.raises(ConfigError, match="unknown reward 'nosuch'; known rewards: .*brightness"):
         load_config("tiny-sd3", ["rewards=['brightness', 'colourfulness', 'nosuch']", "prompts.nosuch=gen:simple:4"])
+
+
+@pytest.mark.parametrize("preset", ["sd35m", "flux"])
+def test_preset_reward_kwargs_are_accepted_by_the_reward_factories(preset, monkeypatch):
+    """Offline, a real preset's rewards fail only for the missing weights, never for a bad config key."""
+    import rewards
+    from rewards.base import MissingModelError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-mrlora-cache")
+    cfg = load_config(preset)
+    for name in cfg.rewards:
+        try:
+            rewards.build_reward(name, **cfg.reward_models[name].to_dict())
+        except MissingModelError as exc:
+            assert "python -m rewards.prefetch" in str(exc)
