@@ -9,10 +9,13 @@ cleared and redone from scratch, which is cheap (seconds) and simpler than resum
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
+
+import torch
 
 from mrlora.reduce.adapters import read_expert_adapter, save_expert_adapter
 from mrlora.reduce.base import BaseTransformer, open_base, resolve_base
@@ -41,6 +44,19 @@ def _check_output(out: Path) -> None:
             )
 
 
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch ops on one thread: a merge is hundreds of small ops (LoRA factors of a few hundred KB), where
+    thread hand-offs cost more than the work, and on a shared node with more runnable threads than cores each
+    hand-off waits for a time slice (measured: 400 isfinite checks took 9 s on 2 threads, 0.16 s on one)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def merge_experts(
     expert_dirs: Sequence[Path | str],
     weights: Sequence[float],
@@ -58,6 +74,11 @@ def merge_experts(
     architecture and shape checks against the model; ``arch`` checks the experts' ``mrlora.json`` arch.
     Raises a ReduceError subclass, with nothing written, for every invalid input.
     """
+    with single_threaded():
+        return _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights, arch, base_id, extra_info)
+
+
+def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights, arch, base_id, extra_info) -> dict:
     started = time.monotonic()
     out = Path(out)
     if mode not in MODES:
