@@ -109,6 +109,17 @@ def shortcut_overrides(args) -> list[str]:
     return out
 
 
+def check_reward_names(names: list[str]) -> None:
+    """Name an unknown --rewards entry before anything else complains about its missing prompts."""
+    from rewards import available_rewards  # torch-free registry
+
+    known = set(available_rewards())
+    unknown = [n for n in names if n not in known and ":" not in n]
+    if unknown:
+        raise LaunchError(f"unknown reward(s) {', '.join(repr(n) for n in unknown)}; known rewards: "
+                          f"{', '.join(sorted(known))} (or package.module:factory for your own)")
+
+
 def _normalised_sbatch(text: str, run_ts: str) -> str:
     text = re.sub(rf"mrlora-{run_ts}-c\d+-", f"mrlora-{run_ts}-c*-", text)
     return re.sub(r"--dependency=\S+", "--dependency=...", text)
@@ -215,6 +226,7 @@ def new_run(args, out_root: Path) -> int:
         raise LaunchError("--model is required for a new run (e.g. --model tiny-sd3); use --resume to continue one")
     if args.adopt:
         raise LaunchError("--adopt only makes sense with --resume")
+    check_reward_names(args.rewards or [])
     cfg = load_config(args.model, shortcut_overrides(args) + list(args.overrides))
     profile = load_profile(args.cluster) if args.cluster else default_profile()
     executor = resolve_executor(args.executor, profile, dry_run=args.dry_run)
