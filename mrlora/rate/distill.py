@@ -10,11 +10,13 @@ Only the token's vector in each text encoder trains, by rectified-flow matching 
 so the token learns to make the base's velocity field flow toward what the expert would have drawn.
 
 Distribution follows the Map step: ranks from torchrun or Slurm (``mrlora.distributed``), gloo on CPU, NCCL
-on GPU; each rank draws its own prompts and noise, and the gradients of the token vectors are all-reduced
+on GPU; each rank takes its slice of the step's batch, and the gradients of the token vectors are all-reduced
 (averaged) before every AdamW step, so every rank holds identical vectors.
 
-Every random draw is a function of (seed, step, rank), so resuming from a checkpoint needs only the vectors,
-the optimizer state and the step: a resumed run sees exactly the prompts and noise of an uninterrupted one.
+Every random draw is a function of (seed, step) for the *global* batch, of which rank r takes slice r: the
+result does not depend on the number of processes (N processes with batch b train like one with batch N*b),
+and resuming needs only the vectors, the optimizer state and the step: a resumed run (even with another
+process count) sees exactly the prompts and noise of an uninterrupted one.
 Checkpoints and the result go through the run store (atomic files, marker last)::
 
     OUT/checkpoint-<step>/token.safetensors + training_state.pt + COMPLETE.json
@@ -24,6 +26,7 @@ Checkpoints and the result go through the run store (atomic files, marker last):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -186,6 +189,39 @@ def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
+def flow_matching_loss(
+    pipe: Any,
+    token: str,
+    vectors: dict[str, torch.Tensor] | None,
+    x0: torch.Tensor,
+    prompts: Sequence[str],
+    noise: torch.Tensor,
+    s: torch.Tensor,
+    guidance_scale: float,
+    max_sequence_length: int,
+) -> torch.Tensor:
+    """Rectified-flow matching of the base (adapter off) conditioned on ``prompt + token`` toward ``x0``.
+
+    x_s = (1 - s) x0 + s e, target e - x0, mean squared error over everything. ``vectors`` (differentiable)
+    replace the token's stored rows; ``None`` uses the rows as they are (evaluation of a loaded token).
+    The caller chooses whether the expert adapter is enabled (training: disabled).
+    """
+    from mrlora.sampling import flow_model
+
+    model = flow_model(pipe)
+    transformer = pipe.transformer
+    device = transformer.device
+    x0d, e, sd = x0.to(device).float(), noise.to(device).float(), s.to(device).float()
+    shape = (-1,) + (1,) * (x0d.ndim - 1)
+    x_s = (1 - sd.view(shape)) * x0d + sd.view(shape) * e
+    texts = [with_token(p, token) for p in prompts]
+    ctx = substituted_rows(pipe, token, vectors) if vectors is not None else contextlib.nullcontext()
+    with ctx:
+        embeds = model.encode(texts, 1.0, max_sequence_length)
+        v = model.velocity(transformer, x_s, sd * 1000.0, embeds, guidance_scale)
+    return torch.nn.functional.mse_loss(v.float(), e - x0d)
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -206,7 +242,7 @@ def distill_token(
     Resumes from the newest complete checkpoint in ``out_dir``; returns at once if ``out_dir/DONE.json`` is
     complete. Leaves the learned vectors written into ``pipe``'s embedding rows.
     """
-    from mrlora.sampling import flow_model, sample
+    from mrlora.sampling import sample
 
     settings.validate()
     group = group or ProcessGroup()
@@ -227,12 +263,10 @@ def distill_token(
     check_token_is_new(pipe, token)
     ids = add_token(pipe, token)
     slots = encoder_slots(pipe)
-    model = flow_model(pipe)
     transformer = pipe.transformer
     for module in (transformer, *(getattr(pipe, s.encoder_attr) for s in slots)):
         module.requires_grad_(False)
         module.eval()
-    device = transformer.device
 
     # Initial vectors: the rows add_token wrote (the mean embedding), identical on every rank.
     vectors = {
@@ -261,9 +295,6 @@ def distill_token(
                 p.copy_(saved.vectors[name].reshape(-1))
         optimizer.load_state_dict(state["optimizer"])
         start = resumed_from = int(state["step"])
-        if int(state.get("world_size", group.world_size)) != group.world_size:
-            log(f"note: checkpoint written with {state.get('world_size')} processes, resuming with "
-                f"{group.world_size}: later steps draw different prompts/noise than an uninterrupted run")
         log(f"resuming {token} from {path} (step {start})")
     if group.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,14 +326,16 @@ def distill_token(
     try:
         for step in range(start, settings.steps):
             t0 = time.perf_counter()
-            # -- teacher: the expert's final latents for this step's prompts (shared by teacher_reuse steps)
+            # -- the global batch of this step is drawn from (seed, step) alone; rank r takes slice r, so the
+            #    result does not depend on the number of processes (averaged gradients = full-batch gradient)
             batch_index = step // settings.teacher_reuse
+            n_global = settings.batch_size * group.world_size
+            mine = slice(group.rank * settings.batch_size, (group.rank + 1) * settings.batch_size)
             if teacher_cache is None or teacher_cache[0] != batch_index:
-                g = _generator(settings.seed, _PURPOSE_PROMPTS, batch_index, group.rank)
-                chosen = torch.randint(0, len(prompts), (settings.batch_size,), generator=g).tolist()
+                g = _generator(settings.seed, _PURPOSE_PROMPTS, batch_index)
+                chosen = torch.randint(0, len(prompts), (n_global,), generator=g).tolist()[mine]
+                seeds = torch.randint(0, 2**62, (n_global,), generator=g).tolist()[mine]
                 batch_prompts = [prompts[i] for i in chosen]
-                seeds = torch.randint(0, 2**62, (settings.batch_size,),
-                                      generator=_generator(settings.seed, _PURPOSE_TEACHER, batch_index, group.rank)).tolist()
                 set_teacher(transformer, True)
                 result = sample(pipe, batch_prompts, seeds=seeds, num_steps=settings.teacher_steps,
                                 guidance_scale=settings.guidance_scale, resolution=settings.resolution,
@@ -313,17 +346,11 @@ def distill_token(
 
             # -- student: base (adapter off) + token, rectified-flow matching on the teacher's latent
             set_teacher(transformer, False)
-            g = _generator(settings.seed, _PURPOSE_NOISE, step, group.rank)
-            noise = torch.randn(x0.shape, generator=g)
-            u = torch.randn((x0.shape[0],), generator=g) * settings.logit_std + settings.logit_mean
-            s = torch.sigmoid(u)
-            x0d, noised, sd = x0.to(device), noise.to(device), s.to(device)
-            shape = (-1,) + (1,) * (x0.ndim - 1)
-            x_s = (1 - sd.view(shape)) * x0d + sd.view(shape) * noised
-            with substituted_rows(pipe, token, vectors):
-                embeds = model.encode([with_token(p, token) for p in batch_prompts], 1.0, settings.max_sequence_length)
-                v = model.velocity(transformer, x_s, sd * 1000.0, embeds, settings.guidance_scale)
-            loss = torch.nn.functional.mse_loss(v.float(), (noised - x0d).float())
+            g = _generator(settings.seed, _PURPOSE_NOISE, step)
+            noise = torch.randn((n_global, *x0.shape[1:]), generator=g)[mine]
+            s = torch.sigmoid(torch.randn((n_global,), generator=g) * settings.logit_std + settings.logit_mean)[mine]
+            loss = flow_matching_loss(pipe, token, vectors, x0, batch_prompts, noise, s, settings.guidance_scale,
+                                      settings.max_sequence_length)
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
             for p in params:
