@@ -72,6 +72,7 @@ def generate(pipe, arch: str) -> torch.Tensor:
         return pipe(**kwargs).images
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 @pytest.mark.parametrize("arch", ["sd3", "flux"])
 def test_fold_then_generate_matches_peft_cat(arch, request, tmp_path):
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")

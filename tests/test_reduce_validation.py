@@ -179,3 +179,8 @@ def test_cli_subprocess_exit_code_and_stderr(setup):
     assert proc.returncode == 2
     assert "error: 2 weight(s) for 3 expert(s)" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == "" and not out.exists()
+
+
+def test_missing_base_dir(capsys, setup):
+    tmp_path, experts, _ = setup
+    expect_error(capsys, tmp_path, ["--experts", *experts, "--base", tmp_path / "no_such_model"], "does not exist")

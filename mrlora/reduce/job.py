@@ -70,7 +70,8 @@ def merge_experts(
 ) -> dict:
     """Merge expert adapters into a reduced-update directory ``out``; return its marker.
 
-    ``weights`` are normalised (``mrlora.config.normalised_weights``). ``base`` (a model directory) enables the
+    ``weights`` are normalised (``mrlora.config.normalised_weights``). ``base`` (a model directory or any
+    ``model.pretrained`` spec: hub id, ``tiny:<arch>``) enables the
     architecture and shape checks against the model; ``arch`` checks the experts' ``mrlora.json`` arch.
     Raises a ReduceError subclass, with nothing written, for every invalid input.
     """
@@ -87,7 +88,7 @@ def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights
         raise ReduceError("no experts given; pass at least one adapter directory")
     norm = check_weights(list(weights), len(expert_dirs), allow_negative_weights)
     experts = [read_expert_adapter(d) for d in expert_dirs]
-    base_info = open_base(base) if isinstance(base, (str, Path)) else base
+    base_info = open_base(resolve_base(str(base))) if isinstance(base, (str, Path)) else base
     arch = check_experts(experts, base_info, arch)
     _check_output(out)
 
