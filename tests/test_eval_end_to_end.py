@@ -308,3 +308,14 @@ def test_two_shard_array_job_gives_the_same_summary_as_one_shard(slurm_cluster, 
     again = subprocess.run([sys.executable, "-m", "launch.eval", *common, "--out", str(sharded), "--shards", "2",
                             "--profile", "local"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert again.returncode == 0 and "nothing to submit" in again.stdout
+
+
+def test_exported_model_dir_gives_the_images_of_its_merged_cycle(evals, tiny_run, geneval_sets, prompt_file, tmp_path):
+    from mrlora.reduce import export_model
+
+    exported = export_model(str(tiny_run.root), 1, str(tmp_path / "exported"))
+    out = _eval(exported, tmp_path / "ev", prompt_file, TINY_SETS + geneval_sets, extra=["--config", "tiny-sd3"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoint"]["kind"] == "exported"
+    for png in sorted((evals["run1"] / "images").rglob("*.png")):
+        assert png.read_bytes() == (out / png.relative_to(evals["run1"])).read_bytes(), png
