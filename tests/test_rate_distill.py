@@ -7,10 +7,6 @@ strongly, so "does the token steer the base toward the expert" has a clear answe
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +21,6 @@ from mrlora.rate.teacher import attach_expert, set_teacher
 from mrlora.rate.token_file import load_token
 from mrlora.runstore import DONE_MARKER, read_marker
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red car", "a dog on a beach", "two cats", "a tree in snow", "a blue house", "a person with a kite"]
 EVAL_PROMPTS = ["a green apple", "a cat on a bench", "a city at night", "a boat on a lake"]
 TOKEN = "<bright>"
@@ -38,10 +33,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def make_expert(out: Path, arch: str, base: str | None = None, magnitude: float = 5.0, rank: int = 2,
@@ -260,13 +251,17 @@ def test_flux_distillation_trains_clip_and_t5_rows(tmp_path):
 # ------------------------------------------------------------------------------------------------- bad input
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mrlora.rate", *args], capture_output=True, text=True, env=_env(),
-                          cwd=REPO, timeout=300)
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    """Run ``python -m mrlora.rate`` in-process (the subprocess form is exercised by the torchrun test)."""
+    from mrlora.rate.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["arch", "base", "shape"])
-def test_teacher_from_another_base_is_refused(tmp_path, tiny_sd3_dir, case):
+def test_teacher_from_another_base_is_refused(tmp_path, tiny_sd3_dir, case, capsys):
     if case == "arch":
         expert = make_expert(tmp_path / "expert", "sd3")
         meta = json.loads((expert / "mrlora.json").read_text())
@@ -284,37 +279,30 @@ def test_teacher_from_another_base_is_refused(tmp_path, tiny_sd3_dir, case):
     with pytest.raises(TeacherMismatchError, match=expected):
         attach_expert(pipe.transformer, expert, "sd3", tiny_sd3_dir)
     assert not hasattr(pipe.transformer, "peft_config")  # nothing attached
-    proc = _cli("distill", "--base", tiny_sd3_dir, "--teacher", str(expert), "--token", TOKEN,
-                "--out", str(tmp_path / "out"), "--steps", "2", "--prompts", "gen:simple:8")
-    assert proc.returncode == 2, proc.stderr
-    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    code, err = _cli(capsys, "distill", "--base", tiny_sd3_dir, "--teacher", str(expert), "--token", TOKEN,
+                     "--out", str(tmp_path / "out"), "--steps", "2", "--prompts", "gen:simple:8")
+    assert code == 2 and expected in err, err
     assert not (tmp_path / "out").exists()
 
 
-def test_token_already_in_vocabulary_is_refused_by_the_cli(tmp_path, tiny_sd3_dir):
+def test_token_already_in_vocabulary_is_refused_by_the_cli(tmp_path, tiny_sd3_dir, capsys):
     expert = make_expert(tmp_path / "expert", "sd3")
-    proc = _cli("distill", "--base", tiny_sd3_dir, "--teacher", str(expert), "--token", "<|endoftext|>",
-                "--out", str(tmp_path / "out"), "--steps", "2", "--prompts", "gen:simple:8")
-    assert proc.returncode == 2, proc.stderr
-    assert "already in the clip_l tokenizer's vocabulary" in proc.stderr and "Traceback" not in proc.stderr
+    code, err = _cli(capsys, "distill", "--base", tiny_sd3_dir, "--teacher", str(expert), "--token", "<|endoftext|>",
+                     "--out", str(tmp_path / "out"), "--steps", "2", "--prompts", "gen:simple:8")
+    assert code == 2 and "already in the clip_l tokenizer's vocabulary" in err, err
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_distill_then_generate(tmp_path, tiny_sd3_dir):
-    expert = make_expert(tmp_path / "expert", "sd3")
-    proc = _cli("distill", "--base", tiny_sd3_dir, "--teacher", str(expert), "--token", "<ocr>",
-                "--out", str(tmp_path / "tok"), "--steps", "2", "--batch-size", "2", "--teacher-steps", "2",
-                "--resolution", "64", "--max-sequence-length", "32", "--prompts", "gen:simple:8")
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "tok" / "token.safetensors").is_file()
-    proc = _cli("generate", "--base", tiny_sd3_dir, "--tokens", str(tmp_path / "tok" / "token.safetensors"),
-                "--spec", "<ocr>@1.5 2", "--prompt", "a sign", "--out", str(tmp_path / "img.png"), "--steps", "2",
-                "--max-sequence-length", "32")
-    assert proc.returncode == 0, proc.stderr
+def test_cli_distill_then_generate(tmp_path, tiny_sd3_dir, capsys):
     from PIL import Image
 
+    expert = make_expert(tmp_path / "expert", "sd3")
+    code, err = _cli(capsys, "distill", "--base", tiny_sd3_dir, "--teacher", str(expert), "--token", "<ocr>",
+                     "--out", str(tmp_path / "tok"), "--steps", "2", "--batch-size", "2", "--teacher-steps", "2",
+                     "--resolution", "64", "--max-sequence-length", "32", "--prompts", "gen:simple:8")
+    assert code == 0, err
+    code, err = _cli(capsys, "generate", "--base", tiny_sd3_dir, "--tokens", str(tmp_path / "tok" / "token.safetensors"),
+                     "--spec", "<ocr>@1.5 2", "--prompt", "a sign", "--out", str(tmp_path / "img.png"), "--steps", "2",
+                     "--max-sequence-length", "32")
+    assert code == 0, err
     assert Image.open(tmp_path / "img.png").size == (64, 64)
-    proc = _cli("generate", "--base", tiny_sd3_dir, "--tokens", str(tmp_path / "tok" / "token.safetensors"),
-                "--spec", "<picks> 3", "--prompt", "a sign", "--out", str(tmp_path / "bad.png"), "--steps", "2")
-    assert proc.returncode == 2 and "<picks>" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "bad.png").exists()

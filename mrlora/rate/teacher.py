@@ -1,8 +1,8 @@
 """The teacher of a distillation: the base transformer with one expert LoRA attached (and switchable off).
 
 Reads the expert adapter format of docs/internals.md (``adapter_model.safetensors`` with
-``<module>.lora_A.weight`` / ``lora_B.weight``, ``adapter_config.json``, ``mrlora.json``) and attaches it with
-peft as adapter ``rate_teacher``. The same transformer then serves both roles: adapter enabled = teacher,
+``<module>.lora_A.weight`` / ``lora_B.weight``, ``adapter_config.json``, ``mrlora.json``) through the Reduce
+step's reader and attaches it with peft as adapter ``rate_teacher``. The same transformer then serves both roles: adapter enabled = teacher,
 adapter disabled = the student's frozen base, so the base weights exist once in memory.
 
 Everything is checked before the transformer is touched: the architecture and base id recorded in
@@ -12,8 +12,6 @@ from another base fails here with a message, not later with a shape error deep i
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,80 +21,47 @@ import torch
 from mrlora.rate.errors import TeacherMismatchError
 
 ADAPTER_NAME = "rate_teacher"
-_PREFIXES = ("base_model.model.", "transformer.")
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
 @dataclass(frozen=True)
 class ExpertInfo:
-    """What ``mrlora.json`` and ``adapter_config.json`` say about an expert."""
+    """What an expert directory says about itself (``mrlora.json``) and which modules it adapts."""
 
     path: Path
     arch: str
     base: str
     reward: str
-    rank: int
-    alpha: float
     modules: tuple[str, ...]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TeacherMismatchError(
-            f"{path} is missing: {path.parent} is not an expert adapter directory (adapter_model.safetensors, "
-            f"adapter_config.json, mrlora.json); point --teacher at cycle_XXXX/<reward>/adapter"
-        ) from None
-    except ValueError as exc:
-        raise TeacherMismatchError(f"{path} is not valid JSON ({exc}); re-export the expert") from exc
-
-
-def _strip(key: str) -> str:
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
 def read_expert(path: str | Path) -> tuple[ExpertInfo, dict[str, torch.Tensor]]:
-    """Parse an expert directory into its description and ``{<module>.lora_A.weight: tensor, ...}``."""
-    from safetensors.torch import load_file
+    """Parse an expert directory with the Reduce step's strict reader (the one definition of the format).
+
+    Returns its description and ``{<module>.lora_A.weight: A, <module>.lora_B.weight: scale * B}``: the
+    per-module scale (alpha / r, rsLoRA and patterns honoured by the reader) is folded into B, so the adapter
+    is attached with scale 1 and computes exactly dW = scale * B @ A.
+    """
+    from mrlora.reduce import ReduceError, read_expert_adapter
 
     path = Path(path)
     if not path.is_dir():
-        raise TeacherMismatchError(f"teacher {path} is not a directory; point it at an expert adapter directory")
-    meta = _read_json(path / "mrlora.json")
-    config = _read_json(path / "adapter_config.json")
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise TeacherMismatchError(f"{weights} is missing; the expert directory is incomplete")
+        raise TeacherMismatchError(
+            f"teacher {path} is not a directory; point it at an expert adapter directory (cycle_XXXX/<reward>/adapter)"
+        )
     try:
-        raw = load_file(str(weights))
-    except Exception as exc:
-        raise TeacherMismatchError(f"{weights} is unreadable ({exc}); re-export the expert") from exc
+        adapter = read_expert_adapter(path)
+    except ReduceError as exc:
+        raise TeacherMismatchError(f"teacher {path} is not a usable expert adapter: {exc}") from exc
     state: dict[str, torch.Tensor] = {}
-    modules: set[str] = set()
-    for key, tensor in raw.items():
-        m = _KEY.match(_strip(key))
-        if m is None:
-            raise TeacherMismatchError(f"{weights}: key {key!r} is not a LoRA factor (<module>.lora_A/B.weight)")
-        state[f"{m['module']}.lora_{m['which']}.weight"] = tensor
-        modules.add(m["module"])
-    for module in modules:
-        if f"{module}.lora_A.weight" not in state or f"{module}.lora_B.weight" not in state:
-            raise TeacherMismatchError(f"{weights}: module {module} has only one of lora_A / lora_B")
-    if not modules:
-        raise TeacherMismatchError(f"{weights} holds no LoRA factors")
-    rank = int(config.get("r", 0)) or int(next(iter(state.values())).shape[0])
+    for module, pair in adapter.modules.items():
+        state[f"{module}.lora_A.weight"] = pair.A
+        state[f"{module}.lora_B.weight"] = pair.B * pair.scale
     info = ExpertInfo(
         path=path,
-        arch=str(meta.get("arch", "")),
-        base=str(meta.get("base", "")),
-        reward=str(meta.get("reward", "")),
-        rank=rank,
-        alpha=float(config.get("lora_alpha", rank)),
-        modules=tuple(sorted(modules)),
+        arch=adapter.arch or "",
+        base=adapter.base or "",
+        reward=adapter.reward or "",
+        modules=tuple(sorted(adapter.modules)),
     )
     return info, state
 
@@ -170,12 +135,14 @@ def attach_expert(transformer: Any, expert_dir: str | Path, arch: str, base_spec
     info, state = read_expert(expert_dir)
     check_expert(info, state, transformer, arch, base_spec, base_id)
     ranks = {m: int(state[f"{m}.lora_A.weight"].shape[0]) for m in info.modules}
-    rank_pattern = {m: r for m, r in ranks.items() if r != info.rank}
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    # scale 1 everywhere (lora_alpha = r per module): the expert's scale is already folded into B
     config = LoraConfig(
-        r=info.rank,
-        lora_alpha=info.alpha,
+        r=rank,
+        lora_alpha=rank,
         target_modules=list(info.modules),
-        rank_pattern=rank_pattern,
+        rank_pattern={m: r for m, r in ranks.items() if r != rank},
+        alpha_pattern={m: r for m, r in ranks.items() if r != rank},
         init_lora_weights=True,
     )
     transformer.add_adapter(config, adapter_name=ADAPTER_NAME)

@@ -1,0 +1,113 @@
+"""Token files, token specs and mixing tokens into prompts (no distillation: vectors are made by hand)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrlora.rate.cli import main as rate_main
+from mrlora.rate.compose import apply_token_spec, load_tokens, parse_token_spec, SpecItem
+from mrlora.rate.encoders import add_token, read_rows, token_row_ids
+from mrlora.rate.errors import TokenExistsError, TokenFileError, TokenSpecError, UnknownTokenError
+from mrlora.rate.token_file import RateToken, load_token, save_token
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe(mrlora_cache):
+    from mrlora.models.loading import load_pipeline
+
+    return load_pipeline("tiny:sd3")
+
+
+def hand_token(name: str, arch: str = "sd3", value: float = 1.0) -> RateToken:
+    encoders = ["clip_l", "clip_g", "t5"] if arch == "sd3" else ["clip", "t5"]
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    return RateToken(token=name, arch=arch, vectors={e: value * torch.randn(1, 32, generator=g) for e in encoders},
+                     base=f"tiny:{arch}", reward=name.strip("<>"))
+
+
+def test_parse_token_spec():
+    assert parse_token_spec("<picks> 3 <ocr> 2") == [SpecItem("<picks>", 3), SpecItem("<ocr>", 2)]
+    assert parse_token_spec("<picks>@0.5 <ocr>@1.5 2") == [SpecItem("<picks>", 1, 0.5), SpecItem("<ocr>", 2, 1.5)]
+    assert parse_token_spec("<ocr> <ocr> 2") == [SpecItem("<ocr>", 3)]
+    assert parse_token_spec("") == []
+    for bad, why in [("3 <ocr>", "starts with a count"), ("<ocr> 2 3", "two counts"), ("<ocr> 0", ">= 1"),
+                     ("<ocr>@x", "not a number"), ("<ocr>@1 <ocr>@2", "two scales")]:
+        with pytest.raises(TokenSpecError, match=why):
+            parse_token_spec(bad)
+
+
+def test_token_file_round_trip_and_metadata(tmp_path):
+    from safetensors import safe_open
+
+    token = hand_token("<ocr>")
+    path = save_token(token, tmp_path / "ocr.safetensors")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["token"] == "<ocr>" and meta["arch"] == "sd3"
+    assert meta["encoders"] == '["clip_l", "clip_g", "t5"]' and '"t5": 32' in meta["dims"]
+    back = load_token(path)
+    assert back.token == "<ocr>" and back.base == "tiny:sd3" and back.reward == "ocr"
+    for name, vec in token.vectors.items():
+        assert torch.equal(back.vectors[name], vec)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TokenFileError, match="not a readable safetensors"):
+        load_token(tmp_path / "junk.safetensors")
+    with pytest.raises(TokenFileError, match="does not exist"):
+        load_token(tmp_path / "missing.safetensors")
+
+
+def test_apply_token_spec_appends_tokens_and_scales_rows(sd3_pipe):
+    pipe = sd3_pipe
+    ocr, picks = hand_token("<ocr>"), hand_token("<picks>")
+    prompt = apply_token_spec(pipe, [ocr, picks], "<picks> 3 <ocr>@0.5", "a sign")
+    assert prompt == "a sign <picks> <picks> <picks> <ocr>"
+    rows = read_rows(pipe, "<ocr>")
+    for name in rows:
+        torch.testing.assert_close(rows[name], 0.5 * ocr.vectors[name])
+        torch.testing.assert_close(read_rows(pipe, "<picks>")[name], picks.vectors[name])
+    ids = pipe.tokenizer(prompt).input_ids
+    assert ids.count(token_row_ids(pipe, "<picks>")["clip_l"]) == 3
+    # a second spec re-scales (one pipeline serves every mix); tokens left out are back at scale 1
+    assert apply_token_spec(pipe, None, "<picks>@2", ["x", "y"]) == ["x <picks>", "y <picks>"]
+    torch.testing.assert_close(read_rows(pipe, "<ocr>")["t5"], ocr.vectors["t5"])
+    torch.testing.assert_close(read_rows(pipe, "<picks>")["t5"], 2 * picks.vectors["t5"])
+    with pytest.raises(UnknownTokenError, match="<geneval>"):
+        apply_token_spec(pipe, None, "<geneval> 2", "a sign")
+
+
+def test_token_already_in_vocabulary_is_refused(sd3_pipe):
+    with pytest.raises(TokenExistsError, match="already in the clip_l"):
+        add_token(sd3_pipe, "<|startoftext|>")
+
+
+def test_token_for_another_base_is_refused_before_anything_changes(sd3_pipe, tmp_path):
+    flux_token = save_token(hand_token("<f>", arch="flux"), tmp_path / "f.safetensors")
+    with pytest.raises(TokenFileError, match="flux model but the pipeline is sd3"):
+        load_tokens(sd3_pipe, [flux_token])
+    wide = hand_token("<wide>")
+    wide.vectors["t5"] = torch.randn(1, 64)
+    with pytest.raises(TokenFileError, match="t5 is 32 wide here but the token's embedding is 64"):
+        load_tokens(sd3_pipe, [hand_token("<fine>"), wide])
+    assert "<fine>" not in sd3_pipe.tokenizer.get_vocab()  # nothing installed when one of the files is bad
+
+
+def test_cli_generate_unknown_token_exits_2(tmp_path, tiny_sd3_dir, capsys):
+    path = save_token(hand_token("<ocr>"), tmp_path / "ocr.safetensors")
+    code = rate_main(["generate", "--base", tiny_sd3_dir, "--tokens", str(path), "--spec", "<picks> 3",
+                      "--prompt", "a sign", "--out", str(tmp_path / "img.png")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "<picks>" in err and "add its token file" in err
+    assert not (tmp_path / "img.png").exists()
+    code = rate_main(["generate", "--base", tiny_sd3_dir, "--tokens", str(path), "--spec", "<ocr> 0",
+                      "--prompt", "a sign", "--out", str(tmp_path / "img.png")])
+    assert code == 2 and ">= 1" in capsys.readouterr().err
