@@ -30,5 +30,12 @@ fi
 echo "[install-test-env] pip install -e .[test]"
 "$PY" -m pip install -e ".[test]"
 
+# Headless Chromium renders the eval report in tests/test_eval_end_to_end.py (that test skips without it).
+if ! command -v chromium >/dev/null 2>&1 && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "[install-test-env] apt-get install chromium (renders the HTML eval report in a test)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 echo "[install-test-env] starting the local Slurm cluster"
 bash tests/cluster/slurm-up.sh
