@@ -197,40 +197,60 @@ def test_saved_token_reloads_and_reproduces_images(distilled):
     assert not torch.equal(a, without)
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_preemption_and_crash_resume_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    import os
+    import signal
+
     import mrlora.sampling as sampling
+    from mrlora.training.errors import Preempted
 
     expert = make_expert(tmp_path / "expert", "sd3")
-    s = settings("sd3", steps=6, checkpoint_every=2, batch_size=2)
+    s = settings("sd3", steps=6, checkpoint_every=4, batch_size=2)
     pipe, info = teacher_pipe("sd3", expert)
     whole = distill_token(pipe, PROMPTS, s, tmp_path / "whole", expert=info, base_id="tiny:sd3", log=lambda m: None)
 
-    real_sample, calls = sampling.sample, {"n": 0}
+    real_sample = sampling.sample
 
-    def crashing_sample(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:  # the teacher call of step 6: checkpoint-4 is the newest complete one
-            raise KeyboardInterrupt("simulated preemption")
-        return real_sample(*args, **kwargs)
+    def interrupt_at(call: int, action):
+        calls = {"n": 0}
 
-    monkeypatch.setattr(sampling, "sample", crashing_sample)
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == call:
+                action()
+            return real_sample(*args, **kwargs)
+
+        return wrapped
+
+    def crash():
+        raise KeyboardInterrupt("simulated kill")
+
+    out = tmp_path / "interrupted"
+    # 1. SIGUSR2 (Slurm's warning) during step 2: the step finishes, checkpoint-2 is written, Preempted is raised
+    monkeypatch.setattr(sampling, "sample", interrupt_at(2, lambda: os.kill(os.getpid(), signal.SIGUSR2)))
+    pipe, info = teacher_pipe("sd3", expert)
+    with pytest.raises(Preempted) as exc:
+        distill_token(pipe, PROMPTS, s, out, expert=info, base_id="tiny:sd3", log=lambda m: None)
+    assert exc.value.step == 2 and read_marker(out / "checkpoint-2", "COMPLETE.json") is not None
+    # 2. a hard kill during step 5 of the resumed run: checkpoint-4 (periodic) is the newest complete one
+    monkeypatch.setattr(sampling, "sample", interrupt_at(3, crash))
     pipe, info = teacher_pipe("sd3", expert)
     with pytest.raises(KeyboardInterrupt):
-        distill_token(pipe, PROMPTS, s, tmp_path / "resumed", expert=info, base_id="tiny:sd3", log=lambda m: None)
-    assert read_marker(tmp_path / "resumed", DONE_MARKER) is None
-    assert not (tmp_path / "resumed" / "token.safetensors").exists()
+        distill_token(pipe, PROMPTS, s, out, expert=info, base_id="tiny:sd3", log=lambda m: None)
+    assert read_marker(out, DONE_MARKER) is None and not (out / "token.safetensors").exists()
+    # 3. the rerun continues from checkpoint-4 and ends exactly where the uninterrupted run ended
     monkeypatch.setattr(sampling, "sample", real_sample)
     pipe, info = teacher_pipe("sd3", expert)
-    resumed = distill_token(pipe, PROMPTS, s, tmp_path / "resumed", expert=info, base_id="tiny:sd3", log=lambda m: None)
+    resumed = distill_token(pipe, PROMPTS, s, out, expert=info, base_id="tiny:sd3", log=lambda m: None)
     assert resumed.resumed_from == 4
     a, b = load_token(whole.token_path), load_token(resumed.token_path)
     for name in a.vectors:
         assert torch.equal(a.vectors[name], b.vectors[name]), name
-    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
     # a finished distillation is not redone
     pipe, info = teacher_pipe("sd3", expert)
-    again = distill_token(pipe, PROMPTS, s, tmp_path / "resumed", expert=info, base_id="tiny:sd3", log=lambda m: None)
+    again = distill_token(pipe, PROMPTS, s, out, expert=info, base_id="tiny:sd3", log=lambda m: None)
     assert again.done is not None and again.losses == []
 
 

@@ -5,7 +5,8 @@
         --spec "<ocr> 2 <picks>" --prompt "a sign that says \\"hello\\"" --out img.png
 
 Errors the user can fix (token already in the vocabulary, an expert of another base, an unknown token in the
-spec, a missing model) print one line and exit with status 2, before anything is written.
+spec, a missing model) print one line and exit with status 2, before anything is written. SIGUSR2/SIGTERM during
+a distillation writes a checkpoint and exits with status 3; the same command continues from it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from mrlora.rate.errors import RateError
 
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 3  # SIGUSR2/SIGTERM: a checkpoint was written (same code as python -m mrlora.train)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -156,8 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         errors += (RewardError,)
     except ImportError:
         pass
+    from mrlora.training.errors import Preempted
+
     try:
         return run_distill(args) if args.command == "distill" else run_generate(args)
     except errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Preempted as exc:
+        print(f"{exc}; run the same command again to continue", file=sys.stderr)
+        return EXIT_PREEMPTED

@@ -17,7 +17,9 @@ Every random draw is a function of (seed, step) for the *global* batch, of which
 result does not depend on the number of processes (N processes with batch b train like one with batch N*b),
 and resuming needs only the vectors, the optimizer state and the step: a resumed run (even with another
 process count) sees exactly the prompts and noise of an uninterrupted one.
-Checkpoints and the result go through the run store (atomic files, marker last)::
+On SIGUSR2 / SIGTERM (Slurm's warning before a time limit, scancel) the current step finishes, a checkpoint
+is written and ``mrlora.training.Preempted`` is raised, the same contract as the Map step, so the launcher
+requeues RaTE jobs like expert jobs. Checkpoints and the result go through the run store (atomic files, marker last)::
 
     OUT/checkpoint-<step>/token.safetensors + training_state.pt + COMPLETE.json
     OUT/metrics.jsonl     one line per step (rank 0)
@@ -50,6 +52,8 @@ from mrlora.runstore import (
     reset_incomplete_dir,
     write_marker,
 )
+from mrlora.training.errors import Preempted
+from mrlora.training.signals import StopFlag
 
 TOKEN_FILE = "token.safetensors"
 STATE_FILE = "training_state.pt"
@@ -125,6 +129,14 @@ class ProcessGroup:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
             tensor /= self.world_size
         return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (all ranks must stop at the same step)."""
+        if self.world_size == 1:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
     def close(self) -> None:
         if self.owns_group and torch.distributed.is_initialized():
@@ -310,9 +322,9 @@ def distill_token(
             info={"teacher": str(expert.path), "steps": step, "settings": asdict(settings), **(info or {})},
         )
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> Path:
+        ckpt = out_dir / f"checkpoint-{step}"
         if group.is_main:
-            ckpt = out_dir / f"checkpoint-{step}"
             if read_marker(ckpt, CHECKPOINT_MARKER) is None:
                 reset_incomplete_dir(ckpt, CHECKPOINT_MARKER)
                 save_token(make_token(step), ckpt / TOKEN_FILE)
@@ -320,63 +332,69 @@ def distill_token(
                     torch.save({"optimizer": optimizer.state_dict(), "step": step, "world_size": group.world_size}, tmp)
                 write_marker(ckpt, CHECKPOINT_MARKER, extra={"step": step, "token": token})
         group.barrier()
+        return ckpt
 
     metrics_fh = open(out_dir / METRICS_FILE, "a", encoding="utf-8") if group.is_main else None
     teacher_cache: tuple[int, torch.Tensor, list[str]] | None = None
     try:
-        for step in range(start, settings.steps):
-            t0 = time.perf_counter()
-            # -- the global batch of this step is drawn from (seed, step) alone; rank r takes slice r, so the
-            #    result does not depend on the number of processes (averaged gradients = full-batch gradient)
-            batch_index = step // settings.teacher_reuse
-            n_global = settings.batch_size * group.world_size
-            mine = slice(group.rank * settings.batch_size, (group.rank + 1) * settings.batch_size)
-            if teacher_cache is None or teacher_cache[0] != batch_index:
-                g = _generator(settings.seed, _PURPOSE_PROMPTS, batch_index)
-                chosen = torch.randint(0, len(prompts), (n_global,), generator=g).tolist()[mine]
-                seeds = torch.randint(0, 2**62, (n_global,), generator=g).tolist()[mine]
-                batch_prompts = [prompts[i] for i in chosen]
-                set_teacher(transformer, True)
-                result = sample(pipe, batch_prompts, seeds=seeds, num_steps=settings.teacher_steps,
-                                guidance_scale=settings.guidance_scale, resolution=settings.resolution,
-                                noise_level=0.0, max_sequence_length=settings.max_sequence_length, decode=False)
-                teacher_cache = (batch_index, result.latents[:, -1].float(), batch_prompts)
-            _, x0, batch_prompts = teacher_cache
-            t_teacher = time.perf_counter() - t0
+        with StopFlag() as stop:
+            for step in range(start, settings.steps):
+                t0 = time.perf_counter()
+                # -- the global batch of this step is drawn from (seed, step) alone; rank r takes slice r, so the
+                #    result does not depend on the number of processes (averaged gradients = full-batch gradient)
+                batch_index = step // settings.teacher_reuse
+                n_global = settings.batch_size * group.world_size
+                mine = slice(group.rank * settings.batch_size, (group.rank + 1) * settings.batch_size)
+                if teacher_cache is None or teacher_cache[0] != batch_index:
+                    g = _generator(settings.seed, _PURPOSE_PROMPTS, batch_index)
+                    chosen = torch.randint(0, len(prompts), (n_global,), generator=g).tolist()[mine]
+                    seeds = torch.randint(0, 2**62, (n_global,), generator=g).tolist()[mine]
+                    batch_prompts = [prompts[i] for i in chosen]
+                    set_teacher(transformer, True)
+                    result = sample(pipe, batch_prompts, seeds=seeds, num_steps=settings.teacher_steps,
+                                    guidance_scale=settings.guidance_scale, resolution=settings.resolution,
+                                    noise_level=0.0, max_sequence_length=settings.max_sequence_length, decode=False)
+                    teacher_cache = (batch_index, result.latents[:, -1].float(), batch_prompts)
+                _, x0, batch_prompts = teacher_cache
+                t_teacher = time.perf_counter() - t0
 
-            # -- student: base (adapter off) + token, rectified-flow matching on the teacher's latent
-            set_teacher(transformer, False)
-            g = _generator(settings.seed, _PURPOSE_NOISE, step)
-            noise = torch.randn((n_global, *x0.shape[1:]), generator=g)[mine]
-            s = torch.sigmoid(torch.randn((n_global,), generator=g) * settings.logit_std + settings.logit_mean)[mine]
-            loss = flow_matching_loss(pipe, token, vectors, x0, batch_prompts, noise, s, settings.guidance_scale,
-                                      settings.max_sequence_length)
-            optimizer.zero_grad(set_to_none=False)
-            loss.backward()
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                group.mean_(p.grad)
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
-            mean_loss = group.mean_(loss.detach().float().clone().reshape(1)).item()
-            if not math.isfinite(mean_loss):
-                raise RateError(
-                    f"distillation loss became {mean_loss} at step {step + 1}; lower --lr or raise --teacher-steps "
-                    f"(the last complete checkpoint in {out_dir} is kept)"
-                )
-            losses.append(mean_loss)
-            done_steps = step + 1
-            if metrics_fh is not None:
-                row = {"step": done_steps, "loss": mean_loss, "grad_norm": grad_norm, "s_mean": float(s.mean()),
-                       "teacher_s": round(t_teacher, 4), "step_s": round(time.perf_counter() - t0, 4),
-                       **{f"norm_{n}": float(p.detach().norm()) for n, p in vectors.items()}}
-                metrics_fh.write(json.dumps(row) + "\n")
-                metrics_fh.flush()
-            if settings.checkpoint_every and done_steps % settings.checkpoint_every == 0 and done_steps < settings.steps:
-                checkpoint(done_steps)
+                # -- student: base (adapter off) + token, rectified-flow matching on the teacher's latent
+                set_teacher(transformer, False)
+                g = _generator(settings.seed, _PURPOSE_NOISE, step)
+                noise = torch.randn((n_global, *x0.shape[1:]), generator=g)[mine]
+                s = torch.sigmoid(torch.randn((n_global,), generator=g) * settings.logit_std + settings.logit_mean)[mine]
+                loss = flow_matching_loss(pipe, token, vectors, x0, batch_prompts, noise, s, settings.guidance_scale,
+                                          settings.max_sequence_length)
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    group.mean_(p.grad)
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+                if settings.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                optimizer.step()
+                mean_loss = group.mean_(loss.detach().float().clone().reshape(1)).item()
+                if not math.isfinite(mean_loss):
+                    raise RateError(
+                        f"distillation loss became {mean_loss} at step {step + 1}; lower --lr or raise --teacher-steps "
+                        f"(the last complete checkpoint in {out_dir} is kept)"
+                    )
+                losses.append(mean_loss)
+                done_steps = step + 1
+                if metrics_fh is not None:
+                    row = {"step": done_steps, "loss": mean_loss, "grad_norm": grad_norm, "s_mean": float(s.mean()),
+                           "teacher_s": round(t_teacher, 4), "step_s": round(time.perf_counter() - t0, 4),
+                           **{f"norm_{n}": float(p.detach().norm()) for n, p in vectors.items()}}
+                    metrics_fh.write(json.dumps(row) + "\n")
+                    metrics_fh.flush()
+                if done_steps < settings.steps and group.any(stop.requested):
+                    path = checkpoint(done_steps)
+                    log(f"stop signal received: checkpoint {path} written after step {done_steps}; requeue to continue")
+                    raise Preempted(done_steps, str(path))
+                if settings.checkpoint_every and done_steps % settings.checkpoint_every == 0 and done_steps < settings.steps:
+                    checkpoint(done_steps)
     finally:
         if metrics_fh is not None:
             metrics_fh.close()
