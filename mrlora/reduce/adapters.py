@@ -99,7 +99,7 @@ def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default):
     return default
 
 
-def lora_scale(config: Mapping[str, Any], module: str, rank: int | None = None) -> tuple[float, int]:
+def lora_scale(config: Mapping[str, Any], module: str) -> tuple[float, int]:
     """``(scale, configured rank)`` of ``module`` under a peft LoRA config (dict form)."""
     r = int(_pattern_value(config.get("rank_pattern"), module, config.get("r")))
     alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r)))
