@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shlex
 import sys
@@ -22,7 +23,8 @@ from launch import runs, slurm
 from launch.plan import PlanError, build_plan, format_plan, submission_dependencies
 from launch.profiles import ClusterProfile, ProfileError, default_profile, load_profile
 from launch.runs import LaunchError
-from mrlora.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config, validate
+from mrlora.config import (ConfigError, apply_overrides, config_from_dict, config_to_dict, format_config, load_config,
+                           validate)
 from mrlora.runstore import LeaseInfo, RunDir, RunStoreError, atomic_write_json, is_run_ts, new_run_ts
 
 DEFAULT_OUT_ROOT = "runs"
@@ -55,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"where runs live: DIR/<model>/<RUN_TS>/ (default: $MRLORA_OUT_ROOT or ./{DEFAULT_OUT_ROOT})")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and the sbatch text of each distinct job; submit and write nothing")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every config key with its value (after --set) and exit")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_TS",
                    help="continue a run (the newest one without RUN_TS) from its last completed cycle")
     p.add_argument("--adopt", action="store_true",
@@ -66,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def out_root_of(args) -> Path:
-    import os
-
     return Path(args.out_root or os.environ.get("MRLORA_OUT_ROOT") or DEFAULT_OUT_ROOT).expanduser().resolve()
 
 
@@ -228,6 +230,9 @@ def new_run(args, out_root: Path) -> int:
         raise LaunchError("--adopt only makes sense with --resume")
     check_reward_names(args.rewards or [])
     cfg = load_config(args.model, shortcut_overrides(args) + list(args.overrides))
+    if args.print_config:
+        print(format_config(cfg))
+        return 0
     profile = load_profile(args.cluster) if args.cluster else default_profile()
     executor = resolve_executor(args.executor, profile, dry_run=args.dry_run)
     runs.check_out_root(out_root)
@@ -352,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
