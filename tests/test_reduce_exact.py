@@ -176,3 +176,55 @@ def test_apply_updates_rejects_foreign_module_without_changing_weights(tmp_path)
     with pytest.raises(ArchMismatchError, match="not.in.model"):
         apply_updates(model, [tmp_path / "u"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_reference_mode_run_continues_the_merged_lora(tmp_path):
+    """Reference mode end to end: cycle 2's experts continue cycle 1's averaged LoRA, so cycle 2's update
+    replaces cycle 1's in the chain, and the model after cycle 2 is base_0 + the averaged cycle-2 LoRA."""
+    from safetensors.torch import save_file
+
+    from mrlora.reduce import map_start, merge_cycle_in_run, updates_after
+    from mrlora.runstore import DONE_MARKER, write_marker
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    save_file({f"{m}.weight": torch.randn(OUT, IN) for m in MODULES}, str(base / "diffusion_pytorch_model.safetensors"))
+    cfg = config_to_dict(get_config())
+    cfg["model"]["pretrained"], cfg["rewards"], cfg["weights"] = str(base), ["a", "b"], [1.0, 1.0]
+    cfg["mapreduce"]["merge_mode"] = "reference"
+    run = RunDir.create(tmp_path / "runs", "tiny-sd3", run_ts="20261123_110000")
+    run.write_run_json({"run_ts": run.run_ts, "model": "tiny-sd3", "config": cfg})
+
+    def train(cycle: int) -> None:
+        start = map_start(run.root, cycle)
+        for i, reward in enumerate(("a", "b")):
+            if start.init_adapter is None:
+                make_expert(run.adapter_dir(cycle, reward), 4, 8, 10 * cycle + i)
+            else:  # continue the averaged LoRA: init + a step of "training"
+                init = read_expert_adapter(start.init_adapter)
+                g = torch.Generator().manual_seed(10 * cycle + i)
+                state = {}
+                for m, pair in init.modules.items():
+                    state[f"{m}.lora_A.weight"] = pair.A + 0.1 * torch.randn(pair.A.shape, generator=g)
+                    state[f"{m}.lora_B.weight"] = pair.B + 0.1 * torch.randn(pair.B.shape, generator=g)
+                save_expert_adapter(state, run.adapter_dir(cycle, reward), arch="sd3", base=str(base),
+                                    lora_config=init.config)
+            write_marker(run.expert_dir(cycle, reward), DONE_MARKER)
+        merge_cycle_in_run(str(run.root), cycle)
+
+    train(1)
+    assert map_start(run.root, 1).init_adapter is None
+    start2 = map_start(run.root, 2)
+    assert start2.update_dirs == [] and start2.init_adapter == run.merged_dir(1) / "adapter"
+    train(2)
+    info = json.loads((run.merged_dir(2) / "update.json").read_text())
+    assert info["supersedes_previous"] is True and info["exact"] is False
+    assert updates_after(run.root, 2) == effective_base(run.root, 3) == [run.merged_dir(2)]
+
+    experts = [read_expert_adapter(run.adapter_dir(2, r)) for r in ("a", "b")]
+    m = MODULES[0]
+    A_avg = (experts[0].modules[m].A + experts[1].modules[m].A) / 2
+    B_avg = (experts[0].modules[m].B + experts[1].modules[m].B) / 2
+    A, B = load_update(run.merged_dir(2))[m]
+    assert rel_err(B @ A, 2.0 * B_avg @ A_avg) < 1e-5  # scale alpha/r = 2

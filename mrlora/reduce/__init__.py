@@ -1,7 +1,8 @@
 """The Reduce step: merge a cycle's LoRA experts exactly and fold the result into the next base.
 
 Public entry points (docs/internals.md): ``merge_cycle_in_run`` (the merge job), ``export_model`` (a full
-model of a cycle), ``apply_updates`` and ``effective_base`` (how the Map step builds its starting weights),
+model of a cycle), ``apply_updates`` and ``effective_base`` / ``map_start`` (how the Map step builds its
+starting weights; ``map_start`` adds the reference mode's continued LoRA),
 ``save_expert_adapter`` / ``read_expert_adapter`` (the expert adapter format), and ``merge_experts`` (the
 function behind ``python -m mrlora.merge``).
 """
@@ -12,11 +13,11 @@ from mrlora.reduce.errors import (AdapterError, ArchMismatchError, CorruptSafete
 from mrlora.reduce.exact import ReducedUpdate, reduce_exact, reduce_reference
 from mrlora.reduce.export import export_model, export_with_updates
 from mrlora.reduce.job import merge_cycle_in_run, merge_experts
-from mrlora.reduce.store import apply_updates, effective_base, load_update
+from mrlora.reduce.store import MapStart, apply_updates, effective_base, load_update, map_start, updates_after
 
 __all__ = [
-    "AdapterError", "ArchMismatchError", "CorruptSafetensorsError", "ExpertAdapter", "LoraPair",
+    "AdapterError", "ArchMismatchError", "CorruptSafetensorsError", "ExpertAdapter", "LoraPair", "MapStart",
     "OutputExistsError", "ReduceError", "ReducedUpdate", "ShapeMismatchError", "WeightsError", "apply_updates",
-    "effective_base", "export_model", "export_with_updates", "load_update", "merge_cycle_in_run", "merge_experts",
-    "read_expert_adapter", "reduce_exact", "reduce_reference", "save_expert_adapter",
+    "effective_base", "export_model", "export_with_updates", "load_update", "map_start", "merge_cycle_in_run", "merge_experts",
+    "read_expert_adapter", "reduce_exact", "reduce_reference", "save_expert_adapter", "updates_after",
 ]

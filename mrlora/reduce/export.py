@@ -28,7 +28,7 @@ import torch
 from mrlora.reduce.base import BaseTransformer, open_base, resolve_base
 from mrlora.reduce.errors import ArchMismatchError, OutputExistsError, ShapeMismatchError
 from mrlora.reduce.safetensors_io import DTYPES, OutEntry, StreamingWriter, TensorReader
-from mrlora.reduce.store import load_update, read_update_info
+from mrlora.reduce.store import load_update, read_update_info, updates_after
 from mrlora.runstore import RunDir, atomic_file, fsync_dir, pid_alive, read_marker, write_marker
 
 log = logging.getLogger("mrlora.reduce")
@@ -149,7 +149,7 @@ def export_model(run_root: str, cycle: int, out: str) -> str:
     cfg = config_from_dict(run.read_run_json()["config"])
     if cycle < 0:
         raise ValueError(f"cycle must be >= 0 (0 exports base_0), got {cycle}")
-    update_dirs = run.merged_updates(cycle)
+    update_dirs = updates_after(run.root, cycle)
     base_dir = resolve_base(cfg.model.pretrained)
     path = export_with_updates(base_dir, update_dirs, out,
                                marker_extra={"run": str(run.root), "cycle": cycle, "base_id": cfg.model.pretrained})

@@ -21,7 +21,8 @@ from mrlora.reduce.adapters import read_expert_adapter, save_expert_adapter
 from mrlora.reduce.base import BaseTransformer, open_base, resolve_base
 from mrlora.reduce.errors import OutputExistsError, ReduceError
 from mrlora.reduce.exact import MODES, check_experts, check_weights, reduce_experts
-from mrlora.reduce.store import CONTINUE_ADAPTER, FORMAT_VERSION, UPDATE_JSON, UPDATE_WEIGHTS, write_update
+from mrlora.reduce.store import (CONTINUE_ADAPTER, FORMAT_VERSION, UPDATE_JSON, UPDATE_WEIGHTS, read_update_info,
+                                 write_update)
 from mrlora.runstore import MERGE_MARKER, RunDir, read_marker, reset_incomplete_dir, write_marker
 
 log = logging.getLogger("mrlora.reduce")
@@ -146,15 +147,20 @@ def merge_cycle_in_run(run_root: str, cycle: int) -> dict:
             f"cannot merge cycle {cycle} of {run.root}: expert(s) {', '.join(not_done)} have no valid DONE.json; "
             "resume the run to finish them"
         )
+    mode = cfg.mapreduce.merge_mode
+    # reference mode: the experts continued the previous reference merge's LoRA (store.map_start), so this
+    # update contains that one and replaces it in the chain of updates
+    supersedes = mode == "reference" and cycle > 1 and \
+        read_update_info(run.merged_dir(cycle - 1)).get("mode") == "reference"
     base_dir = resolve_base(cfg.model.pretrained)
     return merge_experts(
         [run.adapter_dir(cycle, r) for r in rewards],
         list(cfg.weights),
         run.merged_dir(cycle),
         base=base_dir,
-        mode=cfg.mapreduce.merge_mode,
+        mode=mode,
         allow_negative_weights=bool(cfg.mapreduce.allow_negative_weights),
         arch=cfg.model.arch,
         base_id=cfg.model.pretrained,
-        extra_info={"cycle": cycle, "rewards": rewards, "run": str(run.root)},
+        extra_info={"cycle": cycle, "rewards": rewards, "run": str(run.root), "supersedes_previous": supersedes},
     )

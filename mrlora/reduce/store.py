@@ -6,7 +6,9 @@ At rank R = sum of the experts' ranks it is lossless and a few hundred MB at mos
 per cycle would be 5-24 GB. ``update.json`` records how it was made; ``MERGE_DONE.json`` (runstore marker,
 written last) makes it count.
 
-The base a cycle's Map step trains from is base_0 plus every earlier cycle's update. ``apply_updates`` folds
+The base a cycle's Map step trains from is base_0 plus every earlier cycle's update (in reference mode a
+cycle that continued the previous averaged LoRA replaces that update instead, see ``updates_after``).
+``apply_updates`` folds
 them into a loaded transformer in fp32 (all updates summed onto the fp32 weight, one rounding at the end) and
 casts to the training dtype, so 80 cycles of bf16 training do not accumulate 80 bf16 roundings of the base.
 """
@@ -14,6 +16,7 @@ casts to the training dtype, so 80 cycles of bf16 training do not accumulate 80 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -119,11 +122,51 @@ def apply_updates(transformer: torch.nn.Module, update_dirs: Iterable[Path | str
     return sorted(targets)
 
 
-def effective_base(run_dir: Path | str, cycle: int) -> list[Path]:
-    """Update directories whose fold onto base_0 is the base the Map step of ``cycle`` starts from.
+@dataclass(frozen=True)
+class MapStart:
+    """Where the Map step of a cycle starts: fold ``update_dirs`` into base_0, then (reference mode only)
+    initialise the LoRA from ``init_adapter`` instead of fresh."""
 
-    That is cycles 1 .. cycle-1, each of which must have a complete merge (RunStoreError otherwise).
+    update_dirs: list[Path]
+    init_adapter: Path | None
+
+
+def updates_after(run_dir: Path | str, cycle: int) -> list[Path]:
+    """Update directories whose fold onto base_0 is the model after ``cycle`` (0: base_0 itself).
+
+    Exact updates add up: cycles 1..cycle. A reference-mode update whose experts continued the previous
+    reference merge's LoRA already contains that previous update (``supersedes_previous`` in update.json), so
+    it replaces it in the chain instead of adding to it. Every cycle up to ``cycle`` must be merged.
     """
+    run = RunDir(run_dir)
+    chain: list[Path] = []
+    for d in run.merged_updates(cycle):
+        if read_update_info(d).get("supersedes_previous"):
+            chain.pop()
+        chain.append(d)
+    return chain
+
+
+def effective_base(run_dir: Path | str, cycle: int) -> list[Path]:
+    """Update directories whose fold onto base_0 is the base the Map step of ``cycle`` starts from
+    (the model after cycle - 1; RunStoreError if an earlier cycle has no complete merge)."""
     if cycle < 1:
         raise ValueError(f"cycles count from 1, got {cycle}")
-    return RunDir(run_dir).merged_updates(cycle - 1)
+    return updates_after(run_dir, cycle - 1)
+
+
+def map_start(run_dir: Path | str, cycle: int) -> MapStart:
+    """How the Map step of ``cycle`` builds its starting weights.
+
+    Exact mode: fold ``effective_base`` and train a fresh LoRA. Reference mode (the public code, for
+    ablations): when cycle - 1 was a reference merge, fold everything but that update and continue training
+    its averaged LoRA (``merged/adapter``, expert adapter format); both give the same model at step 0.
+    """
+    from mrlora.config import config_from_dict
+
+    dirs = effective_base(run_dir, cycle)
+    run = RunDir(run_dir)
+    mode = config_from_dict(run.read_run_json()["config"]).mapreduce.merge_mode
+    if mode == "reference" and cycle > 1 and read_update_info(run.merged_dir(cycle - 1)).get("mode") == "reference":
+        return MapStart(update_dirs=dirs[:-1], init_adapter=run.merged_dir(cycle - 1) / CONTINUE_ADAPTER)
+    return MapStart(update_dirs=dirs, init_adapter=None)
