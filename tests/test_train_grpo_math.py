@@ -54,7 +54,7 @@ def test_clipped_loss_at_ratio_one_is_minus_mean_advantage_and_clips_outside_ran
     lp = torch.tensor([0.1, 0.2, 0.3], requires_grad=True)
     loss, ratio, clip_frac = clipped_policy_loss(lp, lp.detach(), adv, 0.2)
     assert torch.equal(ratio, torch.ones(3)) and float(clip_frac) == 0.0
-    assert float(loss) == pytest.approx(-float(adv.mean()))
+    assert float(loss.detach()) == pytest.approx(-float(adv.mean()))
     # a positive-advantage sample whose ratio already exceeds 1 + eps gets no further push
     new = torch.tensor([0.5, 0.2, 0.3], requires_grad=True)
     loss, ratio, clip_frac = clipped_policy_loss(new, lp.detach(), adv, 0.2)

@@ -1,0 +1,94 @@
+"""The Map step inside a run: cycle 2 trains on base_0 + cycle 1's merged update; the CLI reports user errors
+in one line, exit code 2, and leaves nothing on disk."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import torch
+
+from mrlora.config import config_to_dict, load_config
+from mrlora.runstore import RunDir, RunStoreError
+from mrlora.train import main, train_expert_in_run
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+
+
+def _run(tmp_path, base: str) -> RunDir:
+    cfg = load_config("tiny-sd3", [f"model.pretrained={base}", "rewards=['brightness']", "weights=[1.0]",
+                                   "sample.resolution=32", "train.steps=2", "train.lr=3e-2"])
+    run = RunDir.create(tmp_path / "runs", "tiny-sd3")
+    run.write_run_json({"run_ts": run.run_ts, "model": "tiny-sd3", "created": dt.datetime.now().isoformat(),
+                        "code_version": "test", "config": config_to_dict(cfg), "cluster": {}, "executor": "local",
+                        "history": []})
+    return run
+
+
+def test_second_cycle_trains_on_the_merged_base(tiny_sd3_dir, tmp_path):
+    from mrlora.reduce import merge_cycle_in_run
+
+    run = _run(tmp_path, tiny_sd3_dir)
+    with pytest.raises(RunStoreError, match="cycle 1 .* no complete merge"):
+        train_expert_in_run(str(run.root), 2, "brightness")
+    first = train_expert_in_run(str(run.root), 1, "brightness")
+    assert first["cycle"] == 1 and first["steps"] == 2
+    merge_cycle_in_run(str(run.root), 1)
+    second = train_expert_in_run(str(run.root), 2, "brightness")
+    assert second["cycle"] == 2 and run.expert_done(2, "brightness") is not None
+    assert train_expert_in_run(str(run.root), 2, "brightness") == second  # DONE: returns at once
+
+
+def test_cycle_two_base_is_base_zero_plus_the_update(tiny_sd3_dir, tmp_path):
+    """The weights training starts from in cycle 2 are exactly what mrlora.reduce folds for that cycle."""
+    from mrlora.models.loading import load_pipeline
+    from mrlora.reduce import apply_updates, effective_base, merge_cycle_in_run
+    from mrlora.training import loop
+
+    run = _run(tmp_path, tiny_sd3_dir)
+    train_expert_in_run(str(run.root), 1, "brightness")
+    merge_cycle_in_run(str(run.root), 1)
+    seen = {}
+    original = loop._apply_prior_updates
+
+    def spy(transformer, dirs, dtype, arch):
+        original(transformer, dirs, dtype, arch)
+        seen["weights"] = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+
+    loop._apply_prior_updates = spy
+    try:
+        train_expert_in_run(str(run.root), 2, "brightness")
+    finally:
+        loop._apply_prior_updates = original
+    expected = load_pipeline(tiny_sd3_dir, "sd3", "fp32", "cpu").transformer
+    apply_updates(expected, effective_base(run.root, 2), torch.float32)
+    base0 = load_pipeline(tiny_sd3_dir, "sd3", "fp32", "cpu").transformer.state_dict()
+    changed = 0
+    for k, v in expected.state_dict().items():
+        assert torch.equal(seen["weights"][k], v), k
+        changed += int(not torch.equal(base0[k], v))
+    assert changed > 0
+
+
+def test_cli_user_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "expert"
+    code = main(["--config", "tiny-sd3", "--reward", "brightness", "--base", "tiny:sd3", "--out", str(out),
+                 "--set", "train.lrr=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown config key 'train.lrr'" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(["--run", str(tmp_path), "--reward", "brightness"]) == 2
+    assert "--run needs --cycle" in capsys.readouterr().err
+    assert main(["--reward", "brightness", "--config", "tiny-sd3"]) == 2
+    assert "needs --base, --out" in capsys.readouterr().err
+    assert main(["--run", str(tmp_path / "nope"), "--cycle", "1", "--reward", "brightness"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_help_describes_both_modes(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert info.value.code == 0
+    for flag in ("--run", "--cycle", "--config", "--base", "--prior-updates", "--out", "--steps", "--set", "--reward"):
+        assert flag in text
