@@ -242,7 +242,11 @@ class SD3Model(FlowModel):
 
 
 class FluxModel(FlowModel):
-    """FluxPipeline: packed 2x2 latents, rope ids, and (FLUX.1-dev) guidance as an embedding, no negative pass."""
+    """FluxPipeline: packed 2x2 latents, rope ids, and (FLUX.1-dev) guidance as an embedding, no negative pass.
+
+    FLUX.1-dev is guidance-distilled: ``guidance_scale`` is fed to the transformer's guidance embedding. A FLUX
+    transformer without ``guidance_embeds`` (e.g. schnell) is sampled unguided; true CFG is not implemented.
+    """
 
     arch = "flux"
 

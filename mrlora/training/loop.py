@@ -158,6 +158,9 @@ def train_expert(job: ExpertJob) -> dict:
     wrapped, optimizer = accelerator.prepare(transformer, optimizer)
 
     start = _restore(job, accelerator, params, optimizer, ema, per_step)
+    if start > total:
+        raise TrainError(f"{out_dir} has a checkpoint at step {start}, beyond train.steps={total}; train with "
+                         f"--steps {start} or more, or use another output directory")
     metrics = MetricsLog(out_dir / METRICS_FILE, start, is_main, cfg.logging, f"{out_dir.parent.name}/{job.reward}")
     sample_kw = dict(num_steps=int(cfg.sample.num_steps), guidance_scale=float(cfg.sample.guidance_scale),
                      resolution=int(cfg.sample.resolution), noise_level=float(cfg.sample.noise_level),
@@ -197,8 +200,8 @@ def train_expert(job: ExpertJob) -> dict:
                                                       train_guidance)
                             accelerator.backward(terms.loss)
                             if accelerator.sync_gradients:
-                                grad_norm = float(accelerator.clip_grad_norm_(list(params.values()),
-                                                                              cfg.train.max_grad_norm))
+                                norm = accelerator.clip_grad_norm_(list(params.values()), cfg.train.max_grad_norm)
+                                grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed: None
                             optimizer.step()
                             optimizer.zero_grad(set_to_none=True)
                         stats.add(loss=terms.loss.item(), policy_loss=terms.policy_loss.item(), kl=terms.kl.item(),
