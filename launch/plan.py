@@ -229,17 +229,23 @@ def format_plan(plan: Plan, profile: ClusterProfile) -> str:
         f"{', '.join(plan.rewards)}, {len(plan.jobs)} jobs in {plan.n_windows} window(s) of "
         f"{plan.window_cycles} cycle(s); profile {profile.name}",
     ]
-    header = f"{'window':>6}  {'job name':<40} {'tasks':<34} {'resources':<28} after"
-    lines.append(header)
-    lines.append("-" * len(header))
+    by_key = plan.by_key()
+    rows = []
     for job in plan.jobs:
         tasks = ",".join(job.rewards) if job.kind == "expert" else "merge"
         if job.array:
             tasks = f"array[{len(job.rewards)}]: {tasks}"
-        after = [f"c{k[1:5].lstrip('0')}:{k.split('-', 1)[1]}" for k in job.after] + [f"job {i}" for i in job.after_ids]
-        if job.window > 0 and job.after and all(plan.by_key()[k].window < job.window for k in job.after):
-            after = ["(submitted when the previous window ends)"]
-        note = "  -> submits window %d" % (job.window + 1) if job.extends else ""
-        lines.append(f"{job.window:>6}  {job.name(plan.run_ts):<40} {tasks:<34} {job.resources.describe():<28} "
-                     f"{' '.join(after) or '-'}{note}")
+        after = [*job.after, *(f"job {i}" for i in job.after_ids)]
+        if job.window > 0 and job.after and all(by_key[k].window < job.window for k in job.after):
+            after = ["(previous window's merge submits it)"]
+        note = f"  -> submits window {job.window + 1}" if job.extends else ""
+        rows.append((str(job.window), job.name(plan.run_ts), tasks, job.resources.describe(),
+                     (" ".join(after) or "-") + note))
+    heads = ("window", "job name", "tasks", "resources", "after")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads[:-1])]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    header = fmt.format(*heads)
+    lines.append(header)
+    lines.append("-" * len(header))
+    lines.extend(fmt.format(*row) for row in rows)
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import pytest
 
 from launch import slurm
 from launch.journal import read_records
-from mrlora.runstore import RunDir, read_marker
+from mrlora.runstore import RunDir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -168,20 +168,22 @@ def test_cancelled_expert_kills_its_dependents_and_resume_completes_without_retr
     assert survivor is not None
     ckpt_before = _newest_checkpoint_step(run, 1, victim)
     assert ckpt_before >= 1
+    kept = run.metrics_path(1, victim).read_text().splitlines()[:ckpt_before]
 
     status = cli("launch.status", run.run_ts, "--out-root", str(tmp_path / "out")).stdout
     assert "CANCELLED" in status
 
+    before_resume = {r.job_id for r in read_records(run)}
     out = cli("launch.mapreduce", "--resume", run.run_ts, "--out-root", str(tmp_path / "out"),
               "--executor", "slurm").stdout
     assert "from cycle 1" in out
-    resumed = [r for r in read_records(run) if r.job_id not in acct]
+    resumed = [r for r in read_records(run) if r.job_id not in before_resume]
     assert resumed[0].key == f"c0001-{victim}" and resumed[0].rewards == (victim,), "the DONE expert is skipped"
     wait_until(lambda: queue_empty(run), 600, "the resumed chain to finish", poll=2.0)
     assert run.scan(REWARDS).last_complete_cycle == 2
     assert run.expert_done(1, "brightness")["written_at"] == survivor["written_at"], "a DONE expert was retrained"
-    first_ckpt = read_marker(run.checkpoint_dir(1, victim, 1), "COMPLETE.json")
-    assert first_ckpt is not None, "the checkpoint written before the cancel is still there (continued from it)"
+    final = run.metrics_path(1, victim).read_text().splitlines()
+    assert len(final) == 6 and final[:ckpt_before] == kept, "the cancelled expert did not continue from its checkpoint"
     assert run.read_run_json()["history"][-1]["action"] == "resume"
 
 
@@ -189,21 +191,22 @@ def test_requeue_signal_continues_from_the_checkpoint(tmp_path):
     run = start(tmp_path, "--cycles", "1", "--set", "train.steps=6", "--set", "train.checkpoint_every=1")
     array = read_records(run)[0]
     target = "brightness"
+    task = array.task_id(target)
     wait_until(lambda: _newest_checkpoint_step(run, 1, target) >= 1, 300, "a first checkpoint", poll=0.3)
-    signalled_at = dt.datetime.now()
-    subprocess.run(["scancel", "--signal=USR2", array.task_id(target)], check=True)
+    subprocess.run(["scancel", "--signal=USR2", task], check=True)
+    # the task checkpoints, requeues itself and waits in the queue: the metrics then hold the steps it kept
+    wait_until(lambda: slurm.job_state(task) == "PENDING", 120, "the signalled task to requeue itself", poll=0.2)
+    kept = run.metrics_path(1, target).read_text().splitlines()
+    assert 1 <= len(kept) < 6
+    assert slurm.job_state(array.task_id("colourfulness")) in ("RUNNING", "COMPLETING", ""), "only one task requeued"
     wait_until(lambda: queue_empty(run), 600, "the requeued expert and the merge to finish", poll=2.0)
     assert run.merge_done(1) is not None
-    done = run.expert_done(1, target)
-    assert done is not None
-    steps = sorted(s for s, _ in run.checkpoints(1, target))
-    before = [s for s in steps if when(read_marker(run.checkpoint_dir(1, target, s), "COMPLETE.json")["written_at"])
-              <= signalled_at]
-    after = [s for s in steps if s not in before]
-    assert before and after and max(before) < min(after), (before, after)
+    assert run.expert_done(1, target)["steps"] == 6
+    final = run.metrics_path(1, target).read_text().splitlines()
+    assert len(final) == 6
+    assert final[:len(kept)] == kept, "the requeued task retrained steps it had checkpointed"
     out_log, _ = array.log_paths(target)
     assert "requeued" in out_log.read_text()
-    # only the signalled task was requeued: the other task ran once
+    assert out_log.read_text().count("starting in") == 2
     other_log, _ = array.log_paths("colourfulness")
     assert other_log.read_text().count("starting in") == 1
-    assert out_log.read_text().count("starting in") == 2
