@@ -8,6 +8,9 @@ script measures it on the tiny random models with hand-made experts, for several
   Reported for the token once (``x1``) and repeated three times (``x3``).
 - ``eval_drop``: relative drop of the flow-matching loss on a fixed batch (same noise and s) from the initial
   token to the trained one.
+- ``swap``: MSE between the base's latents for the held-out prompts and for the same seeds with the prompts
+  rotated: how much the base listens to its text at all (a token can only act through the text).
+  ``moved/swap``: how far the trained token moves the base's latents, in units of ``swap``.
 - ``loss_cv``: coefficient of variation of the last half of the training loss (noise of the curve);
   ``grad_max/med``: largest over median gradient norm (spikes).
 
@@ -86,6 +89,8 @@ def one_run(arch: str, expert_kind: str, seed: int, steps: int, lr: float, magni
     pipe, info = teacher_pipe()
     teacher = final_latents(pipe, EVAL, True, guidance)
     base = final_latents(pipe, EVAL, False, guidance)
+    swapped = final_latents(pipe, EVAL[1:] + EVAL[:1], False, guidance)
+    text_sensitivity = (swapped - base).pow(2).mean().item()  # how much the base listens to its prompt at all
     x0 = final_latents(pipe, PROMPTS[:4], True, guidance)
     g = _generator(seed, 99)
     noise, s = torch.randn(x0.shape, generator=g), torch.sigmoid(torch.randn((4,), generator=g))
@@ -106,14 +111,17 @@ def one_run(arch: str, expert_kind: str, seed: int, steps: int, lr: float, magni
     with torch.no_grad():
         after = flow_matching_loss(pipe, "<r>", None, x0, PROMPTS[:4], noise, s, guidance, 32).item()
     d_base = (base - teacher).pow(2).mean().item()
-    gaps = {}
+    gaps, moved = {}, 0.0
     for reps in (1, 3):
         student = final_latents(pipe, apply_token_spec(pipe, None, f"<r> {reps}", EVAL), False, guidance)
         gaps[reps] = 1 - (student - teacher).pow(2).mean().item() / d_base
+        if reps == 1:
+            moved = (student - base).pow(2).mean().item()
     losses = [m["loss"] for m in metrics]
     grads = [m["grad_norm"] for m in metrics]
     tail = losses[len(losses) // 2:]
     return {"arch": arch, "expert": expert_kind, "seed": seed, "d_base": d_base, "gap_x1": gaps[1], "gap_x3": gaps[3],
+            "moved_over_swap": moved / text_sensitivity, "text_sensitivity": text_sensitivity,
             "eval_drop": 1 - after / before, "loss_cv": statistics.pstdev(tail) / statistics.mean(tail),
             "grad_spike": max(grads) / statistics.median(grads), "seconds": seconds}
 
@@ -130,7 +138,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     rows = []
     header = f"{'arch':5} {'expert':9} {'seed':>4} {'d_base':>8} {'gap_x1':>7} {'gap_x3':>7} {'eval_drop':>9} " \
-             f"{'loss_cv':>7} {'grad_max/med':>12} {'s':>5}"
+             f"{'loss_cv':>7} {'grad_max/med':>12} {'swap':>8} {'moved/swap':>10} {'s':>5}"
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
@@ -140,15 +148,17 @@ def main(argv=None) -> int:
                     rows.append(r)
                     print(f"{r['arch']:5} {r['expert']:9} {r['seed']:>4} {r['d_base']:8.3f} {r['gap_x1']:7.3f} "
                           f"{r['gap_x3']:7.3f} {r['eval_drop']:9.4f} {r['loss_cv']:7.3f} {r['grad_spike']:12.2f} "
-                          f"{r['seconds']:5.1f}", flush=True)
+                          f"{r['text_sensitivity']:8.5f} {r['moved_over_swap']:10.2f} {r['seconds']:5.1f}", flush=True)
     print("\nmedians over seeds")
     for arch in args.archs.split(","):
         for kind in args.experts.split(","):
             sel = [r for r in rows if r["arch"] == arch and r["expert"] == kind]
-            med = {k: statistics.median(r[k] for r in sel) for k in ("gap_x1", "gap_x3", "eval_drop", "loss_cv", "grad_spike")}
+            med = {k: statistics.median(r[k] for r in sel) for k in ("gap_x1", "gap_x3", "eval_drop", "loss_cv", "grad_spike",
+                                                                  "moved_over_swap")}
             spread = max(r["gap_x1"] for r in sel) - min(r["gap_x1"] for r in sel)
             print(f"{arch:5} {kind:9} gap_x1 {med['gap_x1']:.3f} (range {spread:.3f})  gap_x3 {med['gap_x3']:.3f}  "
-                  f"eval_drop {med['eval_drop']:.4f}  loss_cv {med['loss_cv']:.3f}  grad_max/med {med['grad_spike']:.2f}")
+                  f"eval_drop {med['eval_drop']:.4f}  loss_cv {med['loss_cv']:.3f}  grad_max/med {med['grad_spike']:.2f}  "
+                  f"moved/swap {med['moved_over_swap']:.2f}")
     return 0
 
 
