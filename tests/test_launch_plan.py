@@ -158,3 +158,22 @@ def test_job_roles():
     p = plan(cycles=1, mode="sequential")
     assert [j.role for j in p.jobs] == ["geneval", "pickscore", "ocr", "merge"]
     assert isinstance(p.jobs[0], Job)
+
+
+def test_queued_jobs_map_back_to_the_units_they_produce(tmp_path):
+    from launch.journal import new_record, write_record
+    from launch.runs import live_units
+    from launch.slurm import QueuedJob
+
+    run = RunDir(tmp_path / "m" / "20260101_000000")
+    common = dict(window=0, after=(), log_dir="/x")
+    write_record(run, new_record(job_id="500", key="c0002-experts", name="n", cycle=2, kind="expert",
+                                 rewards=REWARDS, array=True, **common))
+    write_record(run, new_record(job_id="501", key="c0002-merge", name="n", cycle=2, kind="merge", rewards=(),
+                                 array=False, **common))
+    queued = [QueuedJob("500_2", "n", "RUNNING", "", ""), QueuedJob("501", "n", "PENDING", "", "Dependency")]
+    live = live_units(run, queued)
+    assert live == {(2, "ocr"): "500", (2, "merge"): "501"}  # tasks 0 and 1 have finished
+    p = plan(cycles=3, progress=Progress(done=frozenset({(2, "geneval"), (2, "pickscore")}),
+                                         merged=frozenset({1}), live=live), window=5)
+    assert keys(p.jobs) == ["c0003-experts", "c0003-merge"] and p.jobs[0].after_ids == ("501",)
