@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mrlora.rate.compose import apply_token_spec, load_tokens
+from mrlora.rate.compose import apply_token_spec
 from mrlora.rate.distill import DistillSettings, _generator, distill_token, flow_matching_loss
 from mrlora.rate.errors import TeacherMismatchError
 from mrlora.rate.teacher import attach_expert, set_teacher

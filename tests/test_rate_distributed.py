@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_rate_distill import make_expert  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, tiny_sd3_dir):
     expert = make_expert(tmp_path / "expert", "sd3")
