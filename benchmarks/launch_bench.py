@@ -1,8 +1,9 @@
 """Launcher benchmark: scheduling overhead per cycle on the local Slurm cluster, and --dry-run time for 80 cycles.
 
 Scheduling overhead of cycle c = (end of merge c - end of merge c-1) - (longest expert of c) - (merge c), all
-from sacct: what the dependency chain, Slurm's scheduler, job start-up (srun + python + submitit) and the
-window extension cost on top of the work itself. By default the jobs are the launcher tests' stand-in entry
+from sacct: what the dependency chain, Slurm's scheduler and the window extension cost on top of the jobs
+themselves (a job's own start-up, srun + python + submitit, counts as job time in sacct's Elapsed).
+By default the jobs are the launcher tests' stand-in entry
 points (a fixed sleep per step) so the figure is the launcher's, not the training's; ``--real`` uses the real
 tiny-SD3 training and merge instead.
 
