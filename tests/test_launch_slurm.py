@@ -52,6 +52,7 @@ def profile(tmp_path: Path, window: int = 4) -> str:
 
 
 def start(tmp_path: Path, *extra: str, window: int = 4) -> RunDir:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     proc = cli("launch.mapreduce", "--model", "tiny-sd3", "--rewards", *REWARDS, "--cluster", profile(tmp_path, window),
                "--executor", "slurm", "--out-root", str(tmp_path / "out"), *extra)
     match = re.search(r"run directory: (\S+)", proc.stdout)
@@ -210,3 +211,21 @@ def test_requeue_signal_continues_from_the_checkpoint(tmp_path):
     assert out_log.read_text().count("starting in") == 2
     other_log, _ = array.log_paths("colourfulness")
     assert other_log.read_text().count("starting in") == 1
+
+
+def test_cancel_cancels_exactly_this_runs_jobs(tmp_path, monkeypatch):
+    # stand-in jobs (slow steps) keep both chains in the queue long enough to look at them
+    monkeypatch.setenv("MRLORA_JOB_ENTRYPOINTS", "test_launch_fake_entrypoints")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("FAKE_STEP_S", "5")
+    mine = start(tmp_path / "a", "--cycles", "2", "--set", "train.steps=20")
+    time.sleep(1.1)  # run timestamps have one-second resolution
+    other = start(tmp_path / "b", "--cycles", "1", "--set", "train.steps=20")
+    assert len(slurm.run_jobs_in_queue(mine.run_ts)) >= 3
+    out = cli("launch.cancel", mine.run_ts, "--out-root", str(tmp_path / "a" / "out")).stdout
+    assert f"cancelled run {mine.run_ts}" in out
+    wait_until(lambda: queue_empty(mine), 60, "the cancelled run to leave the queue")
+    assert slurm.run_jobs_in_queue(other.run_ts), "another run's jobs were cancelled too"
+    cli("launch.cancel", other.run_ts)
+    wait_until(lambda: queue_empty(other), 60, "the second run to leave the queue")
+    assert "no queued or running jobs" in cli("launch.cancel", mine.run_ts).stdout
