@@ -111,3 +111,31 @@ def test_cli_generate_unknown_token_exits_2(tmp_path, tiny_sd3_dir, capsys):
     code = rate_main(["generate", "--base", tiny_sd3_dir, "--tokens", str(path), "--spec", "<ocr> 0",
                       "--prompt", "a sign", "--out", str(tmp_path / "img.png")])
     assert code == 2 and ">= 1" in capsys.readouterr().err
+
+
+def test_legacy_clip_eos_config_still_pools_at_end_of_text_after_adding_a_token(mrlora_cache):
+    """Released CLIP configs say eos_token_id=2, which makes transformers pool at the highest token id;
+    after add_token that would be the RaTE token. The pooled embedding must stay at the real end of text."""
+    from mrlora.models.loading import load_pipeline
+
+    pipe = load_pipeline("tiny:sd3", arch="sd3", dtype="fp32", device="cpu")
+    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    for module in encoder.modules():  # make the tiny encoder look like a released checkpoint
+        if hasattr(module, "eos_token_id"):
+            module.eos_token_id = 2
+    encoder.config.eos_token_id = 2
+
+    def pooled(text):
+        ids = tokenizer(text, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = encoder(ids, output_hidden_states=True)
+        eos_pos = int((ids[0] == tokenizer.eos_token_id).nonzero()[0])
+        at_eos = encoder.text_projection(out.last_hidden_state[0, eos_pos])
+        return out.text_embeds[0], at_eos
+
+    before, _ = pooled("a red apple")
+    add_token(pipe, "<rate-eos-check>")
+    after, _ = pooled("a red apple")
+    torch.testing.assert_close(after, before)
+    with_token, at_eos = pooled("a red apple <rate-eos-check>")
+    torch.testing.assert_close(with_token, at_eos)

@@ -121,11 +121,32 @@ def add_token(pipe: Any, token: str) -> dict[str, int]:
         else:
             with torch.no_grad():
                 table.weight[row] = table.weight[: min(len(tokenizer) - 1, table.weight.shape[0])].mean(dim=0)
+        _fix_legacy_eos_pooling(encoder, tokenizer)
         ids[slot.name] = row
     registry = dict(registry)
     registry[token] = ids
     setattr(pipe, _INSTALLED_ATTR, registry)
     return ids
+
+
+def _fix_legacy_eos_pooling(encoder: Any, tokenizer: Any) -> None:
+    """Make a CLIP text encoder pool at its real end-of-text token once a token with a higher id exists.
+
+    Released CLIP configs (the ones SD3.5 and FLUX ship) still say ``eos_token_id=2``; transformers then pools
+    at the *highest token id* in the sequence, which was the end-of-text token only while no token had a
+    larger id. After ``add_tokens`` the new RaTE token would be pooled instead. Pointing the encoder at the
+    tokenizer's real eos id switches transformers to its "first eos position" pooling, which gives the same
+    result as before for prompts without the token.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None or eos == 2:
+        return
+    for module in encoder.modules():
+        if getattr(module, "eos_token_id", None) == 2:
+            module.eos_token_id = eos
+    config = getattr(encoder, "config", None)
+    if config is not None and getattr(config, "eos_token_id", None) == 2:
+        config.eos_token_id = eos
 
 
 def token_row_ids(pipe: Any, token: str) -> dict[str, int]:
