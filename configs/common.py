@@ -97,6 +97,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.mapreduce.allow_negative_weights = False
     c.mapreduce.export_every = 0        # materialise a full model every K cycles (0: only on demand)
 
+    # RaTE: distil each expert into one token embedding per text encoder (mrlora.rate, docs/rate.md).
+    c.rate = ml_collections.ConfigDict()
+    c.rate.steps = 500
+    c.rate.lr = 5e-3
+    c.rate.batch_size = 4           # samples per process per step
+    c.rate.teacher_reuse = 1        # steps that share one teacher batch (fresh noise and s every step)
+    c.rate.logit_mean = 0.0         # s ~ sigmoid(N(logit_mean, logit_std)) in the flow-matching loss
+    c.rate.logit_std = 1.0
+    c.rate.checkpoint_every = 50
+
     c.logging = ml_collections.ConfigDict()
     c.logging.wandb = False
     c.logging.tensorboard = False

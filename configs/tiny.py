@@ -34,4 +34,7 @@ def apply_tiny(c: ml_collections.ConfigDict, arch: str) -> ml_collections.Config
     c.reward_models = ml_collections.ConfigDict({name: {} for name in c.rewards})
     c.per_reward = ml_collections.ConfigDict({name: {} for name in c.rewards})
     c.mapreduce.cycles = 2
+    c.rate.steps = 20
+    c.rate.lr = 5e-2
+    c.rate.checkpoint_every = 10
     return c

@@ -261,6 +261,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(cfg.mapreduce.mode in MODES, "mapreduce.mode", f"must be one of {MODES}")
     need(cfg.mapreduce.merge_mode in MERGE_MODES, "mapreduce.merge_mode", f"must be one of {MERGE_MODES}")
     need(cfg.mapreduce.export_every >= 0, "mapreduce.export_every", "must be >= 0")
+    need(cfg.rate.steps >= 1, "rate.steps", "must be >= 1")
+    need(cfg.rate.lr > 0, "rate.lr", "must be > 0")
+    need(cfg.rate.logit_std > 0, "rate.logit_std", "must be > 0")
 
     rewards = list(cfg.rewards)
     need(len(rewards) >= 1, "rewards", "name at least one reward")
