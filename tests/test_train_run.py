@@ -25,8 +25,10 @@ def _run(tmp_path, base: str) -> RunDir:
     return run
 
 
-def test_second_cycle_trains_on_the_merged_base(tiny_sd3_dir, tmp_path):
-    from mrlora.reduce import merge_cycle_in_run
+def test_second_cycle_trains_on_exactly_base_zero_plus_the_merged_update(tiny_sd3_dir, tmp_path):
+    from mrlora.models.loading import load_pipeline
+    from mrlora.reduce import apply_updates, effective_base, merge_cycle_in_run
+    from mrlora.training import loop
 
     run = _run(tmp_path, tiny_sd3_dir)
     with pytest.raises(RunStoreError, match="cycle 1 .* no complete merge"):
@@ -34,32 +36,22 @@ def test_second_cycle_trains_on_the_merged_base(tiny_sd3_dir, tmp_path):
     first = train_expert_in_run(str(run.root), 1, "brightness")
     assert first["cycle"] == 1 and first["steps"] == 2
     merge_cycle_in_run(str(run.root), 1)
-    second = train_expert_in_run(str(run.root), 2, "brightness")
-    assert second["cycle"] == 2 and run.expert_done(2, "brightness") is not None
-    assert train_expert_in_run(str(run.root), 2, "brightness") == second  # DONE: returns at once
 
-
-def test_cycle_two_base_is_base_zero_plus_the_update(tiny_sd3_dir, tmp_path):
-    """The weights training starts from in cycle 2 are exactly what mrlora.reduce folds for that cycle."""
-    from mrlora.models.loading import load_pipeline
-    from mrlora.reduce import apply_updates, effective_base, merge_cycle_in_run
-    from mrlora.training import loop
-
-    run = _run(tmp_path, tiny_sd3_dir)
-    train_expert_in_run(str(run.root), 1, "brightness")
-    merge_cycle_in_run(str(run.root), 1)
     seen = {}
     original = loop._apply_prior_updates
 
-    def spy(transformer, dirs, dtype, arch):
+    def spy(transformer, dirs, dtype, arch):  # the weights training starts from, before the LoRA is added
         original(transformer, dirs, dtype, arch)
         seen["weights"] = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
 
     loop._apply_prior_updates = spy
     try:
-        train_expert_in_run(str(run.root), 2, "brightness")
+        second = train_expert_in_run(str(run.root), 2, "brightness")
     finally:
         loop._apply_prior_updates = original
+    assert second["cycle"] == 2 and run.expert_done(2, "brightness") is not None
+    assert train_expert_in_run(str(run.root), 2, "brightness") == second  # DONE: returns at once
+
     expected = load_pipeline(tiny_sd3_dir, "sd3", "fp32", "cpu").transformer
     apply_updates(expected, effective_base(run.root, 2), torch.float32)
     base0 = load_pipeline(tiny_sd3_dir, "sd3", "fp32", "cpu").transformer.state_dict()
