@@ -47,9 +47,18 @@ def lora_target_modules(transformer: Any, arch: str) -> list[str]:
     Raises ``UnknownArchError`` when a suffix matches nothing: that means the transformer is not the ``arch``
     the config says (or diffusers renamed a layer), and training would silently adapt fewer layers.
     """
+    return block_linear_names(transformer, lora_targets(arch), arch_hint=arch)
+
+
+def block_linear_names(transformer: Any, suffixes, arch_hint: str | None = None) -> list[str]:
+    """Full dotted names of the ``nn.Linear`` layers inside the transformer blocks ending in one of ``suffixes``.
+
+    This is how a config's suffix list (``lora.target_modules``) becomes the explicit list given to peft, so
+    a suffix that also names a layer outside the blocks (FLUX's final ``proj_out``) never gets a LoRA.
+    """
     import torch
 
-    suffixes = lora_targets(arch)
+    suffixes = tuple(suffixes)
     names: list[str] = []
     used: set[str] = set()
     for name, module in transformer.named_modules():
@@ -62,8 +71,9 @@ def lora_target_modules(transformer: Any, arch: str) -> list[str]:
                 break
     missing = [s for s in suffixes if s not in used]
     if missing:
+        hint = f"is model.arch={arch_hint!r} right for this checkpoint?" if arch_hint else \
+            "check lora.target_modules against the transformer's layer names"
         raise UnknownArchError(
-            f"{type(transformer).__name__} has no layers named {', '.join(missing)} inside its blocks; "
-            f"is model.arch={arch!r} right for this checkpoint?"
+            f"{type(transformer).__name__} has no layers named {', '.join(missing)} inside its blocks; {hint}"
         )
     return names

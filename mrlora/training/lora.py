@@ -32,8 +32,16 @@ def add_lora(transformer: torch.nn.Module, cfg) -> dict[str, torch.nn.Parameter]
 
     Initialisation draws from torch's global RNG: seed it identically on every rank before calling.
     """
+    from mrlora.models.errors import UnknownArchError
+    from mrlora.models.lora_targets import block_linear_names
+
     transformer.requires_grad_(False)
-    config = lora_config(cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.lora.init)
+    try:
+        # explicit names inside the blocks: a suffix like FLUX's proj_out must not reach the output layer
+        targets = block_linear_names(transformer, cfg.lora.target_modules)
+    except UnknownArchError as exc:
+        raise TrainError(f"lora.target_modules={list(cfg.lora.target_modules)}: {exc}") from None
+    config = lora_config(cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init)
     try:
         transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
     except ValueError as exc:
@@ -84,7 +92,8 @@ def write_expert_adapter(directory: Path, state: dict[str, torch.Tensor], cfg, b
     """
     from mrlora.reduce import save_expert_adapter
 
-    config = lora_config(cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.lora.init)
+    modules = sorted({key.rsplit(".lora_", 1)[0] for key in state})
+    config = lora_config(cfg.lora.rank, cfg.lora.alpha, modules, cfg.lora.init)
     save_expert_adapter(state, Path(directory), cfg.model.arch, config, base, reward)
 
 
