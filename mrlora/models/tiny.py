@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mrlora.models.errors import ModelError, TinyBuildError, UnknownArchError
+from mrlora.runstore import pid_alive
 
 TINY_VERSION = 1  # bump when the tiny configs change, so cached builds are not reused across versions
 TINY_ARCHS = ("sd3", "flux")
@@ -275,16 +276,6 @@ def _quiet_progress_bars() -> Iterator[None]:
                 mod.enable_progress_bar()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _partial_path(out: Path) -> Path:
     """A hidden sibling of ``out`` named after this host and pid, so a later build can tell if it is abandoned."""
     return out.with_name(f".{out.name}{_PARTIAL_TAG}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
@@ -305,7 +296,7 @@ def _remove_stale_partials(out: Path) -> None:
         if len(parts) == 3 and parts[1].isdigit():
             owner_host, pid = parts[0], int(parts[1])
             if owner_host == host:
-                stale = not _pid_alive(pid)
+                stale = not pid_alive(pid)
             else:
                 stale = _age(path) > _STALE_FOREIGN_PARTIAL_S
         else:
