@@ -190,11 +190,12 @@ def _lock_is_stale(lock: Path) -> bool:
     except ValueError:
         return _age(lock) > 5.0  # being written right now, or garbage left by a crash
     if info.get("host") == socket.gethostname():
+        from mrlora.runstore import pid_alive
+
         try:
-            os.kill(int(info.get("pid", -1)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, OverflowError):
+            if not pid_alive(int(info.get("pid", -1))):  # a zombie holder counts as gone
+                return True
+        except (ValueError, OverflowError):
             pass
     return age > _TINY_LOCK_TIMEOUT_S
 
