@@ -245,6 +245,8 @@ class LeaseInfo:
 
 def pid_alive(pid: int) -> bool:
     """True when ``pid`` runs on this host and is not a zombie (PID 1 may not reap orphans)."""
+    if pid <= 0:  # 0 and negative ids name process groups in os.kill, never one process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -219,3 +219,4 @@ def test_lease_of_dead_local_process_is_detected(tmp_path):
     proc.wait()
     assert not pid_alive(proc.pid)
     assert pid_alive(os.getpid())
+    assert not pid_alive(-1) and not pid_alive(0)
