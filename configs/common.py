@@ -46,6 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100           # optimizer steps per expert per cycle (= merge_steps)
+    # Optimizer steps per sampling round (published recipe: 2, i.e. gradient_accumulation = batches // 2). A
+    # round samples updates_per_round x prompts_per_step prompts, normalises advantages over all of them, then
+    # takes this many optimizer steps on shuffled equal chunks: the later steps are off-policy, so the PPO ratio
+    # clip acts. train.steps and train.checkpoint_every must be multiples of it (checkpoints at round ends).
+    c.train.updates_per_round = 2
     c.train.lr = 3e-4
     c.train.adam_beta1 = 0.9
     c.train.adam_beta2 = 0.999

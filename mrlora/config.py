@@ -253,6 +253,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(cfg.train.beta >= 0, "train.beta", "must be >= 0")
     need(cfg.train.micro_batch >= 1, "train.micro_batch", "must be >= 1")
     need(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    _check_rounds(cfg, "")
     need(cfg.train.ema_every >= 1, "train.ema_every", "must be >= 1")
     need(0 <= cfg.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     need(cfg.train.adv_std in ADV_STD, "train.adv_std", f"must be one of {ADV_STD}")
@@ -292,6 +293,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             _merge_into(probe, overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides), "")
         except ConfigError as exc:
             raise ConfigError(f"per_reward.{reward}: {exc}") from None
+        _check_rounds(probe, f"per_reward.{reward} gives ")
+
+
+def _check_rounds(cfg: ml_collections.ConfigDict, context: str) -> None:
+    """Checkpoints and preemption stops happen only at the end of a sampling round (so a resume never needs the
+    round's samples): the step counts must be whole rounds."""
+    per_round = cfg.train.updates_per_round
+    if per_round < 1:
+        raise ConfigError(f"{context}train.updates_per_round: must be >= 1, got {per_round}")
+    for key in ("steps", "checkpoint_every"):
+        value = cfg.train[key]
+        if value % per_round:
+            raise ConfigError(
+                f"{context}train.{key}={value} is not a multiple of train.updates_per_round={per_round} "
+                f"(optimizer steps per sampling round; checkpoints fall on round ends): set train.{key} to a "
+                f"multiple of {per_round}, or train.updates_per_round=1"
+            )
 
 
 def _known_rewards() -> set[str] | None:

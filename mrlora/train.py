@@ -33,11 +33,13 @@ EXIT_PREEMPTED = 3
 def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     """Train expert ``reward`` of ``cycle`` in the run at ``run_root``; return its DONE.json content.
 
-    The base is base_0 plus the merged updates of cycles < ``cycle``; the config is run.json's with
+    The base is base_0 plus the merged updates of cycles < ``cycle`` and the LoRA starts fresh; in
+    ``mapreduce.merge_mode="reference"`` the LoRA instead continues the previous merge's averaged adapter, on the
+    base without that merge's update (``mrlora.reduce.map_start``). The config is run.json's with
     ``per_reward[reward]`` applied. Continues from the newest complete checkpoint; returns at once if DONE exists.
     """
     from mrlora.config import config_for_reward, config_from_dict
-    from mrlora.reduce import effective_base
+    from mrlora.reduce import map_start
     from mrlora.runstore import RunDir
     from mrlora.training.data import salt_for
     from mrlora.training.loop import ExpertJob, train_expert
@@ -51,10 +53,14 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     if reward not in list(cfg.rewards):
         raise TrainError(f"reward {reward!r} is not one of this run's rewards {list(cfg.rewards)}")
     cfg = config_for_reward(cfg, reward)
+    start = map_start(run.root, cycle)
+    extra = {"cycle": cycle, "run": run.run_ts}
+    if start.init_adapter is not None:
+        extra["init_adapter"] = str(Path(start.init_adapter).relative_to(run.root))
     job = ExpertJob(
         cfg=cfg, reward=reward, out_dir=run.expert_dir(cycle, reward), base_spec=cfg.model.pretrained,
-        base_id=cfg.model.pretrained, prior_updates=effective_base(run.root, cycle),
-        seed_salt=salt_for(reward, cycle), extra_done={"cycle": cycle, "run": run.run_ts},
+        base_id=cfg.model.pretrained, prior_updates=list(start.update_dirs), init_adapter=start.init_adapter,
+        seed_salt=salt_for(reward, cycle), extra_done=extra,
     )
     return train_expert(job)
 

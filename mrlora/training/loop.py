@@ -1,14 +1,18 @@
-"""One Flow-GRPO expert, from the effective base to a saved EMA adapter, resumable at any step.
+"""One Flow-GRPO expert, from the effective base to a saved EMA adapter, resumable at any round.
 
-Per optimizer step (DESIGN.md section 5): every process samples its share of ``prompts_per_step x group_size``
-images with the SDE sampler (no grad), scores them, the rewards of all processes are gathered so each prompt's
-group is normalised as a whole, then for every trained SDE step and every micro-batch the transition log-prob is
-recomputed with gradients and the clipped GRPO loss (plus beta * KL to the adapter-free reference) is
-back-propagated; gradients accumulate over all of them (accelerate) into one AdamW step with grad-norm clipping,
-followed by the EMA update.
+Per sampling round (DESIGN.md section 5): every process samples its share of ``updates_per_round x
+prompts_per_step x group_size`` images with the SDE sampler (no grad) and scores them; the rewards of all
+processes are gathered so each prompt's group is normalised as a whole. The round's samples are then shuffled
+(seeded by the round) and split into ``updates_per_round`` equal chunks, each one optimizer step: for every
+trained SDE step and every micro-batch the transition log-prob is recomputed with gradients and the clipped GRPO
+loss (plus beta * KL to the adapter-free reference) is back-propagated; gradients accumulate over all of them
+(accelerate) into one AdamW step with grad-norm clipping, followed by the EMA update. The first step of a round is
+on-policy (ratio exactly 1); later ones see weights that already moved, which is what the PPO clip is for.
 
-Everything a step depends on is either in the checkpoint (adapter, optimizer, EMA, RNG) or a pure function of
-(seed, reward, cycle, step) (prompts, noise), so a run restarted from a checkpoint retraces an uninterrupted one.
+Checkpoints and preemption stops happen only at round ends, so a checkpoint never needs the round's samples.
+Everything a round depends on is either in the checkpoint (adapter, optimizer, EMA, RNG) or a pure function of
+(seed, reward, cycle, round) (prompts, noise, shuffle), so a run restarted from a checkpoint retraces an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from mrlora.grpo import group_advantages, grpo_loss, train_step_indices
 from mrlora.runstore import DONE_MARKER, read_marker, wait_for, write_marker
 from mrlora.sampling import PromptEmbeds, flow_model, sample, step_log_prob
 from mrlora.training import checkpoint as ckpt
-from mrlora.training.data import PromptSchedule
+from mrlora.training.data import PromptSchedule, sample_seed
 from mrlora.training.errors import Preempted, TrainError
 from mrlora.training.lora import add_lora, lora_state, load_lora_state, write_expert_adapter
 from mrlora.training.metrics import MetricsLog
@@ -47,6 +51,8 @@ class ExpertJob:
     base_spec: str  # model spec for load_pipeline: local dir, hub id, tiny:<arch>
     base_id: str  # recorded in the adapter's mrlora.json
     prior_updates: list[Path] = field(default_factory=list)
+    # reference merge mode: start the LoRA from this adapter (the previous averaged merge) instead of fresh
+    init_adapter: Path | None = None
     seed_salt: int = 0  # distinguishes experts (reward, cycle) so they do not share prompts and noise
     progress: bool = True
     extra_done: dict = field(default_factory=dict)
@@ -78,16 +84,21 @@ def _apply_prior_updates(transformer, update_dirs: list[Path], dtype: str, arch:
 
 
 class _Step:
-    """Running sums of per-micro-batch statistics for one optimizer step."""
+    """Per-micro-batch statistics of one optimizer step: running means and running maxima."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}
         self.count = 0
 
     def add(self, **values: float) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
         self.count += 1
+
+    def peak(self, **values: float) -> None:
+        for k, v in values.items():
+            self.peaks[k] = max(self.peaks.get(k, -math.inf), float(v))
 
     def means(self) -> dict[str, float]:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
@@ -96,7 +107,8 @@ class _Step:
 def train_expert(job: ExpertJob) -> dict:
     """Train (or continue) one expert into ``job.out_dir``; return DONE.json's content.
 
-    Raises :class:`Preempted` after checkpointing when SIGUSR2/SIGTERM arrived on any rank.
+    Raises :class:`Preempted` after checkpointing (at the end of the current sampling round) when SIGUSR2/SIGTERM
+    arrived on any rank.
     """
     out_dir = Path(job.out_dir)
     done = read_marker(out_dir, DONE_MARKER)
@@ -107,16 +119,20 @@ def train_expert(job: ExpertJob) -> dict:
     distributed.export(dist)
     use_cpu = not torch.cuda.is_available()
     total = int(cfg.train.steps)
+    per_round = int(cfg.train.get("updates_per_round", 1))  # run.json of older runs lacks the field
     group, per_step = int(cfg.sample.group_size), int(cfg.sample.prompts_per_step)
-    local_n = per_step * group // dist.world_size
-    if local_n * dist.world_size != per_step * group:
+    if per_round < 1 or total % per_round or int(cfg.train.checkpoint_every) % per_round:
+        raise TrainError(f"train.steps={total} and train.checkpoint_every={cfg.train.checkpoint_every} must be "
+                         f"multiples of train.updates_per_round={per_round} (>= 1)")
+    chunk_n = per_step * group // dist.world_size  # samples of one optimizer step on this process
+    if chunk_n * dist.world_size != per_step * group:
         raise TrainError(
             f"{per_step} prompts x {group} samples per step cannot be split over {dist.world_size} processes; make "
             "sample.prompts_per_step * sample.group_size a multiple of the number of processes"
         )
     train_steps = train_step_indices(int(cfg.sample.num_steps), float(cfg.train.timestep_fraction))
     micro = int(cfg.train.micro_batch)
-    n_backward = len(train_steps) * math.ceil(local_n / micro)
+    n_backward = len(train_steps) * math.ceil(chunk_n / micro)
     accelerator = _accelerator(cfg, n_backward, use_cpu)
     is_main = accelerator.is_main_process
     if is_main:
@@ -138,6 +154,8 @@ def train_expert(job: ExpertJob) -> dict:
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(int(cfg.seed))  # identical LoRA init on every rank
     params = add_lora(transformer, cfg)
+    if job.init_adapter is not None:
+        _load_initial_adapter(params, Path(job.init_adapter), cfg)
     optimizer = torch.optim.AdamW(
         list(params.values()), lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         weight_decay=cfg.train.weight_decay, eps=cfg.train.adam_epsilon,
@@ -153,7 +171,8 @@ def train_expert(job: ExpertJob) -> dict:
     if job.reward not in cfg.prompts:
         raise TrainError(f"no prompt source for reward {job.reward!r}; set prompts.{job.reward}=<file or gen:kind:n>")
     items = load_prompt_source(cfg.prompts[job.reward], int(cfg.seed))
-    schedule = PromptSchedule(len(items), per_step, group, int(cfg.seed), job.seed_salt)
+    # one "plan" per sampling round: with one update per round, round r == optimizer step r (as before)
+    schedule = PromptSchedule(len(items), per_round * per_step, group, int(cfg.seed), job.seed_salt)
     model = flow_model(pipe)
     wrapped, optimizer = accelerator.prepare(transformer, optimizer)
 
@@ -161,6 +180,9 @@ def train_expert(job: ExpertJob) -> dict:
     if start > total:
         raise TrainError(f"{out_dir} has a checkpoint at step {start}, beyond train.steps={total}; train with "
                          f"--steps {start} or more, or use another output directory")
+    if start % per_round:
+        raise TrainError(f"{out_dir} has a checkpoint at step {start}, inside a sampling round of "
+                         f"train.updates_per_round={per_round}; resume with the updates_per_round it was written with")
     metrics = MetricsLog(out_dir / METRICS_FILE, start, is_main, cfg.logging, f"{out_dir.parent.name}/{job.reward}")
     sample_kw = dict(num_steps=int(cfg.sample.num_steps), guidance_scale=float(cfg.sample.guidance_scale),
                      resolution=int(cfg.sample.resolution), noise_level=float(cfg.sample.noise_level),
@@ -172,9 +194,9 @@ def train_expert(job: ExpertJob) -> dict:
     last_record: dict = metrics.records[-1] if metrics.records else {}
     try:
         with StopFlag() as stop:
-            for step in range(start, total):
+            for round_ in range(start // per_round, total // per_round):
                 t0 = time.perf_counter()
-                plan = schedule.plan(step, dist.rank, dist.world_size)
+                plan = schedule.plan(round_, dist.rank, dist.world_size)
                 idx = range(plan.local.start, plan.local.stop)
                 prompts = [items[plan.prompt_indices[i]].prompt for i in idx]
                 metadata = [dict(items[plan.prompt_indices[i]].metadata) for i in idx]
@@ -187,42 +209,48 @@ def train_expert(job: ExpertJob) -> dict:
                                            cfg.train.adv_clip_max)
                 adv = adv_all[plan.local].to(accelerator.device)
                 t_sample = time.perf_counter() - t0
-
-                stats, grad_norm = _Step(), float("nan")
-                transformer.train()
                 embeds = res.embeds if cfg.train.cfg else PromptEmbeds(
                     res.embeds.prompt_embeds, res.embeds.pooled, text_ids=res.embeds.text_ids)
-                for j in train_steps:
-                    for mb in range(0, local_n, micro):
-                        sel = slice(mb, mb + micro)
-                        with accelerator.accumulate(wrapped):
-                            terms = _micro_batch_loss(cfg, model, wrapped, transformer, res, embeds, sel, j, adv[sel],
-                                                      train_guidance)
-                            accelerator.backward(terms.loss)
-                            if accelerator.sync_gradients:
-                                norm = accelerator.clip_grad_norm_(list(params.values()), cfg.train.max_grad_norm)
-                                grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed: None
-                            optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
-                        stats.add(loss=terms.loss.item(), policy_loss=terms.policy_loss.item(), kl=terms.kl.item(),
-                                  clip_fraction=terms.clip_fraction.item(), ratio_mean=terms.ratio.mean().item(),
-                                  ratio_max_dev=(terms.ratio - 1).abs().max().item())
-                done_steps = step + 1
-                if ema is not None:
-                    ema.step(done_steps)
-                means = _reduce_means(stats.means(), accelerator)
-                elapsed = time.perf_counter() - t0
-                record = {
-                    "step": done_steps, "reward_mean": float(all_scores.mean()),
-                    "reward_std": float(all_scores.std(unbiased=False)), **means,
-                    "lr": float(optimizer.param_groups[0]["lr"]), "grad_norm": grad_norm,
-                    "samples_per_s": len(all_scores) / elapsed, "step_time_s": elapsed, "sample_time_s": t_sample,
-                    "processes": dist.world_size,
-                }
-                metrics.log(record)
-                last_record = record
-                bar.update(1)
-                bar.set_postfix(reward=f"{record['reward_mean']:.4f}", kl=f"{record['kl']:.2e}")
+                chunks = round_chunks(chunk_n * per_round, per_round, int(cfg.seed), job.seed_salt, round_, dist.rank)
+
+                for update, chunk in enumerate(chunks):
+                    t1 = time.perf_counter()
+                    stats, grad_norm = _Step(), float("nan")
+                    transformer.train()
+                    for j in train_steps:
+                        for mb in range(0, chunk_n, micro):
+                            sel = chunk[mb:mb + micro]
+                            with accelerator.accumulate(wrapped):
+                                terms = _micro_batch_loss(cfg, model, wrapped, transformer, res, embeds, sel, j,
+                                                          adv[sel.to(adv.device)], train_guidance)
+                                accelerator.backward(terms.loss)
+                                if accelerator.sync_gradients:
+                                    norm = accelerator.clip_grad_norm_(list(params.values()), cfg.train.max_grad_norm)
+                                    grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed: None
+                                optimizer.step()
+                                optimizer.zero_grad(set_to_none=True)
+                            stats.add(loss=terms.loss.item(), policy_loss=terms.policy_loss.item(),
+                                      kl=terms.kl.item(), clip_fraction=terms.clip_fraction.item(),
+                                      ratio_mean=terms.ratio.mean().item())
+                            stats.peak(ratio_max=terms.ratio.max().item(),
+                                       ratio_max_dev=(terms.ratio - 1).abs().max().item())
+                    done_steps = round_ * per_round + update + 1
+                    if ema is not None:
+                        ema.step(done_steps)
+                    means = _reduce_stats(stats, accelerator)
+                    elapsed = time.perf_counter() - t1 + t_sample / per_round
+                    record = {
+                        "step": done_steps, "round": round_ + 1, "update": update + 1,
+                        "reward_mean": float(all_scores.mean()), "reward_std": float(all_scores.std(unbiased=False)),
+                        **means, "lr": float(optimizer.param_groups[0]["lr"]), "grad_norm": grad_norm,
+                        "samples_per_s": per_step * group / elapsed, "step_time_s": elapsed,
+                        "sample_time_s": t_sample, "processes": dist.world_size,
+                    }
+                    metrics.log(record)
+                    last_record = record
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{record['reward_mean']:.4f}", kl=f"{record['kl']:.2e}")
+                # only at round ends: a checkpoint inside a round would need the round's samples to resume
                 stopping = distributed.any_rank(stop.requested, accelerator)
                 if done_steps % int(cfg.train.checkpoint_every) == 0 or done_steps == total or stopping:
                     path = _save(job, accelerator, params, optimizer, ema, done_steps, plan.data_position)
@@ -232,6 +260,42 @@ def train_expert(job: ExpertJob) -> dict:
         bar.close()
         metrics.close()
     return _finish(job, accelerator, params, ema, total, last_record)
+
+
+def round_chunks(n_local: int, n_chunks: int, seed: int, salt: int, round_: int, rank: int) -> list[torch.Tensor]:
+    """This process's ``n_local`` sample indices of a round, split into ``n_chunks`` optimizer steps.
+
+    With several steps per round the samples are shuffled first (a pure function of seed, salt, round and rank,
+    drawn from its own generator so the global RNG stays untouched), so each step sees a mix of prompts. With
+    one step the order does not change the summed gradient, and the samples keep their sampled order.
+    """
+    if n_chunks == 1:
+        order = torch.arange(n_local)
+    else:
+        gen = torch.Generator().manual_seed(sample_seed(seed, salt, round_, -1 - rank))
+        order = torch.randperm(n_local, generator=gen)
+    size = n_local // n_chunks
+    return [order[i * size:(i + 1) * size] for i in range(n_chunks)]
+
+
+def _load_initial_adapter(params: dict[str, torch.nn.Parameter], path: Path, cfg) -> None:
+    """Reference merge mode: set the fresh LoRA to the previous merge's averaged adapter (same rank and alpha)."""
+    from mrlora.reduce import read_expert_adapter
+    from mrlora.reduce.errors import ReduceError
+
+    try:
+        adapter = read_expert_adapter(path)
+    except ReduceError as exc:
+        raise TrainError(f"cannot continue from the merged adapter {path}: {exc}") from None
+    scale = float(cfg.lora.alpha) / float(cfg.lora.rank)
+    state = {}
+    for module, pair in adapter.modules.items():
+        if not math.isclose(pair.scale, scale, rel_tol=1e-6):
+            raise TrainError(f"{path}: {module} has LoRA scale {pair.scale}, this config's lora.alpha/lora.rank is "
+                             f"{scale}; the run's LoRA settings changed since that merge")
+        state[f"{module}.lora_A.weight"] = pair.A
+        state[f"{module}.lora_B.weight"] = pair.B
+    load_lora_state(params, state)
 
 
 def _micro_batch_loss(cfg, model, wrapped, transformer, res, embeds, sel, j, adv, guidance):
@@ -254,17 +318,17 @@ def _micro_batch_loss(cfg, model, wrapped, transformer, res, embeds, sel, j, adv
     return grpo_loss(out.log_prob, old, adv, float(cfg.train.clip_range), beta, out.mean, ref_mean, out.std)
 
 
-def _reduce_means(values: dict[str, float], accelerator) -> dict[str, float]:
-    if accelerator.num_processes == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-    t = accelerator.reduce(t, reduction="mean")
-    out = {k: float(v) for k, v in zip(keys, t.tolist())}
-    if "ratio_max_dev" in values:  # a maximum, not a mean
-        mx = torch.tensor([values["ratio_max_dev"]], dtype=torch.float64, device=accelerator.device)
-        out["ratio_max_dev"] = float(accelerator.gather(mx).max())
-    return out
+def _reduce_stats(stats: _Step, accelerator) -> dict[str, float]:
+    """Means averaged over processes, maxima maximised over processes."""
+    means, peaks = stats.means(), dict(stats.peaks)
+    if accelerator.num_processes > 1:
+        keys = sorted(means)
+        t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+        means = dict(zip(keys, accelerator.reduce(t, reduction="mean").tolist()))
+        keys = sorted(peaks)
+        t = torch.tensor([[peaks[k] for k in keys]], dtype=torch.float64, device=accelerator.device)
+        peaks = dict(zip(keys, accelerator.gather(t).max(dim=0).values.tolist()))
+    return {**{k: float(v) for k, v in means.items()}, **{k: float(v) for k, v in peaks.items()}}
 
 
 def _restore(job: ExpertJob, accelerator, params, optimizer, ema, per_step: int) -> int:
