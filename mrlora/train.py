@@ -11,7 +11,8 @@ Inside a run (what Slurm array tasks and the local executor run; also ``train_ex
 Distributed: start one process per GPU with ``srun`` (Slurm variables are read) or ``torchrun``; a plain
 ``python`` is a single process. Re-running the same command continues from the newest complete checkpoint and
 stops at the same step count; an expert whose DONE.json exists returns at once. On SIGUSR2/SIGTERM the job
-finishes the current optimizer step, writes a checkpoint and raises :class:`Preempted` (exit code 3 on the CLI).
+finishes the current sampling round (``train.updates_per_round`` optimizer steps), writes a checkpoint and raises
+:class:`Preempted` (exit code 3 on the CLI).
 
 Heavy imports (torch, diffusers) happen inside the functions, so ``--help`` answers instantly.
 """

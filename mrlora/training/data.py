@@ -1,4 +1,8 @@
-"""Which prompts and which noise seeds an optimizer step uses: a pure function of (seed, salt, step).
+"""Which prompts and which noise seeds a sampling round uses: a pure function of (seed, salt, round).
+
+A round feeds ``train.updates_per_round`` optimizer steps; the training loop builds the schedule with
+``prompts_per_step`` = prompts of a whole round, so below "step" means a round (the same thing with one update
+per round).
 
 Why not a stateful sampler: a resumed run must see exactly the prompts and noise an uninterrupted run would have
 seen, and the answer must not depend on how many processes share the work. So prompt order is a fixed

@@ -1,8 +1,9 @@
-"""SIGUSR2 / SIGTERM -> "checkpoint at the next step boundary, then stop" (the preemption contract).
+"""SIGUSR2 / SIGTERM -> "checkpoint at the next round boundary, then stop" (the preemption contract).
 
 Slurm (and submitit) send SIGUSR2 before a time limit or preemption, SIGTERM on scancel; torchrun forwards
 SIGTERM to its workers. Stopping mid-step would waste the step or corrupt state, so the handler only sets a flag;
-the loop polls it after each optimizer step and all ranks agree (any rank signalled -> all stop) before writing
+the loop polls it after each sampling round (``train.updates_per_round`` optimizer steps; a checkpoint inside
+a round would need the round's samples to resume) and all ranks agree (any rank signalled -> all stop) before writing
 the checkpoint. Previous handlers are restored on exit, so a caller's own handlers keep working afterwards.
 """
 
