@@ -72,6 +72,39 @@ def _steps_done(run: RunDir, cycle: int, reward: str) -> tuple[int, dict]:
     return sum(1 for line in lines if line.strip()), last
 
 
+def reward_trend(run: RunDir, cycle: int, reward: str) -> tuple[float, float] | None:
+    """(first, last) ``reward_mean`` of an expert's metrics, or None before its first step."""
+    values = []
+    try:
+        lines = run.metrics_path(cycle, reward).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            value = json.loads(line).get("reward_mean")
+        except ValueError:
+            continue
+        if isinstance(value, (int, float)):
+            values.append(float(value))
+    return (values[0], values[-1]) if values else None
+
+
+def trend_table(run: RunDir, plan: Plan) -> str:
+    """Cycles x rewards: each expert's reward mean at its first and last step, for the end-of-run summary."""
+    rewards = list(dict.fromkeys(r for job in plan.jobs if job.kind != "merge" for r in job.rewards))
+    cycles = sorted({job.cycle for job in plan.jobs})
+    width = max(22, *(len(r) + 2 for r in rewards))
+    lines = ["reward mean of each expert, first step -> last step:",
+             "cycle " + "".join(f"{r:>{width}}" for r in rewards)]
+    for c in cycles:
+        cells = []
+        for r in rewards:
+            trend = reward_trend(run, c, r)
+            cells.append(f"{trend[0]:.4g} -> {trend[1]:.4g}" if trend else "-")
+        lines.append(f"{c:>5} " + "".join(f"{cell:>{width}}" for cell in cells))
+    return "\n".join(lines) + "\n"
+
+
 def reward_summary(metrics: dict) -> str:
     """The reward means of one metrics line, as "reward 0.512" (keys named like reward*, mean first)."""
     keys = [k for k in metrics if "reward" in k.lower() and isinstance(metrics[k], (int, float))]
@@ -136,12 +169,14 @@ def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: Tex
         status = "done" if rc == 0 else ("interrupted (checkpointed)" if rc == EXIT_INTERRUPTED else f"FAILED (exit {rc})")
         extra = ""
         if task.kind == "expert" and rc == 0:
-            done, metrics = _steps_done(run, task.cycle, task.reward)
-            extra = f" {done} steps {reward_summary(metrics)}".rstrip()
+            done, _ = _steps_done(run, task.cycle, task.reward)
+            trend = reward_trend(run, task.cycle, task.reward)
+            extra = f", {done} steps" + (f", reward_mean {trend[0]:.4g} -> {trend[1]:.4g}" if trend else "")
         out.write(f"{chr(13) + chr(27) + '[K' if tty else ''}{prefix}: {status} in {elapsed:.1f} s{extra}\n")
         out.flush()
         if rc != 0:
             out.write(f"read the log: {log}\n")
             return rc
     out.write(f"all {len(tasks)} tasks finished in {time.monotonic() - t_run:.1f} s\n")
+    out.write(trend_table(run, plan))
     return 0

@@ -210,7 +210,8 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
 
     steps = {r: config_for_reward(cfg, r).train.steps for r in cfg.rewards}
     print(f"run directory: {run.root}")
-    print(f"running {plan.cycles - plan.first_cycle + 1} cycle(s) locally ({len(plan.jobs)} jobs); "
+    n_tasks = sum(1 if job.kind == "merge" else len(job.rewards) for job in plan.jobs)
+    print(f"running {plan.cycles - plan.first_cycle + 1} cycle(s) locally ({n_tasks} tasks); "
           f"Ctrl-C checkpoints and stops")
     try:
         rc = run_plan_locally(run, plan, steps)
@@ -220,6 +221,12 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
         print(f"done: {run.root}")
         print(f"  status:  python -m launch.status {run.run_ts} --out-root {shlex.quote(str(out_root))} "
               f"--model {run.root.parent.name}")
+        suite = ",".join(cfg.rewards)
+        print(f"  compare the base with the merged cycles on every reward (the trade-off the merge makes):\n"
+              f"    python -m rewards.prompts --kind simple --n 8 --seed 1 --out eval_prompts.txt\n"
+              f"    for c in $(seq 0 {plan.cycles}); do python -m eval.run --checkpoint "
+              f"{shlex.quote(str(run.root))}:$c --suite {suite} --prompts eval_prompts.txt --out evals/c$c; done\n"
+              f"    python -m eval.report --inputs evals/c* --out evals/report")
     return 0 if rc == 0 else 1
 
 
