@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mapreduce.merge_mode = "exact"    # "exact" | "reference" (public code: average A and B; inexact)
     c.mapreduce.allow_negative_weights = False
     c.mapreduce.export_every = 0        # materialise a full model every K cycles (0: only on demand)
+    c.mapreduce.rate_after_cycles = []  # cycles whose experts are distilled into RaTE tokens (--rate-after-cycle)
 
     # RaTE: distil each expert into one token embedding per text encoder (mrlora.rate, docs/rate.md).
     c.rate = ml_collections.ConfigDict()

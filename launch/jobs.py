@@ -6,11 +6,14 @@ never undone), extending the chain with the next window after a merge, and relea
 last merge. Heavy code (torch, diffusers) is imported inside the call, on the compute node.
 
 The same wrappers run under the local executor, one subprocess per job:
-``python -m launch.jobs expert RUN_ROOT CYCLE REWARD`` and ``python -m launch.jobs merge RUN_ROOT CYCLE``
-(exit 0 done, 3 interrupted after a checkpoint, 1 failed).
+``python -m launch.jobs expert RUN_ROOT CYCLE REWARD``, ``python -m launch.jobs merge RUN_ROOT CYCLE`` and
+``python -m launch.jobs rate RUN_ROOT CYCLE REWARD`` (exit 0 done, 3 interrupted after a checkpoint, 1 failed).
+A RaTE distillation is preempted and requeued exactly like an expert: it checkpoints on the signal and continues
+from the checkpoint when the requeued task starts again.
 
 ``MRLORA_JOB_ENTRYPOINTS`` (internal, for tests of the launcher itself) names a module that provides
-``train_expert_in_run``, ``merge_cycle_in_run`` and ``Preempted`` in place of mrlora.train / mrlora.reduce.
+``train_expert_in_run``, ``merge_cycle_in_run``, ``distill_in_run`` and ``Preempted`` in place of mrlora.train /
+mrlora.reduce / mrlora.rate.
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ def _train_module():
 def _merge_module():
     override = os.environ.get(ENTRYPOINTS_ENV)
     return importlib.import_module(override or "mrlora.reduce")
+
+
+def _rate_entrypoint():
+    """(distill_in_run, the Preempted it raises): mrlora.rate's, or the test module's."""
+    override = os.environ.get(ENTRYPOINTS_ENV)
+    if override:
+        module = importlib.import_module(override)
+        return module.distill_in_run, module.Preempted
+    from mrlora.rate import distill_in_run
+    from mrlora.training.errors import Preempted
+
+    return distill_in_run, Preempted
 
 
 def _log(msg: str) -> None:
@@ -105,6 +120,34 @@ class ExpertTask:
 
 
 @dataclass
+class RateTask:
+    """Distil the expert of ``reward`` in cycle ``cycle`` into its RaTE token (one array task)."""
+
+    run_root: str
+    cycle: int
+    reward: str
+    max_requeues: int = 20
+
+    def __call__(self) -> dict:
+        distill_in_run, preempted = _rate_entrypoint()
+        what = f"cycle {self.cycle} RaTE {self.reward}"
+        _log(f"{what}: starting in {self.run_root}")
+        try:
+            result = distill_in_run(self.run_root, self.cycle, self.reward)
+        except preempted:
+            handle_preemption(what, self.max_requeues)
+            raise
+        _log(f"{what}: done")
+        return result
+
+    def checkpoint(self, *args, **kwargs):
+        """As for an expert: rerunning continues from the newest complete RaTE checkpoint."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+@dataclass
 class MergeTask:
     """Merge cycle ``cycle``; then submit the next window (``extend``) or release the lease (``final``)."""
 
@@ -152,10 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("merge", help="merge one cycle")
     m.add_argument("run_root")
     m.add_argument("cycle", type=int)
+    r = sub.add_parser("rate", help="distil one expert of one cycle into its RaTE token")
+    r.add_argument("run_root")
+    r.add_argument("cycle", type=int)
+    r.add_argument("reward")
     args = parser.parse_args(argv)
     try:
         if args.what == "expert":
             ExpertTask(args.run_root, args.cycle, args.reward)()
+        elif args.what == "rate":
+            RateTask(args.run_root, args.cycle, args.reward)()
         else:
             MergeTask(args.run_root, args.cycle)()
     except JobFailed as exc:

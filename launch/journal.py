@@ -13,6 +13,7 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from launch.plan import MERGE, RATE, rate_unit
 from mrlora.runstore import RunDir, atomic_write_json, read_json
 
 JOURNAL_DIR = "jobs"
@@ -24,7 +25,7 @@ class JobRecord:
     key: str
     name: str
     cycle: int
-    kind: str                 # "expert" | "merge"
+    kind: str                 # "expert" | "merge" | "rate"
     rewards: tuple[str, ...]  # array task i trains rewards[i]
     array: bool
     window: int
@@ -78,10 +79,15 @@ def read_records(run: RunDir) -> list[JobRecord]:
 
 
 def latest_by_unit(records: list[JobRecord]) -> dict[tuple[int, str], JobRecord]:
-    """The newest record per (cycle, reward) and (cycle, "merge"): what status should show."""
+    """The newest record per (cycle, reward), (cycle, "merge") and (cycle, "rate:<reward>"): what status shows."""
     out: dict[tuple[int, str], JobRecord] = {}
     for rec in records:
-        units = [(rec.cycle, "merge")] if rec.kind == "merge" else [(rec.cycle, r) for r in rec.rewards]
+        if rec.kind == MERGE:
+            units = [(rec.cycle, MERGE)]
+        elif rec.kind == RATE:
+            units = [(rec.cycle, rate_unit(r)) for r in rec.rewards]
+        else:
+            units = [(rec.cycle, r) for r in rec.rewards]
         for unit in units:
             out[unit] = rec
     return out

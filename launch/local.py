@@ -4,8 +4,9 @@ Where there is no Slurm (a laptop, CI, this machine), ``python -m launch.mapredu
 foreground: one subprocess per task (``python -m launch.jobs ...``), exactly the job wrappers a cluster runs, so
 the run directory has the same layout and ``--resume`` / ``launch.status`` work the same way. Tasks run one at a
 time: the tiny presets fill a small machine with one process, and a failure stops the chain like
-``kill-on-invalid-dep`` does on Slurm. Ctrl-C asks the running task to checkpoint (SIGTERM) and exits; resume
-with ``--resume``.
+``kill-on-invalid-dep`` does on Slurm. RaTE tasks run right after their cycle's merge; as on Slurm nothing
+depends on them, so a failed RaTE task is reported and the chain goes on (the run then exits non-zero). Ctrl-C
+asks the running task to checkpoint (SIGTERM) and exits; resume with ``--resume``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import TextIO
 
 from launch.jobs import EXIT_INTERRUPTED
-from launch.plan import Plan
+from launch.plan import MERGE, RATE, Plan
+from launch.runs import rate_dir
 from mrlora.runstore import RunDir
 
 LOCAL_LOG_DIR = "local"
@@ -36,19 +38,22 @@ class LocalTask:
 
     @property
     def label(self) -> str:
-        return f"cycle {self.cycle} {'merge' if self.kind == 'merge' else self.reward}"
+        if self.kind == MERGE:
+            return f"cycle {self.cycle} merge"
+        return f"cycle {self.cycle} {'RaTE ' if self.kind == RATE else ''}{self.reward}"
 
 
 def local_tasks(plan: Plan, run_root: str) -> list[LocalTask]:
     tasks = []
     for job in plan.topological():
-        if job.kind == "merge":
-            tasks.append(LocalTask(job.key, job.cycle, "merge", None,
+        if job.kind == MERGE:
+            tasks.append(LocalTask(job.key, job.cycle, MERGE, None,
                                    ("merge", run_root, str(job.cycle))))
         else:
+            verb = "rate" if job.kind == RATE else "expert"
             for r in job.rewards:
                 key = job.key if not job.array else f"{job.key}-{r}"
-                tasks.append(LocalTask(key, job.cycle, "expert", r, ("expert", run_root, str(job.cycle), r)))
+                tasks.append(LocalTask(key, job.cycle, job.kind, r, (verb, run_root, str(job.cycle), r)))
     return tasks
 
 
@@ -56,8 +61,8 @@ def log_path(run: RunDir, task_key: str) -> Path:
     return run.logs_dir / LOCAL_LOG_DIR / f"{task_key}.log"
 
 
-def _steps_done(run: RunDir, cycle: int, reward: str) -> tuple[int, dict]:
-    path = run.metrics_path(cycle, reward)
+def _steps_done(run: RunDir, cycle: int, reward: str, kind: str = "expert") -> tuple[int, dict]:
+    path = rate_dir(run, cycle, reward) / "metrics.jsonl" if kind == RATE else run.metrics_path(cycle, reward)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
@@ -91,8 +96,10 @@ def reward_trend(run: RunDir, cycle: int, reward: str) -> tuple[float, float] | 
 
 def trend_table(run: RunDir, plan: Plan) -> str:
     """Cycles x rewards: each expert's reward mean at its first and last step, for the end-of-run summary."""
-    rewards = list(dict.fromkeys(r for job in plan.jobs if job.kind != "merge" for r in job.rewards))
-    cycles = sorted({job.cycle for job in plan.jobs})
+    rewards = list(dict.fromkeys(r for job in plan.jobs if job.kind == "expert" for r in job.rewards))
+    cycles = sorted({job.cycle for job in plan.jobs if job.kind == "expert"})
+    if not rewards:
+        return ""
     width = max(22, *(len(r) + 2 for r in rewards))
     lines = ["reward mean of each expert, first step -> last step:",
              "cycle " + "".join(f"{r:>{width}}" for r in rewards)]
@@ -120,11 +127,14 @@ def _child_env() -> dict:
 
 
 def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO = sys.stdout,
-                     poll_s: float = 0.5) -> int:
+                     poll_s: float = 0.5, rate_steps_of: dict[str, int] | None = None) -> int:
     """Run every task of ``plan`` in order; return 0 when all finished, else the failing exit code.
 
-    ``steps_of`` maps reward -> optimizer steps of its expert (for the progress display).
+    ``steps_of`` / ``rate_steps_of`` map reward -> optimizer steps of its expert / RaTE distillation (for the
+    progress display). A failed RaTE task does not stop the chain; it makes the return code non-zero.
     """
+    rate_steps_of = rate_steps_of or {}
+    rate_failures: list[tuple[LocalTask, Path, int]] = []
     tasks = local_tasks(plan, str(run.root))
     (run.logs_dir / LOCAL_LOG_DIR).mkdir(parents=True, exist_ok=True)
     tty = out.isatty()
@@ -144,12 +154,13 @@ def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: Tex
             try:
                 while proc.poll() is None:
                     time.sleep(poll_s)
-                    if task.kind == "expert":
-                        done, metrics = _steps_done(run, task.cycle, task.reward)
-                        shown = (done, reward_summary(metrics))
+                    if task.kind != MERGE:
+                        done, metrics = _steps_done(run, task.cycle, task.reward, task.kind)
+                        total = (rate_steps_of if task.kind == RATE else steps_of).get(task.reward, "?")
+                        shown = (done, reward_summary(metrics) if task.kind != RATE else "")
                         if shown != last_shown:
                             last_shown = shown
-                            line = f"{prefix}: step {done}/{steps_of.get(task.reward, '?')} {shown[1]}".rstrip()
+                            line = f"{prefix}: step {done}/{total} {shown[1]}".rstrip()
                             out.write(f"\r\033[K{line}" if tty else f"{line}\n")
                             out.flush()
             except KeyboardInterrupt:
@@ -172,11 +183,25 @@ def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: Tex
             done, _ = _steps_done(run, task.cycle, task.reward)
             trend = reward_trend(run, task.cycle, task.reward)
             extra = f", {done} steps" + (f", reward_mean {trend[0]:.4g} -> {trend[1]:.4g}" if trend else "")
+        elif task.kind == RATE and rc == 0:
+            extra = f", token {rate_dir(run, task.cycle, task.reward) / 'token.safetensors'}"
         out.write(f"{chr(13) + chr(27) + '[K' if tty else ''}{prefix}: {status} in {elapsed:.1f} s{extra}\n")
         out.flush()
+        if rc != 0 and task.kind == RATE and rc != EXIT_INTERRUPTED:
+            out.write(f"read the log: {log} (the chain goes on: nothing depends on a RaTE token)\n")
+            rate_failures.append((task, log, rc))
+            continue
         if rc != 0:
             out.write(f"read the log: {log}\n")
             return rc
+    if rate_failures:
+        out.write(f"{len(tasks) - len(rate_failures)} of {len(tasks)} tasks finished in "
+                  f"{time.monotonic() - t_run:.1f} s; failed RaTE task(s): "
+                  f"{', '.join(t.label for t, _, _ in rate_failures)}. Fix the cause in their logs, then run "
+                  f"python -m launch.mapreduce --resume {run.run_ts} --out-root {run.root.parent.parent} "
+                  f"--model {run.root.parent.name}\n")
+        out.write(trend_table(run, plan))
+        return rate_failures[0][2]
     out.write(f"all {len(tasks)} tasks finished in {time.monotonic() - t_run:.1f} s\n")
     out.write(trend_table(run, plan))
     return 0

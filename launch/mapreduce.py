@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from launch import runs, slurm
-from launch.plan import PlanError, build_plan, format_plan, submission_dependencies
+from launch.plan import RATE, PlanError, build_plan, format_plan, submission_dependencies
 from launch.profiles import ClusterProfile, ProfileError, default_profile, load_profile
 from launch.runs import LaunchError
 from mrlora.config import (ConfigError, apply_overrides, config_from_dict, config_to_dict, format_config, load_config,
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a run (the newest one without RUN_TS) from its last completed cycle")
     p.add_argument("--adopt", action="store_true",
                    help="with --resume: take over the run's jobs still in the queue instead of refusing")
+    p.add_argument("--rate-after-cycle", dest="rate_after_cycles", nargs="+", type=int, metavar="C",
+                   help="after the experts of cycle C, distil each of them into a RaTE token (one job per reward, "
+                        "beside the chain: nothing waits for it); repeatable cycles, e.g. --rate-after-cycle 10 80. "
+                        "On --resume, adds to the run's cycles (mapreduce.rate_after_cycles)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable); on --resume, the way to "
                         "change the frozen config (recorded in run.json history)")
@@ -108,7 +112,17 @@ def shortcut_overrides(args) -> list[str]:
         out.append(f"train.steps={args.merge_steps}")
     if args.mode:
         out.append(f"mapreduce.mode={args.mode}")
+    if args.rate_after_cycles:
+        out.append(f"mapreduce.rate_after_cycles={sorted(set(args.rate_after_cycles))!r}")
     return out
+
+
+def add_rate_cycles(cfg, cycles: list[int] | None) -> None:
+    """On resume: add ``--rate-after-cycle`` cycles to the run's (run.json files older than the field lack it)."""
+    if not cycles:
+        return
+    with cfg.mapreduce.unlocked():
+        cfg.mapreduce.rate_after_cycles = sorted(set(runs.rate_cycles_of(cfg)) | set(cycles))
 
 
 def check_reward_names(names: list[str]) -> None:
@@ -193,9 +207,12 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
         lease.job_ids = sorted(set(lease.job_ids) | set(ids.values()))
         run.update_lease(lease)
         window = plan.window(0)
+        chain = [j for j in window if j.kind != RATE] or window
+        rate_cycles = sorted({j.cycle for j in window if j.kind == RATE})
         print(f"run directory: {run.root}")
-        print(f"submitted cycles {window[0].cycle}..{window[-1].cycle} of {plan.cycles} "
-              f"({plan.mode}, {len(ids)} jobs):")
+        print(f"submitted cycles {chain[0].cycle}..{chain[-1].cycle} of {plan.cycles} "
+              f"({plan.mode}, {len(ids)} jobs"
+              + (f"; RaTE after cycle(s) {', '.join(map(str, rate_cycles))}" if rate_cycles else "") + "):")
         for key, job_id in ids.items():
             print(f"  {job_id:>10}  {plan.by_key()[key].name(plan.run_ts)}")
         if plan.n_windows > 1:
@@ -209,12 +226,13 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
     from mrlora.config import config_for_reward
 
     steps = {r: config_for_reward(cfg, r).train.steps for r in cfg.rewards}
+    rate_steps = {r: config_for_reward(cfg, r).rate.steps for r in cfg.rewards}
     print(f"run directory: {run.root}")
     n_tasks = sum(1 if job.kind == "merge" else len(job.rewards) for job in plan.jobs)
-    print(f"running {plan.cycles - plan.first_cycle + 1} cycle(s) locally ({n_tasks} tasks); "
+    print(f"running {max(0, plan.cycles - plan.first_cycle + 1)} cycle(s) locally ({n_tasks} tasks); "
           f"Ctrl-C checkpoints and stops")
     try:
-        rc = run_plan_locally(run, plan, steps)
+        rc = run_plan_locally(run, plan, steps, rate_steps_of=rate_steps)
     finally:
         run.release_lease(lease)
     if rc == 0:
@@ -246,7 +264,7 @@ def new_run(args, out_root: Path) -> int:
     model_dir = _model_dir_name(cfg, args.model)
     run_ts = new_run_ts()
     plan = build_plan(run_ts=run_ts, rewards=list(cfg.rewards), cycles=cfg.mapreduce.cycles, profile=profile,
-                      mode=cfg.mapreduce.mode)
+                      mode=cfg.mapreduce.mode, rate_after_cycles=runs.rate_cycles_of(cfg))
     if args.dry_run:
         print_dry_run(plan, profile, out_root / model_dir / run_ts, executor)
         return 0
@@ -295,6 +313,7 @@ def resume_run(args, out_root: Path) -> int:
     old = meta["config"]
     cfg = config_from_dict(old)
     apply_overrides(cfg, args.overrides)
+    add_rate_cycles(cfg, args.rate_after_cycles)
     validate(cfg)
     new = config_to_dict(cfg)
     changes = runs.config_changes(old, new)
@@ -322,7 +341,8 @@ def resume_run(args, out_root: Path) -> int:
     live = runs.live_units(run, queued) if queued else {}
     rewards = list(cfg.rewards)
     plan = build_plan(run_ts=run.run_ts, rewards=rewards, cycles=cfg.mapreduce.cycles, profile=profile,
-                      mode=cfg.mapreduce.mode, progress=runs.progress_of(run, rewards, live))
+                      mode=cfg.mapreduce.mode, progress=runs.progress_of(run, rewards, live),
+                      rate_after_cycles=runs.rate_cycles_of(cfg))
     if args.dry_run:
         if changes:
             print(f"changes to the frozen config: {changes}")

@@ -3,7 +3,9 @@
 Per cycle: the experts (one Slurm array with one task per reward when every reward needs the same resources,
 else one job per reward), then one merge job ``afterok`` on all of them, then the next cycle's experts
 ``afterok`` on that merge. Sequential mode chains the experts one after the other instead (for allocations too
-small to hold them at once). Only a window of ``window_cycles`` cycles is submitted at a time; the last merge of
+small to hold them at once). Optional RaTE jobs (``rate_after_cycles``) distil the experts of a chosen cycle into
+tokens: one array (or one job per reward) ``afterok`` on that cycle's experts, beside the chain: nothing waits
+for them, so a slow or failed distillation never holds up the next cycle. Only a window of ``window_cycles`` cycles is submitted at a time; the last merge of
 a window submits the next one from its compute node, so the queue never holds more than one window of jobs.
 
 Nothing here talks to Slurm or touches disk: first launch, ``--resume``, ``--adopt``, ``--dry-run`` and the
@@ -14,6 +16,7 @@ keeps the logic testable without a scheduler and makes ``--dry-run`` show exactl
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from launch.profiles import ClusterProfile, Resources
@@ -21,6 +24,7 @@ from launch.profiles import ClusterProfile, Resources
 MODES = ("parallel", "sequential")
 MERGE = "merge"
 EXPERTS = "experts"
+RATE = "rate"
 
 
 class PlanError(ValueError):
@@ -40,9 +44,14 @@ def run_comment(run_ts: str) -> str:
     return f"mrlora:{run_ts}"
 
 
+def rate_unit(reward: str) -> str:
+    """The unit name of ``reward``'s RaTE token in ``Progress.live`` and the job journal ("rate:<reward>")."""
+    return f"{RATE}:{reward}"
+
+
 @dataclass(frozen=True)
 class Job:
-    """One Slurm submission: an expert array, a single expert, or a merge.
+    """One Slurm submission: an expert array, a single expert, a merge, or RaTE distillations (array or single).
 
     ``after`` names jobs of the same plan this one waits for (afterok); ``after_ids`` are ids of jobs already
     in the queue (adopted from an earlier launcher). ``window`` 0 is submitted now; window k > 0 is submitted
@@ -51,8 +60,8 @@ class Job:
 
     key: str
     cycle: int
-    kind: str                       # "expert" | "merge"
-    rewards: tuple[str, ...]        # expert tasks in array order; empty for a merge
+    kind: str                       # "expert" | "merge" | "rate"
+    rewards: tuple[str, ...]        # expert / RaTE tasks in array order; empty for a merge
     resources: Resources
     after: tuple[str, ...] = ()
     after_ids: tuple[str, ...] = ()
@@ -62,12 +71,14 @@ class Job:
 
     @property
     def array(self) -> bool:
-        return self.kind == "expert" and len(self.rewards) > 1
+        return self.kind != MERGE and len(self.rewards) > 1
 
     @property
     def role(self) -> str:
         if self.kind == MERGE:
             return MERGE
+        if self.kind == RATE:
+            return RATE if self.array else f"{RATE}-{safe_name(self.rewards[0])}"
         return EXPERTS if self.array else safe_name(self.rewards[0])
 
     def name(self, run_ts: str) -> str:
@@ -80,14 +91,16 @@ def job_key(cycle: int, role: str) -> str:
 
 @dataclass(frozen=True)
 class Progress:
-    """What the run already holds: finished experts and merges, and work owned by jobs still in the queue.
+    """What the run already holds: finished experts, merges and RaTE tokens, and work owned by queued jobs.
 
-    ``live`` maps (cycle, reward) or (cycle, "merge") to the queued/running job id that will produce it.
+    ``live`` maps (cycle, reward), (cycle, "merge") or (cycle, rate_unit(reward)) to the queued/running job id
+    that will produce it.
     """
 
     done: frozenset = frozenset()          # {(cycle, reward)}
     merged: frozenset = frozenset()        # {cycle}
     live: dict = field(default_factory=dict)
+    rate_done: frozenset = frozenset()     # {(cycle, reward)} with cycle_XXXX/rate/<reward>/DONE.json
 
     @property
     def last_merged(self) -> int:
@@ -106,6 +119,7 @@ class Plan:
     first_cycle: int
     window_cycles: int
     jobs: list[Job]
+    rate_after_cycles: tuple[int, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -135,11 +149,21 @@ def build_plan(
     mode: str = "parallel",
     progress: Progress | None = None,
     window_cycles: int | None = None,
+    rate_after_cycles: Iterable[int] = (),
 ) -> Plan:
-    """Every job still needed to finish ``cycles`` cycles, in dependency order, grouped into windows."""
+    """Every job still needed to finish ``cycles`` cycles, in dependency order, grouped into windows.
+
+    ``rate_after_cycles``: cycles whose experts are distilled into RaTE tokens (one task per reward whose token
+    is neither done nor queued). A cycle already merged gets its RaTE jobs in window 0 with nothing to wait for.
+    """
     rewards = tuple(rewards)
     if cycles < 1:
         raise PlanError(f"cycles must be >= 1, got {cycles}")
+    rate_cycles = tuple(sorted(set(int(c) for c in rate_after_cycles)))
+    bad = [c for c in rate_cycles if not 1 <= c <= cycles]
+    if bad:
+        raise PlanError(f"--rate-after-cycle {' '.join(map(str, bad))}: a RaTE cycle must be one of the run's "
+                        f"cycles 1..{cycles}; pick cycles in that range (or raise --cycles)")
     if not rewards:
         raise PlanError("no rewards to train; name at least one with --rewards")
     if len(set(rewards)) != len(rewards):
@@ -152,7 +176,26 @@ def build_plan(
         raise PlanError(f"window_cycles must be >= 1, got {window}")
     first = progress.last_merged + 1
     plan = Plan(run_ts=run_ts, mode=mode, rewards=rewards, cycles=cycles, first_cycle=first,
-                window_cycles=window, jobs=[])
+                window_cycles=window, jobs=[], rate_after_cycles=rate_cycles)
+
+    def add_rate_jobs(cycle: int, after: tuple[str, ...], after_ids: tuple[str, ...], win: int) -> None:
+        """RaTE of ``cycle``: grouped like the experts (one array when every reward needs the same resources)."""
+        if cycle not in rate_cycles:
+            return
+        todo = [r for r in rewards
+                if (cycle, r) not in progress.rate_done and (cycle, rate_unit(r)) not in progress.live]
+        groups = {profile.expert_resources(r).key() for r in todo}
+        if len(todo) > 1 and len(groups) == 1:
+            plan.jobs.append(Job(job_key(cycle, RATE), cycle, RATE, tuple(todo), profile.expert_resources(todo[0]),
+                                 after, after_ids, win))
+            return
+        for r in todo:
+            plan.jobs.append(Job(job_key(cycle, f"{RATE}-{safe_name(r)}"), cycle, RATE, (r,),
+                                 profile.expert_resources(r), after, after_ids, win))
+
+    for cycle in rate_cycles:
+        if cycle < first:  # merged, so every expert of it is DONE
+            add_rate_jobs(cycle, (), (), 0)
     if first > cycles:
         return plan
 
@@ -194,15 +237,20 @@ def build_plan(
                 job = Job(job_key(cycle, safe_name(r)), cycle, "expert", (r,), profile.expert_resources(r),
                           chain_key, chain_ids, win)
                 plan.jobs.append(job)
+                expert_keys.append(job.key)
                 chain_key, chain_ids = (job.key,), ()
             merge_after, merge_ids = chain_key, chain_ids
 
+        # RaTE needs the experts' DONE, not the merge: it waits for this cycle's expert jobs only
+        rate_after = (tuple(expert_keys), live_ids)
         if (cycle, MERGE) in progress.live:
             prev_key, prev_ids = (), (progress.live[(cycle, MERGE)],)
+            add_rate_jobs(cycle, *rate_after, win)
             continue
         merge = Job(job_key(cycle, MERGE), cycle, MERGE, (), profile.merge, merge_after, merge_ids, win,
                     extends=last_of_window and cycle < cycles, final=cycle == cycles)
         plan.jobs.append(merge)
+        add_rate_jobs(cycle, *rate_after, win)
         prev_key, prev_ids = (merge.key,), ()
     return plan
 
@@ -227,12 +275,14 @@ def format_plan(plan: Plan, profile: ClusterProfile) -> str:
     lines = [
         f"run {plan.run_ts}: cycles {plan.first_cycle}..{plan.cycles}, {plan.mode} mode, rewards "
         f"{', '.join(plan.rewards)}, {len(plan.jobs)} jobs in {plan.n_windows} window(s) of "
-        f"{plan.window_cycles} cycle(s); profile {profile.name}",
+        f"{plan.window_cycles} cycle(s); profile {profile.name}"
+        + (f"; RaTE tokens after cycle(s) {', '.join(map(str, plan.rate_after_cycles))} (beside the chain: "
+           f"nothing waits for them)" if plan.rate_after_cycles else ""),
     ]
     by_key = plan.by_key()
     rows = []
     for job in plan.jobs:
-        tasks = ",".join(job.rewards) if job.kind == "expert" else "merge"
+        tasks = {"expert": ",".join(job.rewards), MERGE: "merge", RATE: "RaTE " + ",".join(job.rewards)}[job.kind]
         if job.array:
             tasks = f"array[{len(job.rewards)}]: {tasks}"
         after = [*job.after, *(f"job {i}" for i in job.after_ids)]

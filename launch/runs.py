@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from launch.journal import read_records
-from launch.plan import MERGE, Progress
+from launch.plan import MERGE, RATE, Progress, rate_unit
 from launch.profiles import ClusterProfile, profile_from_dict
-from mrlora.runstore import LeaseInfo, RunDir, pid_alive
+from mrlora.runstore import DONE_MARKER, LeaseInfo, RunDir, pid_alive, read_marker
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +56,26 @@ def progress_of(run: RunDir, rewards: list[str], live: dict | None = None) -> Pr
     state = run.scan(rewards)
     done = frozenset((c, r) for c, cs in state.cycles.items() for r, es in cs.experts.items() if es.done)
     merged = frozenset(c for c, cs in state.cycles.items() if cs.merged)
-    return Progress(done=done, merged=merged, live=dict(live or {}))
+    rate_done = frozenset((c, r) for c in state.cycles for r in rewards if rate_is_done(run, c, r))
+    return Progress(done=done, merged=merged, live=dict(live or {}), rate_done=rate_done)
+
+
+def rate_cycles_of(cfg) -> list[int]:
+    """``mapreduce.rate_after_cycles`` of a config (absent in run.json files written before the field existed)."""
+    return [int(c) for c in cfg.mapreduce.get("rate_after_cycles", None) or []]
+
+
+def rate_dir(run: RunDir, cycle: int, reward: str) -> Path:
+    """``cycle_XXXX/rate/<reward>/``: where ``mrlora.rate.distill_in_run`` writes the token (docs/internals.md)."""
+    return run.cycle_dir(cycle) / RATE / reward
+
+
+def rate_is_done(run: RunDir, cycle: int, reward: str) -> bool:
+    return read_marker(rate_dir(run, cycle, reward), DONE_MARKER) is not None
 
 
 def live_units(run: RunDir, queued) -> dict:
-    """Map queued jobs of the run to the units they will produce: {(cycle, reward|"merge"): job id}."""
+    """Map queued jobs of the run to the units they will produce: {(cycle, reward|"merge"|"rate:<reward>"): id}."""
     records = {r.job_id: r for r in read_records(run)}
     live: dict = {}
     for q in queued:
@@ -70,13 +85,14 @@ def live_units(run: RunDir, queued) -> dict:
         if rec.kind == MERGE:
             live[(rec.cycle, MERGE)] = rec.job_id
             continue
+        unit = rate_unit if rec.kind == RATE else (lambda r: r)
         if rec.array and "_" in q.job_id and q.job_id.split("_", 1)[1].isdigit():
             index = int(q.job_id.split("_", 1)[1])
             if index < len(rec.rewards):
-                live[(rec.cycle, rec.rewards[index])] = rec.job_id
-        else:  # a single expert, or array tasks not yet split ("123_[0-2]"): all of its rewards
+                live[(rec.cycle, unit(rec.rewards[index]))] = rec.job_id
+        else:  # a single job, or array tasks not yet split ("123_[0-2]"): all of its rewards
             for r in rec.rewards:
-                live[(rec.cycle, r)] = rec.job_id
+                live[(rec.cycle, unit(r))] = rec.job_id
     return live
 
 

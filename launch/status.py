@@ -1,6 +1,7 @@
 """``python -m launch.status [RUN_TS]``: where a run stands, from one squeue call, one sacct call and the run dir.
 
-A table of cycles x (each reward + merge): the job's Slurm state, progress in optimizer steps (metrics lines or
+A table of cycles x (each reward + merge), plus a "rate" row under each cycle chosen for RaTE tokens: the
+job's Slurm state, progress in optimizer steps (metrics lines or
 the newest complete checkpoint), the latest reward means from ``metrics.jsonl``; then elapsed time, an estimate
 of the time left from the cycles already merged, and every failure with the log to read. The run directory is
 the truth for what is finished (markers); Slurm tells what is queued, running or failed.
@@ -20,8 +21,8 @@ from launch import slurm
 from launch.journal import JobRecord, latest_by_unit, read_records
 from launch.local import LOCAL_LOG_DIR
 from launch.mapreduce import find_run, out_root_of
-from launch.plan import MERGE
-from launch.runs import LaunchError
+from launch.plan import MERGE, RATE, rate_unit, safe_name
+from launch.runs import LaunchError, rate_cycles_of, rate_dir, rate_is_done
 from mrlora.config import config_for_reward, config_from_dict
 from mrlora.runstore import RunDir, RunStoreError, pid_alive
 
@@ -45,14 +46,24 @@ class RunStatus:
     cycles: int
     last_merged: int
     rows: dict[int, dict[str, Cell]] = field(default_factory=dict)
+    rate_rows: dict[int, dict[str, Cell]] = field(default_factory=dict)   # cycle -> reward -> its RaTE token
     elapsed_s: float = 0.0
     eta_s: float | None = None
     queued: int = 0
     slurm_note: str = ""
 
     @property
-    def finished(self) -> bool:
+    def all_merged(self) -> bool:
         return self.last_merged >= self.cycles
+
+    @property
+    def rate_missing(self) -> list[str]:
+        """"cycle C <reward>" for every chosen RaTE token without its DONE marker."""
+        return [f"cycle {c} {r}" for c, row in self.rate_rows.items() for r, cell in row.items() if cell.state != "DONE"]
+
+    @property
+    def finished(self) -> bool:
+        return self.all_merged and not self.rate_missing
 
 
 def _parse_time(text: str | None) -> _dt.datetime | None:
@@ -72,7 +83,10 @@ def _fmt_duration(seconds: float | None) -> str:
 
 
 def _metrics(run: RunDir, cycle: int, reward: str) -> tuple[int, dict]:
-    path = run.metrics_path(cycle, reward)
+    return _metrics_at(run.metrics_path(cycle, reward))
+
+
+def _metrics_at(path: Path) -> tuple[int, dict]:
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError:
@@ -94,10 +108,47 @@ def _reward_mean(metrics: dict) -> str:
 
 def _local_log(run: RunDir, cycle: int, unit: str) -> Path | None:
     folder = run.logs_dir / LOCAL_LOG_DIR
-    for name in (f"c{cycle:04d}-{unit}.log", f"c{cycle:04d}-experts-{unit}.log"):
+    names = (f"c{cycle:04d}-{unit}.log", f"c{cycle:04d}-experts-{unit}.log")
+    if unit.startswith(f"{RATE}:"):
+        reward = unit.split(":", 1)[1]
+        names = (f"c{cycle:04d}-{RATE}-{safe_name(reward)}.log", f"c{cycle:04d}-{RATE}-{reward}.log")
+    for name in names:
         if (folder / name).exists():
             return folder / name
     return None
+
+
+def _fill_state(cell: Cell, run: RunDir, status: RunStatus, rec: JobRecord | None, c: int, unit: str, done: bool,
+                queue: dict, acct: dict) -> None:
+    """The state of one unit (an expert, a merge or a RaTE token "rate:<reward>"): marker first, then Slurm."""
+    reward = None if unit == MERGE else unit.split(":", 1)[1] if unit.startswith(f"{RATE}:") else unit
+    if rec is not None:
+        task = rec.task_id(reward) if reward is not None else rec.job_id
+        q = queue.get(task) or next((v for k, v in queue.items() if v.base_id == rec.job_id and "[" in k), None)
+        a = acct.get(task) or next((v for k, v in acct.items() if v.base_id == rec.job_id and "[" in k), None)
+        if q is not None and not done:
+            cell.state = q.state + (f"({q.reason})" if q.state == "PENDING" and q.reason not in ("", "None") else "")
+        elif done:
+            cell.state = "DONE"
+        elif a is not None:
+            cell.state = a.state
+            if a.state == "CANCELLED" and a.start in ("", "None", "Unknown"):
+                cell.state = "CANCELLED(never ran)"  # a parent failed or the run was cancelled
+            elif a.state in FAILED_STATES or a.state == "COMPLETED":
+                out, err = rec.log_paths(reward)
+                cell.failure = f"{a.state} (exit {a.exit_code}): read {err} (and {out.name})"
+        else:
+            cell.state = "SUBMITTED"
+    elif done:
+        cell.state = "DONE"
+    elif status.executor == "local":
+        log = _local_log(run, c, unit)
+        if log is not None:
+            cell.state = "STARTED"
+            lease = run.read_lease()
+            if lease is None or not pid_alive(lease.pid):
+                cell.state = "STOPPED"
+                cell.failure = f"stopped before finishing: read {log}"
 
 
 def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
@@ -137,36 +188,23 @@ def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
                 ckpt = es.checkpoint_step if es and es.checkpoint_step else 0
                 cell.steps = f"{max(n, ckpt)}/{steps_total[unit]}"
                 cell.rewards = _reward_mean(metrics)
-            rec: JobRecord | None = latest.get((c, unit))
-            if rec is not None:
-                task = rec.task_id(unit) if unit != MERGE else rec.job_id
-                q = queue.get(task) or next((v for k, v in queue.items() if v.base_id == rec.job_id and "[" in k), None)
-                a = acct.get(task) or next((v for k, v in acct.items() if v.base_id == rec.job_id and "[" in k), None)
-                if q is not None and not done:
-                    cell.state = q.state + (f"({q.reason})" if q.state == "PENDING" and q.reason not in ("", "None") else "")
-                elif done:
-                    cell.state = "DONE"
-                elif a is not None:
-                    cell.state = a.state
-                    if a.state == "CANCELLED" and a.start in ("", "None", "Unknown"):
-                        cell.state = "CANCELLED(never ran)"  # a parent failed or the run was cancelled
-                    elif a.state in FAILED_STATES or a.state == "COMPLETED":
-                        out, err = rec.log_paths(None if unit == MERGE else unit)
-                        cell.failure = f"{a.state} (exit {a.exit_code}): read {err} (and {out.name})"
-                else:
-                    cell.state = "SUBMITTED"
-            elif done:
-                cell.state = "DONE"
-            elif status.executor == "local":
-                log = _local_log(run, c, unit)
-                if log is not None:
-                    cell.state = "STARTED"
-                    lease = run.read_lease()
-                    if lease is None or not pid_alive(lease.pid):
-                        cell.state = "STOPPED"
-                        cell.failure = f"stopped before finishing: read {log}"
+            _fill_state(cell, run, status, latest.get((c, unit)), c, unit, done, queue, acct)
             row[unit] = cell
         status.rows[c] = row
+
+    rate_steps = {r: config_for_reward(cfg, r).rate.steps for r in rewards}
+    for c in rate_cycles_of(cfg):
+        if c > min(last_cycle, status.cycles) and not any((c, rate_unit(r)) in latest for r in rewards):
+            continue  # not reached yet
+        rate_row: dict[str, Cell] = {}
+        for r in rewards:
+            cell = Cell()
+            n, _ = _metrics_at(rate_dir(run, c, r) / "metrics.jsonl")
+            cell.steps = f"{n}/{rate_steps[r]}"
+            _fill_state(cell, run, status, latest.get((c, rate_unit(r))), c, rate_unit(r), rate_is_done(run, c, r),
+                        queue, acct)
+            rate_row[r] = cell
+        status.rate_rows[c] = rate_row
 
     created = _parse_time(meta.get("created"))
     merge_times = {}
@@ -174,12 +212,12 @@ def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
         marker = run.merge_done(c)
         if marker:
             merge_times[c] = _parse_time(marker.get("written_at"))
-    end = merge_times.get(status.cycles) if status.finished else None
+    end = merge_times.get(status.cycles) if status.all_merged else None
     if created:
         status.elapsed_s = ((end or _dt.datetime.now()) - created).total_seconds()
     stamps = [created] + [merge_times.get(c) for c in range(1, status.last_merged + 1)]
     durations = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:]) if a and b]
-    if status.finished:
+    if status.all_merged:
         status.eta_s = 0.0
     elif durations:
         recent = durations[-5:]
@@ -208,8 +246,18 @@ def render(status: RunStatus) -> str:
             if cell.failure:
                 failures.append(f"  cycle {c} {u}: {cell.failure}")
         lines.append(f"{c:<6}" + "".join(cells))
+        if c in status.rate_rows:
+            rate_cells = []
+            for u in status.rewards:
+                cell = status.rate_rows[c][u]
+                rate_cells.append(f"{f'{cell.state} {cell.steps}'.strip()[:width - 1]:<{width}}")
+                if cell.failure:
+                    failures.append(f"  cycle {c} RaTE {u}: {cell.failure}")
+            lines.append(f"{'  rate':<6}" + "".join(rate_cells))
     if status.finished:
-        lines.append("finished: every cycle is merged")
+        lines.append("finished: every cycle is merged" + (" and every RaTE token distilled" if status.rate_rows else ""))
+    elif status.all_merged and status.rate_missing:
+        lines.append(f"every cycle is merged; RaTE tokens still to come: {', '.join(status.rate_missing)}")
     if failures:
         lines.append("failures:")
         lines.extend(failures)

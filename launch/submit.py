@@ -85,11 +85,14 @@ def render_sbatch(job: Job, run_ts: str, profile: ClusterProfile, dependencies: 
 
 
 def job_callables(job: Job, run_root: str, owner_id: str, profile: ClusterProfile) -> list:
-    """What each submission runs: one ExpertTask per array task, or one MergeTask."""
-    from launch.jobs import ExpertTask, MergeTask
+    """What each submission runs: one ExpertTask / RateTask per array task, or one MergeTask."""
+    from launch.jobs import ExpertTask, MergeTask, RateTask
+    from launch.plan import RATE
 
     if job.kind == "merge":
         return [MergeTask(run_root, job.cycle, extend=job.extends, final=job.final, owner_id=owner_id)]
+    if job.kind == RATE:
+        return [RateTask(run_root, job.cycle, r, max_requeues=profile.max_requeues) for r in job.rewards]
     return [ExpertTask(run_root, job.cycle, r, max_requeues=profile.max_requeues) for r in job.rewards]
 
 
@@ -176,8 +179,12 @@ def extend_chain(run_root: str, owner_id: str) -> dict[str, str]:
     meta = run.read_run_json()
     cfg = config_from_dict(meta["config"])
     profile = runs.profile_of(meta)
+    progress = runs.progress_of(run, list(cfg.rewards))
+    # RaTE jobs of cycles already merged were submitted with their own window (and may still be queued):
+    # the chain only adds those of the cycles it is about to submit
+    rate_cycles = [c for c in runs.rate_cycles_of(cfg) if c > progress.last_merged]
     plan = build_plan(run_ts=run.run_ts, rewards=list(cfg.rewards), cycles=cfg.mapreduce.cycles, profile=profile,
-                      mode=cfg.mapreduce.mode, progress=runs.progress_of(run, list(cfg.rewards)))
+                      mode=cfg.mapreduce.mode, progress=progress, rate_after_cycles=rate_cycles)
     if plan.complete:
         return {}
     prefix = f"mrlora-{run.run_ts}-c{plan.first_cycle:04d}-"

@@ -262,6 +262,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(cfg.mapreduce.mode in MODES, "mapreduce.mode", f"must be one of {MODES}")
     need(cfg.mapreduce.merge_mode in MERGE_MODES, "mapreduce.merge_mode", f"must be one of {MERGE_MODES}")
     need(cfg.mapreduce.export_every >= 0, "mapreduce.export_every", "must be >= 0")
+    rate_cycles = list(cfg.mapreduce.get("rate_after_cycles", None) or [])
+    need(all(isinstance(c, int) and not isinstance(c, bool) for c in rate_cycles), "mapreduce.rate_after_cycles",
+         f"must be a list of cycle numbers, got {rate_cycles!r}")
+    outside = [c for c in rate_cycles if not 1 <= c <= cfg.mapreduce.cycles]
+    need(not outside, "mapreduce.rate_after_cycles",
+         f"cycle(s) {outside} are outside the run's cycles 1..{cfg.mapreduce.cycles}; choose cycles in that range "
+         f"(or raise mapreduce.cycles)")
     need(cfg.rate.steps >= 1, "rate.steps", "must be >= 1")
     need(cfg.rate.lr > 0, "rate.lr", "must be > 0")
     need(cfg.rate.logit_std > 0, "rate.logit_std", "must be > 0")

@@ -7,7 +7,8 @@ launcher promises: an expert of cycle c refuses to start unless cycles < c are m
 unless every expert of its cycle is DONE. Selected with ``MRLORA_JOB_ENTRYPOINTS=test_launch_fake_entrypoints``.
 
 Knobs (environment): ``FAKE_STEP_S`` seconds per step (default 0.05); ``FAKE_FAIL=<cycle>:<reward>`` makes
-that expert fail once its first step is done.
+that expert fail once its first step is done; ``FAKE_FAIL=rate:<cycle>:<reward>`` does the same to a RaTE task.
+``distill_in_run`` refuses to start before its expert's DONE and steps ``rate.steps`` times.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import signal
 import time
 
 from mrlora.config import config_for_reward, config_from_dict
-from mrlora.runstore import (CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER, RunDir, atomic_write_text,
+from mrlora.runstore import (CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER, RunDir, atomic_write_text, read_marker,
                              reset_incomplete_dir, write_marker)
 
 
@@ -94,3 +95,55 @@ def merge_cycle_in_run(run_root: str, cycle: int) -> dict:
     merged = reset_incomplete_dir(run.merged_dir(cycle), MERGE_MARKER)
     (merged / "update.safetensors").write_bytes(b"update")
     return write_marker(merged, MERGE_MARKER, {"experts": rewards})
+
+
+def distill_in_run(run_root: str, cycle: int, reward: str, token: str | None = None,
+                   overrides: dict | None = None) -> dict:
+    """RaTE stand-in: refuses to start before the expert's DONE, then steps like the fake expert (``rate.steps``,
+    a checkpoint per step, checkpoint + ``Preempted`` on a signal) and writes token.safetensors, then DONE.json."""
+    run = RunDir(run_root)
+    out = run.cycle_dir(cycle) / "rate" / reward
+    done = read_marker(out, DONE_MARKER)
+    if done is not None:
+        return done
+    if run.expert_done(cycle, reward) is None:
+        raise RuntimeError(f"RaTE of cycle {cycle} {reward} started before its expert was DONE")
+    if int(os.environ.get("SLURM_PROCID", "0")) != 0:
+        return _follow_rate_rank0(out)
+    cfg = config_for_reward(config_from_dict(run.read_run_json()["config"]), reward)
+    steps = [int(p.name.split("-", 1)[1]) for p in out.glob("checkpoint-*") if (p / CHECKPOINT_MARKER).exists()]
+    step = max(steps, default=0)
+    stop = {"signal": None}
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+    step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    kept = metrics.read_text().splitlines()[:step] if metrics.exists() else []
+    atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+    while step < cfg.rate.steps:
+        time.sleep(step_s)
+        step += 1
+        with open(metrics, "a") as fh:
+            fh.write(json.dumps({"step": step, "loss": 1.0 / step, "pid": os.getpid()}) + "\n")
+        if os.environ.get("FAKE_FAIL") == f"rate:{cycle}:{reward}":
+            raise RuntimeError(f"FAKE_FAIL: RaTE {reward} of cycle {cycle} fails on purpose")
+        ckpt = reset_incomplete_dir(out / f"checkpoint-{step}", CHECKPOINT_MARKER)
+        (ckpt / "token.safetensors").write_bytes(b"tok" * step)
+        write_marker(ckpt, CHECKPOINT_MARKER, {"step": step})
+        if stop["signal"] is not None:
+            raise Preempted(f"signal {stop['signal']} at step {step}")
+    (out / "token.safetensors").write_bytes(b"token")
+    return write_marker(out, DONE_MARKER, {"status": "ok", "steps": step, "token": token or f"<{reward}>"})
+
+
+def _follow_rate_rank0(out) -> dict:
+    stop = {"signal": None}
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+    while stop["signal"] is None:
+        done = read_marker(out, DONE_MARKER)
+        if done is not None:
+            return done
+        time.sleep(0.1)
+    raise Preempted(f"signal {stop['signal']} on a follower rank")
