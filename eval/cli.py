@@ -18,7 +18,9 @@ EXIT_USER_ERROR = 2
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [EvalError, ConfigError, RunStoreError]
+    from mrlora.rate.errors import RateError  # torch-free
+
+    errors: list[type[BaseException]] = [EvalError, ConfigError, RunStoreError, RateError]
     try:
         from mrlora.models.errors import ModelError
 

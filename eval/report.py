@@ -8,7 +8,9 @@ attach to an issue.
 
 Each input is an eval directory aggregated by ``eval.run`` / ``eval.aggregate``. Several merged cycles of one
 run give reward-vs-cycle curves; base, experts and merged cycles together give the Pareto view (one point per
-checkpoint, mean reward per axis, the front highlighted, the hypervolume of each group printed).
+checkpoint, mean reward per axis, the front highlighted, the hypervolume of each group printed). An eval made with a
+RaTE token mix (``eval.run --rate-tokens ... --rate-spec ...``) is its own kind, "rate", labelled
+``<checkpoint> + <spec>`` (e.g. ``base + <ocr> 2``), so token mixes sit on the same view as the merged models.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ import numpy as np
 from eval.cli import run_cli
 from eval.errors import EvalError
 from eval.pareto import hypervolume, pareto_front
+from eval import rate as rate_mix
 from eval.plan import EvalDir
 from eval.results import Results, read_results
 from mrlora.runstore import atomic_file, atomic_write_text, read_json
 
 KIND_STYLE = {"base": ("tab:gray", "s"), "merged": ("tab:blue", "o"), "expert": ("tab:orange", "^"),
-              "exported": ("tab:green", "D")}
+              "exported": ("tab:green", "D"), rate_mix.KIND: ("tab:purple", "*")}
+OTHER_STYLE = ("tab:brown", "x")
 MAX_PARETO_PANELS = 6
 
 
@@ -49,11 +53,19 @@ class EvalInput:
         return self.summary.get("checkpoint", {})
 
     @property
+    def rate(self) -> dict | None:
+        """The RaTE token mix the images were generated with (settings.rate), None for a plain eval."""
+        return self.summary.get("settings", {}).get("rate")
+
+    @property
     def label(self) -> str:
-        return self.checkpoint.get("label") or self.eval_dir.root.name
+        label = self.checkpoint.get("label") or self.eval_dir.root.name
+        return rate_mix.label(label, self.rate) if self.rate is not None else label
 
     @property
     def kind(self) -> str:
+        if self.rate is not None:
+            return rate_mix.KIND
         ckpt = self.checkpoint
         return "base" if ckpt.get("kind") == "merged" and ckpt.get("cycle") == 0 else ckpt.get("kind", "?")
 
@@ -120,6 +132,18 @@ def summary_table(inputs: list[EvalInput]) -> Table:
     return Table(header, rows)
 
 
+def rate_notes(inputs: list[EvalInput]) -> list[str]:
+    """One sentence per token-mix eval: its token files, and a warning when it was not applied to a base model."""
+    notes = []
+    for i in inputs:
+        if i.rate is None:
+            continue
+        files = ", ".join(f"{t['token']} = {t['path']} (sha256 {t['sha256'][:12]})" for t in i.rate["tokens"])
+        warning = rate_mix.checkpoint_note(i.checkpoint)
+        notes.append(f"{i.label}: RaTE tokens {files}." + (f" Note: {warning}." if warning else ""))
+    return notes
+
+
 def geneval_tables(inputs: list[EvalInput]) -> dict[str, Table]:
     """Per GenEval-style reward: rows = checkpoints, columns = tags (accuracy), plus overall."""
     tables = {}
@@ -174,7 +198,7 @@ def cycle_curves(inputs: list[EvalInput]) -> dict[str, list[EvalInput]]:
     runs: dict[str, dict[int, EvalInput]] = {}
     for i in inputs:
         ckpt = i.checkpoint
-        if ckpt.get("kind") == "merged" and ckpt.get("run_root") is not None:
+        if ckpt.get("kind") == "merged" and ckpt.get("run_root") is not None and i.rate is None:
             runs.setdefault(ckpt["run_root"], {})[int(ckpt["cycle"])] = i
     return {root: [c[k] for k in sorted(c)] for root, c in runs.items() if len(c) >= 2}
 
@@ -234,8 +258,10 @@ def plot_pareto(view: ParetoView, path: Path) -> Path:
     for ax, (a, b) in zip(axes[0], pairs):
         for kind in dict.fromkeys(view.kinds):
             idx = [k for k, kk in enumerate(view.kinds) if kk == kind]
-            colour, marker = KIND_STYLE.get(kind, ("tab:purple", "x"))
-            ax.scatter(view.values[idx, a], view.values[idx, b], c=colour, marker=marker, s=50, label=kind, zorder=3)
+            colour, marker = KIND_STYLE.get(kind, OTHER_STYLE)
+            size = 110 if marker == "*" else 50
+            ax.scatter(view.values[idx, a], view.values[idx, b], c=colour, marker=marker, s=size, label=kind,
+                       zorder=3)
         idx = sorted(front, key=lambda k: view.values[k, a])
         ax.scatter(view.values[idx, a], view.values[idx, b], facecolors="none", edgecolors="red", s=180,
                    linewidths=1.5, label="Pareto front", zorder=4)
@@ -326,6 +352,8 @@ def build_report(inputs: list[EvalInput], out: Path, top: int = 4) -> Path:
              + ", ".join(str(i.eval_dir.root) for i in inputs))
     doc.heading("Summary")
     doc.table(summary_table(inputs))
+    for note in rate_notes(inputs):
+        doc.para(note)
 
     for reward, table in geneval_tables(inputs).items():
         doc.heading(f"{reward}: per-tag accuracy")

@@ -9,6 +9,11 @@ Everything is checked before anything is written: the checkpoint (markers), the 
 models must load offline) and the model. Without ``--shard`` the eval runs as one shard and is aggregated at the
 end; with ``--shard i/n`` only that shard is computed (``python -m eval.aggregate`` merges them; ``python -m
 launch.eval`` submits both as Slurm jobs). A finished shard is skipped when run again.
+
+With ``--rate-tokens FILE [FILE ...] --rate-spec "<ocr> 2 <picks>@1.5"`` every prompt is generated with that RaTE
+token mix appended (docs/rate.md), on whatever ``--checkpoint`` resolves to (normally ``base`` or ``RUN_DIR:0``:
+tokens steer the base model); scoring and the recorded prompts use the original prompt text. The report shows
+such an eval as its own kind, "rate".
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from eval.cli import run_cli
 from eval.errors import EvalError
 from eval.plan import EvalDir, Shard
 from eval.prompts import file_fingerprint, load_prompts
+from eval.rate import RateMix, check_spec, checkpoint_note, install_mix, resolve_mix
 from eval.scoring import SUITES, build_rewards, suite_rewards
 from eval.settings import EvalSettings, check_same, read_settings, record_settings
 from mrlora.config import config_from_dict
@@ -56,12 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable (e.g. reward_models.pickscore.model=/models/pickscore)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    r = p.add_argument_group("RaTE token mix (both or neither)")
+    r.add_argument("--rate-tokens", nargs="+", default=None, metavar="FILE",
+                   help="RaTE token files to load (e.g. RUN/cycle_0003/rate/ocr/token.safetensors)")
+    r.add_argument("--rate-spec", default=None, metavar="SPEC",
+                   help="token mix appended to every prompt: '<token>[@scale] [count] ...', e.g. '<ocr> 2 "
+                        "<picks>@1.5'; recorded prompts and scoring keep the original text")
     return p
 
 
 def prepare(args: argparse.Namespace):
-    """Validate every input; return (settings, checkpoint, config, prompts, shard). Writes nothing."""
+    """Validate every input; return (settings, checkpoint, config, prompts, shard). Writes nothing, torch-free."""
     shard = Shard.parse(args.shard)
+    mix = resolve_mix(args.rate_tokens, args.rate_spec)
     ckpt = resolve_checkpoint(args.checkpoint, args.config, args.set)
     cfg = config_from_dict(ckpt.config)
     prompts = load_prompts(args.prompts)
@@ -82,6 +95,7 @@ def prepare(args: argparse.Namespace):
         max_sequence_length=int(cfg.sample.max_sequence_length),
         dtype=str(cfg.model.dtype),
         shards=shard.count,
+        rate=mix.to_dict() if mix is not None else None,
     )
     for name, value in (("--samples", settings.samples), ("--batch-size", settings.batch_size),
                         ("--steps", settings.steps)):
@@ -95,6 +109,11 @@ def prepare(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings, ckpt, cfg, prompts, shard = prepare(args)
+    mix = RateMix.from_dict(settings.rate) if settings.rate is not None else None
+    if mix is not None:
+        check_spec(mix)
+        if (note := checkpoint_note(settings.checkpoint)) is not None:
+            log.warning("%s", note)
     out = EvalDir(args.out)
     existing = read_settings(out.root)
     if existing is not None:
@@ -112,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         from eval.shard import run_shard
 
         pipe = build_pipeline(ckpt, cfg, args.device)
+        if mix is not None:
+            install_mix(pipe, mix)  # RaTE checks arch and embedding widths before anything is written
+            log.info("generating with the RaTE mix %r (%s)", mix.spec, ", ".join(t.path for t in mix.tokens))
         record_settings(out.root, settings)
         run_shard(out, shard, settings, prompts, pipe, rewards)
     if shard.count == 1:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from eval.errors import EvalError
+from eval.rate import comparable as comparable_mix
 from mrlora.runstore import atomic_write_json, read_json
 
 EVAL_JSON = "eval.json"
@@ -32,6 +33,7 @@ class EvalSettings:
     max_sequence_length: int
     dtype: str
     shards: int
+    rate: dict | None = None  # RaTE token mix (eval.rate.RateMix.to_dict()), None for a plain eval
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -44,9 +46,11 @@ class EvalSettings:
 
 
 def _comparable(settings: EvalSettings) -> dict:
-    """Settings as compared: the checkpoint by what it resolved to, not how it was spelled (relative paths)."""
+    """Settings as compared: the checkpoint by what it resolved to, not how it was spelled (relative paths), and
+    token files by content."""
     out = settings.to_dict()
     out["checkpoint"] = {k: v for k, v in out["checkpoint"].items() if k != "spec"}
+    out["rate"] = comparable_mix(out.get("rate"))
     return out
 
 

@@ -4,6 +4,9 @@ Why per-shard files: array tasks must never write the same file with different c
 own paths in the shared GenEval layout (written atomically), the per-sample rows go to the shard's own
 ``results.h5``, and the marker makes the shard count as finished, so a rerun skips it and a killed task's
 leftovers are wiped before the shard is redone.
+
+With a RaTE token mix (``settings.rate``) only the pipeline's prompts carry the tokens; the rewards, the
+``metadata.jsonl`` files and the HDF5 rows get the original prompts (eval.rate).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 from eval.model import generate
 from eval.plan import EvalDir, Shard, plan_batches, shard_batches
 from eval.prompts import EvalPrompt
+from eval.rate import mixed_prompts
 from eval.results import Results, details_columns, write_results
 from eval.settings import EvalSettings
 from mrlora.runstore import DONE_MARKER, atomic_file, atomic_write_text, reset_incomplete_dir, write_marker
@@ -31,7 +35,10 @@ def save_png(image: Any, path) -> None:
 
 def run_shard(out: EvalDir, shard: Shard, settings: EvalSettings, prompts: list[EvalPrompt], pipe: Any,
               rewards: dict[str, Any]) -> dict:
-    """Compute ``shard`` and return its marker. ``rewards`` are built Reward objects keyed by name."""
+    """Compute ``shard`` and return its marker. ``rewards`` are built Reward objects keyed by name.
+
+    With ``settings.rate`` the mix's tokens must already be installed in ``pipe`` (``eval.rate.install_mix``).
+    """
     shard_dir = reset_incomplete_dir(out.shard_dir(shard), DONE_MARKER)
     batches = shard_batches(
         plan_batches(len(prompts), settings.samples, settings.batch_size, settings.seed), shard
@@ -47,7 +54,8 @@ def run_shard(out: EvalDir, shard: Shard, settings: EvalSettings, prompts: list[
     for batch in batches:
         texts = [prompts[w.prompt_index].prompt for w in batch]
         metas = [prompts[w.prompt_index].metadata for w in batch]
-        images = generate(pipe, texts, [w.seed for w in batch], settings.steps, settings.guidance_scale,
+        generated = mixed_prompts(pipe, settings.rate["spec"], texts) if settings.rate is not None else texts
+        images = generate(pipe, generated, [w.seed for w in batch], settings.steps, settings.guidance_scale,
                           settings.resolution, settings.max_sequence_length)
         for w, image in zip(batch, images):
             save_png(image, out.image_path(w.prompt_index, w.sample_index))

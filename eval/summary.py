@@ -8,12 +8,17 @@ Why these definitions: they are the ones the papers report, so our eval can be c
   the reward's ``exact`` detail).
 * PickScore: the mean score.
 Any other reward contributes its mean, std, min and max and the means of its numeric sub-scores.
+
+An eval with a RaTE token mix adds a ``rate`` block: the spec, the token files (path, sha256, token, reward), the
+label the report uses (``base + <ocr> 2``) and, when the mix was applied to something other than a base model,
+a ``note`` saying so.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from eval import rate as rate_mix
 from eval.results import Results
 
 
@@ -75,7 +80,7 @@ def summarize(res: Results) -> dict:
             headline[f"{name}_overall"] = block["geneval"]["overall"]
         if "exact_match_rate" in block:
             headline[f"{name}_exact_match"] = block["exact_match_rate"]
-    return {
+    out = {
         "checkpoint": res.checkpoint,
         "settings": res.settings,
         "prompts": int(len(set(res.prompt_index.tolist()))),
@@ -83,4 +88,9 @@ def summarize(res: Results) -> dict:
         "rewards": rewards,
         "headline": headline,
     }
+    mix = res.settings.get("rate")
+    if mix is not None:
+        out["rate"] = {**mix, "label": rate_mix.label(res.checkpoint.get("label") or "?", mix),
+                       "note": rate_mix.checkpoint_note(res.checkpoint)}
+    return out
 

@@ -14,6 +14,9 @@ Example::
 templates live in ``slurm_templates/`` (their variables are documented at their top) and the rendered scripts
 are kept in ``OUT/slurm/``, so a user can resubmit them by hand.
 
+A RaTE token mix (``--rate-tokens FILE ... --rate-spec SPEC``) is passed through to every shard; the submitter
+checks the files and the token names of the spec (torch-free), the shard checks the rest before writing.
+
 Login-node module: nothing heavy at module level; the eval modules it calls are torch-free.
 """
 
@@ -112,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resolution", type=int, default=None, help="image side (default sample.resolution)")
     e.add_argument("--config", default=None, help="preset for base / exported checkpoints")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    e.add_argument("--rate-tokens", nargs="+", default=None, metavar="FILE",
+                   help="RaTE token files; with --rate-spec every prompt is generated with that token mix")
+    e.add_argument("--rate-spec", default=None, metavar="SPEC", help="RaTE token mix, e.g. '<ocr> 2 <picks>@1.5'")
     s = p.add_argument_group("slurm")
     s.add_argument("--shards", type=int, default=1, help="array tasks the prompt set is split into (default 1)")
     s.add_argument("--profile", default=None,
@@ -145,6 +151,10 @@ def eval_run_args(args: argparse.Namespace) -> list[str]:
             argv += [flag, str(value)]
     for item in args.set:
         argv += ["--set", item]
+    if args.rate_tokens:
+        argv += ["--rate-tokens", *(absolute(t) for t in args.rate_tokens)]
+    if args.rate_spec is not None:
+        argv += ["--rate-spec", args.rate_spec]
     return argv
 
 

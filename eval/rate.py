@@ -1,0 +1,200 @@
+"""A RaTE token mix as an eval setting: which token files, which spec, and applying it while generating.
+
+Why a mix is part of the eval settings and not of the checkpoint: RaTE tokens (docs/rate.md) steer an
+*unchanged* model through the prompt only, so "base + ``<ocr> 2``" is the base checkpoint with another prompt
+transform. Recording the token files (path + sha256, token name, reward) and the spec in ``eval.json`` makes a
+rerun into the same ``--out`` with another mix, or a re-distilled token file, be refused like any other setting
+change, and lets the report place the mix on the Pareto view as its own kind ("rate").
+
+Only the prompt given to the pipeline carries the tokens. Everything that is scored or written (rewards,
+``metadata.jsonl``, the HDF5 ``prompt`` column) sees the original prompt, so GenEval reads its metadata and
+OCR its quoted target exactly as for any other checkpoint.
+
+Torch-free at module level: ``launch.eval`` validates a mix on the login node. That check reads the token
+files' safetensors headers (JSON) and the token names the spec uses; the full RaTE check (spec grammar,
+arch and embedding widths against the pipeline) runs in ``eval.run`` before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from eval.errors import EvalError
+
+TOKEN_FORMAT = "mrlora-rate-token"  # mrlora.rate.token_file.FORMAT (that module imports torch)
+KIND = "rate"
+_COUNT = re.compile(r"^\d+$")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """One token file of a mix, as recorded in ``eval.json``."""
+
+    path: str
+    sha256: str
+    token: str
+    reward: str
+    arch: str
+    base: str
+
+
+@dataclass(frozen=True)
+class RateMix:
+    """The token files and the spec an eval generates with (``--rate-tokens`` / ``--rate-spec``)."""
+
+    spec: str
+    tokens: tuple[TokenRecord, ...]
+
+    @property
+    def paths(self) -> list[str]:
+        return [t.path for t in self.tokens]
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "tokens": [asdict(t) for t in self.tokens]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RateMix":
+        return cls(str(data["spec"]), tuple(TokenRecord(**t) for t in data["tokens"]))
+
+
+def comparable(data: dict | None) -> dict | None:
+    """A recorded mix as compared between reruns: the files by content (sha256), not by where they lie."""
+    if data is None:
+        return None
+    return {"spec": " ".join(str(data["spec"]).split()),
+            "tokens": sorted((t["token"], t["sha256"]) for t in data["tokens"])}
+
+
+def label(checkpoint_label: str, rate: dict) -> str:
+    """``base + <ocr> 2``: the checkpoint's label and the spec (whitespace normalised)."""
+    return f"{checkpoint_label} + {' '.join(str(rate['spec']).split())}"
+
+
+def steers_a_base(checkpoint: dict) -> bool:
+    """True when the checkpoint is a base model (``base``, or ``RUN_DIR:0``), the model RaTE tokens steer."""
+    kind = checkpoint.get("kind")
+    return kind == "base" or (kind == "merged" and checkpoint.get("cycle") == 0)
+
+
+def checkpoint_note(checkpoint: dict) -> str | None:
+    """The sentence recorded in summary.json when a mix is applied to something other than a base model."""
+    if steers_a_base(checkpoint):
+        return None
+    return (f"RaTE tokens are distilled to steer a base model; this mix was applied to {checkpoint.get('label')!r} "
+            f"(kind {checkpoint.get('kind')}), a model the tokens were not trained for")
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read from its JSON header (no tensor library needed)."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than a safetensors header")
+            (size,) = struct.unpack("<Q", raw)
+            if size > _MAX_HEADER:
+                raise ValueError(f"header size {size} is implausible")
+            header = json.loads(fh.read(size).decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise EvalError(f"--rate-tokens: {path} is not a readable safetensors file ({exc}); give RaTE token files "
+                        "(RUN/cycle_XXXX/rate/<reward>/token.safetensors)") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def spec_token_names(spec: str) -> list[str]:
+    """The tokens ``spec`` names (``"<a> 2 <b>@1.5"`` -> ``["<a>", "<b>"]``); the grammar is checked by RaTE."""
+    names = []
+    for word in spec.split():
+        if _COUNT.match(word):
+            continue
+        name = word.rpartition("@")[0] if "@" in word else word
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def unknown_token_message(spec: str, unknown: Sequence[str], loaded: Sequence[str]) -> str:
+    """Worded as ``mrlora.rate.apply_token_spec`` words it, so eval and the RaTE CLI say the same thing."""
+    known = ", ".join(sorted(loaded)) or "none"
+    return (f"token spec {spec!r} names {', '.join(repr(u) for u in unknown)}, which is not loaded (loaded: {known}); "
+            f"pass its token file")
+
+
+def resolve_mix(token_files: Sequence[str] | None, spec: str | None) -> RateMix | None:
+    """Check ``--rate-tokens`` / ``--rate-spec`` without torch; return the mix (None when neither is given).
+
+    Raises EvalError when only one flag is given, a file is missing or not a RaTE token file, two files define
+    the same token, or the spec is empty; ``mrlora.rate.UnknownTokenError`` when the spec names a token that
+    none of the files defines.
+    """
+    if not token_files and spec is None:
+        return None
+    if not token_files or spec is None:
+        given, missing = ("--rate-tokens", "--rate-spec") if token_files else ("--rate-spec", "--rate-tokens")
+        raise EvalError(f"{given} needs {missing}: give both (the token files to load and the mix to generate with, "
+                        "e.g. --rate-tokens RUN/cycle_0003/rate/ocr/token.safetensors --rate-spec '<ocr> 2') or "
+                        "neither")
+    if not spec.split():
+        raise EvalError("--rate-spec is empty; name at least one token, e.g. --rate-spec '<ocr> 2'")
+    records: list[TokenRecord] = []
+    for item in token_files:
+        path = Path(item).expanduser()
+        if not path.is_file():
+            raise EvalError(f"--rate-tokens: token file {path} does not exist; distill one with "
+                            "`python -m mrlora.rate distill` (in a run: RUN/cycle_XXXX/rate/<reward>/token.safetensors)")
+        meta = _header_metadata(path)
+        if meta.get("format") != TOKEN_FORMAT or not meta.get("token"):
+            raise EvalError(f"--rate-tokens: {path} is not a RaTE token file (metadata format="
+                            f"{meta.get('format')!r}); give the token.safetensors written by `python -m mrlora.rate`")
+        path = path.resolve()
+        records.append(TokenRecord(str(path), _sha256(path), meta["token"], meta.get("reward", ""),
+                                   meta.get("arch", ""), meta.get("base", "")))
+    seen: dict[str, str] = {}
+    for rec in records:
+        if rec.token in seen:
+            raise EvalError(f"--rate-tokens: two files define {rec.token!r} ({seen[rec.token]} and {rec.path}); "
+                            "load only one of them")
+        seen[rec.token] = rec.path
+    unknown = [name for name in spec_token_names(spec) if name not in seen]
+    if unknown:
+        from mrlora.rate.errors import UnknownTokenError
+
+        raise UnknownTokenError(unknown_token_message(spec, unknown, list(seen)))
+    return RateMix(spec, tuple(records))
+
+
+def check_spec(mix: RateMix) -> None:
+    """The full RaTE spec check (grammar: counts, scales); imports torch, so only where generation runs."""
+    from mrlora.rate.compose import parse_token_spec
+
+    parse_token_spec(mix.spec)
+
+
+def install_mix(pipe: Any, mix: RateMix) -> None:
+    """Load the mix's tokens into ``pipe`` and set the spec's embedding scales (RaTE checks arch and widths)."""
+    from mrlora.rate import apply_token_spec
+
+    apply_token_spec(pipe, mix.paths, mix.spec, [])
+
+
+def mixed_prompts(pipe: Any, spec: str, prompts: list[str]) -> list[str]:
+    """The prompts the pipeline gets: each original prompt with the spec's tokens appended (tokens installed)."""
+    from mrlora.rate import apply_token_spec
+
+    return list(apply_token_spec(pipe, None, spec, list(prompts)))
