@@ -253,7 +253,7 @@ def render(status: RunStatus) -> str:
                 rate_cells.append(f"{f'{cell.state} {cell.steps}'.strip()[:width - 1]:<{width}}")
                 if cell.failure:
                     failures.append(f"  cycle {c} RaTE {u}: {cell.failure}")
-            lines.append(f"{'  rate':<6}" + "".join(rate_cells))
+            lines.append(" RaTE " + "".join(rate_cells))
     if status.finished:
         lines.append("finished: every cycle is merged" + (" and every RaTE token distilled" if status.rate_rows else ""))
     elif status.all_merged and status.rate_missing:
