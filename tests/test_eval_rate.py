@@ -162,6 +162,22 @@ def test_report_shows_the_mix_as_its_own_kind_on_the_pareto_view(evals, tmp_path
     assert "| base + <ocr> 2 | rate |" in md and "RaTE tokens <ocr> =" in md
 
 
+def test_pareto_legend_gives_the_mix_its_own_marker_and_colour(evals, tmp_path, monkeypatch):
+    import eval.report as report
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path, dpi=100: figures.append(fig) or path)
+    view = report.pareto_view([report.load_input(evals["base"]), report.load_input(evals["rate"])])
+    report.plot_pareto(view, tmp_path / "pareto.png")
+    legend = figures[0].axes[0].get_legend()
+    entries = dict(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles))
+    assert {"base", "rate", "Pareto front"} <= set(entries)
+    colour = lambda h: tuple(h.get_facecolor()[0])  # noqa: E731
+    assert colour(entries["rate"]) != colour(entries["base"])
+    assert report.KIND_STYLE["rate"][1] not in {m for k, (_, m) in report.KIND_STYLE.items() if k != "rate"}
+    report._pyplot().close(figures[0])
+
+
 def test_mix_on_a_non_base_checkpoint_is_noted():
     from eval.rate import checkpoint_note, label
 
