@@ -112,6 +112,36 @@ def test_failed_rate_task_does_not_stop_the_chain_and_resume_redoes_only_it(tmp_
     assert proc.returncode == 2 and "1..2" in proc.stderr and run.run_json.read_text() == before
 
 
+def test_rate_job_wrapper_checkpoints_on_sigterm_and_continues(tmp_path):
+    """``python -m launch.jobs rate``: interrupted -> exit 3 after a checkpoint; rerun -> continues to DONE."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = run_cli([*TINY, "--cycles", "1", "--executor", "local", "--out-root", str(out), "--set", "train.steps=1",
+                    "--set", "rate.steps=40"], FAKE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = the_run(out)
+    folder = rate_dir(run, 1, "brightness")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **FAKE, "FAKE_STEP_S": "0.1"}
+    job = subprocess.Popen([sys.executable, "-m", "launch.jobs", "rate", str(run.root), "1", "brightness"], cwd=REPO,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not list(folder.glob("checkpoint-*/COMPLETE.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == 3, job.stdout.read()
+    assert not (folder / "DONE.json").exists()
+    kept = (folder / "metrics.jsonl").read_text().splitlines()
+    assert 1 <= len(kept) < 40
+    again = subprocess.run([sys.executable, "-m", "launch.jobs", "rate", str(run.root), "1", "brightness"], cwd=REPO,
+                           env={**env, "FAKE_STEP_S": "0.001"}, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    final = (folder / "metrics.jsonl").read_text().splitlines()
+    assert len(final) == 40 and final[:len(kept)] == kept, "the rerun did not continue from the checkpoint"
+    assert json.loads((folder / "DONE.json").read_text())["steps"] == 40
+
+
 @pytest.mark.slow
 def test_real_distillation_after_a_tiny_sd3_cycle(tmp_path, tiny_sd3_dir):
     out = tmp_path / "out"

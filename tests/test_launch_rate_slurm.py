@@ -1,5 +1,5 @@
 """RaTE jobs on the real local Slurm cluster: the RaTE array of cycle C starts only after every expert of cycle C
-ended, and the chain does not wait for it (stand-in entry points keep it fast)."""
+ended, the chain does not wait for it, and status shows its row (stand-in entry points keep it fast)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from launch import slurm
 from launch.journal import read_records
 from launch.runs import rate_dir
-from test_launch_slurm import REWARDS, start, wait_until
+from test_launch_slurm import REWARDS, cli, start, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,17 @@ def test_rate_array_waits_for_the_experts_of_its_cycle_and_runs_beside_the_chain
     assert rate_rec.array and rate_rec.rewards == tuple(REWARDS)
     assert rate_rec.name == f"mrlora-{run.run_ts}-c0001-rate"
 
-    wait_until(lambda: not slurm.run_jobs_in_queue(run.run_ts), 600, "the run and its RaTE jobs to finish", poll=2.0)
+    out_root = str(tmp_path / "out")
+    rate_rows: list[str] = []
+
+    def poll():
+        text = cli("launch.status", run.run_ts, "--out-root", out_root).stdout
+        rate_rows.extend(line for line in text.splitlines() if line.startswith(" RaTE "))
+        return not slurm.run_jobs_in_queue(run.run_ts) and text
+
+    final = wait_until(poll, 600, "the run and its RaTE jobs to finish", poll=2.0)
+    assert any("RUNNING" in row for row in rate_rows), rate_rows
+    assert "every RaTE token distilled" in final and "DONE 60/60" in final, final
     assert run.scan(REWARDS).last_complete_cycle == 2
     for r in REWARDS:
         assert (rate_dir(run, 1, r) / "DONE.json").exists() and (rate_dir(run, 1, r) / "token.safetensors").exists()
