@@ -11,15 +11,14 @@ Only the prompt given to the pipeline carries the tokens. Everything that is sco
 OCR its quoted target exactly as for any other checkpoint.
 
 Torch-free at module level: ``launch.eval`` validates a mix on the login node. That check reads the token
-files' safetensors headers (JSON) and the token names the spec uses; the full RaTE check (spec grammar,
-arch and embedding widths against the pipeline) runs in ``eval.run`` before anything is written.
+files' safetensors headers (JSON) and the spec (RaTE's own torch-free grammar, ``mrlora.rate.spec``); the
+check of arch and embedding widths against the pipeline runs in ``eval.run`` before anything is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from eval.errors import EvalError
 
 TOKEN_FORMAT = "mrlora-rate-token"  # mrlora.rate.token_file.FORMAT (that module imports torch)
 KIND = "rate"
-_COUNT = re.compile(r"^\d+$")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -117,25 +115,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def spec_token_names(spec: str) -> list[str]:
-    """The tokens ``spec`` names (``"<a> 2 <b>@1.5"`` -> ``["<a>", "<b>"]``); the grammar is checked by RaTE."""
-    names = []
-    for word in spec.split():
-        if _COUNT.match(word):
-            continue
-        name = word.rpartition("@")[0] if "@" in word else word
-        if name and name not in names:
-            names.append(name)
-    return names
-
-
-def unknown_token_message(spec: str, unknown: Sequence[str], loaded: Sequence[str]) -> str:
-    """Worded as ``mrlora.rate.apply_token_spec`` words it, so eval and the RaTE CLI say the same thing."""
-    known = ", ".join(sorted(loaded)) or "none"
-    return (f"token spec {spec!r} names {', '.join(repr(u) for u in unknown)}, which is not loaded (loaded: {known}); "
-            f"pass its token file")
-
-
 def resolve_mix(token_files: Sequence[str] | None, spec: str | None) -> RateMix | None:
     """Check ``--rate-tokens`` / ``--rate-spec`` without torch; return the mix (None when neither is given).
 
@@ -171,19 +150,10 @@ def resolve_mix(token_files: Sequence[str] | None, spec: str | None) -> RateMix 
             raise EvalError(f"--rate-tokens: two files define {rec.token!r} ({seen[rec.token]} and {rec.path}); "
                             "load only one of them")
         seen[rec.token] = rec.path
-    unknown = [name for name in spec_token_names(spec) if name not in seen]
-    if unknown:
-        from mrlora.rate.errors import UnknownTokenError
+    from mrlora.rate.spec import check_known, parse_token_spec  # torch-free: the full check on the login node
 
-        raise UnknownTokenError(unknown_token_message(spec, unknown, list(seen)))
+    check_known(spec, parse_token_spec(spec), seen)
     return RateMix(spec, tuple(records))
-
-
-def check_spec(mix: RateMix) -> None:
-    """The full RaTE spec check (grammar: counts, scales); imports torch, so only where generation runs."""
-    from mrlora.rate.compose import parse_token_spec
-
-    parse_token_spec(mix.spec)
 
 
 def install_mix(pipe: Any, mix: RateMix) -> None:

@@ -28,7 +28,7 @@ from eval.cli import run_cli
 from eval.errors import EvalError
 from eval.plan import EvalDir, Shard
 from eval.prompts import file_fingerprint, load_prompts
-from eval.rate import RateMix, check_spec, checkpoint_note, install_mix, resolve_mix
+from eval.rate import RateMix, checkpoint_note, install_mix, resolve_mix
 from eval.scoring import SUITES, build_rewards, suite_rewards
 from eval.settings import EvalSettings, check_same, read_settings, record_settings
 from mrlora.config import config_from_dict
@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     settings, ckpt, cfg, prompts, shard = prepare(args)
     mix = RateMix.from_dict(settings.rate) if settings.rate is not None else None
     if mix is not None:
-        check_spec(mix)
         if (note := checkpoint_note(settings.checkpoint)) is not None:
             log.warning("%s", note)
     out = EvalDir(args.out)

@@ -230,3 +230,9 @@ def test_launch_eval_passes_the_mix_to_every_shard_without_torch(inputs, tmp_pat
                           timeout=120)
     assert proc.returncode == 2 and "names '<picks>', which is not loaded" in proc.stderr
     assert not out.exists()
+    # a malformed count is caught on the login node too, not inside every shard job
+    malformed = [a if a != "<ocr> 2" else "<ocr> 0" for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "launch.eval", *malformed], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "must be >= 1" in proc.stderr, proc.stderr
+    assert not out.exists()

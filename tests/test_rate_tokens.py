@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mrlora.rate.cli import main as rate_main
-from mrlora.rate.compose import apply_token_spec, load_tokens, parse_token_spec, SpecItem
+from mrlora.rate.compose import apply_token_spec, load_tokens
+from mrlora.rate.spec import SpecItem, parse_token_spec
 from mrlora.rate.encoders import add_token, read_rows, token_row_ids
 from mrlora.rate.errors import TokenExistsError, TokenFileError, TokenSpecError, UnknownTokenError
 from mrlora.rate.token_file import RateToken, load_token, save_token

@@ -36,7 +36,7 @@ _LAZY = {
     "attach_expert": "mrlora.rate.teacher",
     "apply_token_spec": "mrlora.rate.compose",
     "load_tokens": "mrlora.rate.compose",
-    "parse_token_spec": "mrlora.rate.compose",
+    "parse_token_spec": "mrlora.rate.spec",
     "RateToken": "mrlora.rate.token_file",
     "save_token": "mrlora.rate.token_file",
     "load_token": "mrlora.rate.token_file",

@@ -125,7 +125,7 @@ def run_generate(args) -> int:
 
     tokens = [load_token(p) for p in args.tokens]  # fail on a bad file before loading the model
     if args.spec:
-        from mrlora.rate.compose import parse_token_spec
+        from mrlora.rate.spec import parse_token_spec
         from mrlora.rate.errors import UnknownTokenError
 
         names = {t.token for t in tokens}
