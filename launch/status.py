@@ -1,10 +1,10 @@
 """``python -m launch.status [RUN_TS]``: where a run stands, from one squeue call, one sacct call and the run dir.
 
-A table of cycles x (each reward + merge), plus a "rate" row under each cycle chosen for RaTE tokens: the
-job's Slurm state, progress in optimizer steps (metrics lines or
-the newest complete checkpoint), the latest reward means from ``metrics.jsonl``; then elapsed time, an estimate
-of the time left from the cycles already merged, and every failure with the log to read. The run directory is
-the truth for what is finished (markers); Slurm tells what is queued, running or failed.
+A table of cycles x (each reward + merge), plus a "RaTE" row under each cycle chosen for RaTE tokens: the job's
+Slurm state, progress in optimizer steps (metrics lines or the newest complete checkpoint), the latest reward
+means from ``metrics.jsonl``; then elapsed time, an estimate of the time left from the cycles already merged, and
+every failure with the log to read. The run directory is the truth for what is finished (markers); Slurm tells
+what is queued, running or failed.
 """
 
 from __future__ import annotations
