@@ -30,6 +30,7 @@ ARCHS = ("sd3", "flux")
 MODES = ("parallel", "sequential")
 MERGE_MODES = ("exact", "reference")
 ADV_STD = ("group", "batch")
+RESERVED_REWARD_NAMES = ("merged", "rate", "logs")
 
 
 class ConfigError(ValueError):
@@ -276,6 +277,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     rewards = list(cfg.rewards)
     need(len(rewards) >= 1, "rewards", "name at least one reward")
     need(len(set(rewards)) == len(rewards), "rewards", f"names a reward twice: {rewards}")
+    for reward in rewards:
+        # reward names become directory and job names: cycle_XXXX/<reward>/, mrlora-<ts>-c0001-<reward>
+        need(reward not in RESERVED_REWARD_NAMES and not reward.startswith("rate-"), "rewards",
+             f"{reward!r} is reserved for the run directory's own entries ({', '.join(RESERVED_REWARD_NAMES)}); "
+             "register the reward under another name")
+        need(bool(reward) and "/" not in reward and not reward.startswith("."), "rewards",
+             f"{reward!r} cannot be a directory name; use letters, digits, '_' or '-'")
     need(
         len(cfg.weights) == len(rewards), "weights",
         f"has {len(cfg.weights)} values for {len(rewards)} rewards {rewards}; give one weight per reward",

@@ -106,3 +106,9 @@ def test_preset_reward_kwargs_are_accepted_by_the_reward_factories(preset, monke
             rewards.build_reward(name, **cfg.reward_models[name].to_dict())
         except MissingModelError as exc:
             assert "python -m rewards.prefetch" in str(exc)
+
+
+@pytest.mark.parametrize("name", ["merged", "rate", "rate-x"])
+def test_reward_names_that_collide_with_run_directory_entries_are_refused(name):
+    with pytest.raises(ConfigError, match="reserved"):
+        load_config("tiny-sd3", [f"rewards=['brightness', {name!r}]", "weights=[1, 1]", f"prompts.{name}=gen:simple:4"])
