@@ -9,6 +9,7 @@ and replaced when that step is written again. Only the newest ``KEEP`` complete 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import shutil
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 
 from mrlora.runstore import CHECKPOINT_MARKER, atomic_file, read_marker, reset_incomplete_dir, write_marker
+
+log = logging.getLogger(__name__)
 from mrlora.training.errors import TrainError
 from mrlora.training.lora import read_adapter_weights, write_expert_adapter
 
@@ -118,7 +121,9 @@ def load_latest(expert_dir: Path) -> Restored | None:
 
     for step, path in reversed(complete_checkpoints(expert_dir)):
         if read_marker(path, CHECKPOINT_MARKER, verify="sha256") is None:
-            continue  # listed files changed after the marker: not trustworthy, fall back to an older one
+            # listed files changed after the marker: not trustworthy, fall back to an older one
+            log.warning("checkpoint %s fails its checksums (corrupted after it was written); skipping it", path)
+            continue
         try:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - any unreadable state means this checkpoint is unusable
