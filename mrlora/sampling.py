@@ -18,6 +18,8 @@ resumed or differently-sharded run seeing the same samples.
 
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -132,7 +134,7 @@ class PromptEmbeds:
         )
 
 
-class FlowModel:
+class FlowModel(abc.ABC):
     """What the sampler needs from a pipeline: encode prompts, make latents, run the transformer, decode."""
 
     arch = ""
@@ -160,22 +162,27 @@ class FlowModel:
         self._set_timesteps(sched, num_steps, resolution)
         return sched.timesteps.float().cpu(), sched.sigmas.float().cpu()
 
+    @abc.abstractmethod
     def _set_timesteps(self, sched, num_steps: int, resolution: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def encode(self, prompts: list[str], guidance_scale: float, max_sequence_length: int) -> PromptEmbeds:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def initial_latents(self, generators: list[torch.Generator], resolution: int) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def velocity(self, transformer, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
                  guidance_scale: float) -> torch.Tensor:
         """The (guided) velocity for ``latents`` at per-sample ``timesteps`` (scheduler scale, 0..1000)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def decode(self, latents: torch.Tensor, resolution: int) -> list:
-        raise NotImplementedError
+        ...
 
     @torch.no_grad()
     def _vae_decode(self, latents: torch.Tensor) -> list:
