@@ -302,10 +302,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 continue
             need(reward in known, "rewards",
                  f"unknown reward {reward!r}; known rewards: {', '.join(sorted(known))}")
-    for reward, overrides in cfg.per_reward.items():
-        probe = config_from_dict({k: v for k, v in config_to_dict(cfg).items() if k != "per_reward"})
+    for reward in cfg.per_reward:
         try:
-            _merge_into(probe, overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides), "")
+            probe = config_for_reward(cfg, reward)
         except ConfigError as exc:
             raise ConfigError(f"per_reward.{reward}: {exc}") from None
         _check_rounds(probe, f"per_reward.{reward} gives ")
