@@ -217,6 +217,19 @@ def reset_incomplete_dir(directory: Path | str, marker: str) -> Path:
     return directory
 
 
+def complete_checkpoints(directory: Path | str) -> list[tuple[int, Path]]:
+    """The complete ``checkpoint-<step>`` directories under ``directory``, oldest first (marker present and sizes
+    matching). Every writer of step checkpoints (experts, RaTE tokens) resumes from the last of these."""
+    directory = Path(directory)
+    found = []
+    if directory.is_dir():
+        for p in directory.iterdir():
+            m = _CHECKPOINT_RE.match(p.name)
+            if m and p.is_dir() and read_marker(p, CHECKPOINT_MARKER) is not None:
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
 # ------------------------------------------------------------------------------------------------------- lease
 
 @dataclass
@@ -406,14 +419,7 @@ class RunDir:
 
     def checkpoints(self, cycle: int, reward: str) -> list[tuple[int, Path]]:
         """Complete step checkpoints of an expert, oldest first."""
-        expert = self.expert_dir(cycle, reward)
-        found = []
-        if expert.is_dir():
-            for p in expert.iterdir():
-                m = _CHECKPOINT_RE.match(p.name)
-                if m and p.is_dir() and read_marker(p, CHECKPOINT_MARKER) is not None:
-                    found.append((int(m.group(1)), p))
-        return sorted(found)
+        return complete_checkpoints(self.expert_dir(cycle, reward))
 
     def latest_checkpoint(self, cycle: int, reward: str) -> tuple[int, Path] | None:
         found = self.checkpoints(cycle, reward)
