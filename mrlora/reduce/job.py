@@ -21,8 +21,8 @@ from mrlora.reduce.adapters import read_expert_adapter, save_expert_adapter
 from mrlora.reduce.base import BaseTransformer, open_base, resolve_base
 from mrlora.reduce.errors import OutputExistsError, ReduceError
 from mrlora.reduce.exact import MODES, check_experts, check_weights, reduce_experts
-from mrlora.reduce.store import (CONTINUE_ADAPTER, FORMAT_VERSION, UPDATE_JSON, UPDATE_WEIGHTS, read_update_info,
-                                 write_update)
+from mrlora.reduce.store import (CONTINUE_ADAPTER, FORMAT_VERSION, UPDATE_JSON, UPDATE_WEIGHTS,
+                                 continues_reference_merge, write_update)
 from mrlora.runstore import MERGE_MARKER, RunDir, read_marker, reset_incomplete_dir, write_marker
 
 log = logging.getLogger("mrlora.reduce")
@@ -150,8 +150,7 @@ def merge_cycle_in_run(run_root: str, cycle: int) -> dict:
     mode = cfg.mapreduce.merge_mode
     # reference mode: the experts continued the previous reference merge's LoRA (store.map_start), so this
     # update contains that one and replaces it in the chain of updates
-    supersedes = mode == "reference" and cycle > 1 and \
-        read_update_info(run.merged_dir(cycle - 1)).get("mode") == "reference"
+    supersedes = continues_reference_merge(run, mode, cycle)
     base_dir = resolve_base(cfg.model.pretrained)
     return merge_experts(
         [run.adapter_dir(cycle, r) for r in rewards],

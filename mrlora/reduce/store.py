@@ -167,6 +167,13 @@ def map_start(run_dir: Path | str, cycle: int) -> MapStart:
     dirs = effective_base(run_dir, cycle)
     run = RunDir(run_dir)
     mode = config_from_dict(run.read_run_json()["config"]).mapreduce.merge_mode
-    if mode == "reference" and cycle > 1 and read_update_info(run.merged_dir(cycle - 1)).get("mode") == "reference":
+    if continues_reference_merge(run, mode, cycle):
         return MapStart(update_dirs=dirs[:-1], init_adapter=run.merged_dir(cycle - 1) / CONTINUE_ADAPTER)
     return MapStart(update_dirs=dirs, init_adapter=None)
+
+
+def continues_reference_merge(run: RunDir, merge_mode: str, cycle: int) -> bool:
+    """Whether the experts of ``cycle`` continue the previous cycle's averaged LoRA (reference mode only): then
+    the Map step starts from it (``map_start``) and this cycle's update supersedes the previous one."""
+    return merge_mode == "reference" and cycle > 1 and \
+        read_update_info(run.merged_dir(cycle - 1)).get("mode") == "reference"
