@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from rewards.base import Reward, RewardError, register_reward
 from rewards.hub import ModelRef, resolve_model
+from rewards.ocr import build_ocr
 
 DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -47,24 +48,7 @@ def _ocr_models(**_ignored) -> list[ModelRef]:
     return []  # PP-OCR ONNX models ship inside the rapidocr-onnxruntime wheel; PaddleOCR fetches its own
 
 
-@register_reward("ocr", models=_ocr_models)
-def ocr(
-    backend: str = "auto",
-    on_missing: str = "error",
-    batch_size: int = 8,
-    min_confidence: float = 0.0,
-    paddle_kwargs: dict | None = None,
-    device: str | None = None,
-) -> Reward:
-    """OCR: 1 - capped edit distance / len(quoted target) between the prompt's quoted text and what is read.
-
-    ``backend``: ``"rapidocr"`` (offline PP-OCR ONNX), ``"paddleocr"`` or ``"auto"``; ``on_missing``:
-    ``"error"`` | ``"zero"`` | ``"skip-nan"`` for prompts without quoted text.
-    """
-    from rewards.ocr import build_ocr
-
-    return build_ocr(backend=backend, on_missing=on_missing, batch_size=batch_size, min_confidence=min_confidence,
-                     paddle_kwargs=paddle_kwargs, device=device)
+register_reward("ocr", models=_ocr_models)(build_ocr)  # rewards.ocr is torch-free; its engines load lazily
 
 
 def _geneval_models(backend: str = "auto", url: str | None = None, detector: str = DEFAULT_GENEVAL_DETECTOR,

@@ -188,18 +188,18 @@ class GenEvalScorer:
 
 def load_scorer(detector: str, clip: str, device: str, batch_size: int = 8, threshold: float = THRESHOLD,
                 counting_threshold: float = COUNTING_THRESHOLD, max_per_class: int = MAX_OBJECTS,
-                cache_dir: str | None = None, reward_name: str = "geneval") -> GenEvalScorer:
-    """Load the Mask2Former detector and the CLIP colour model (local dirs or hub ids) into a scorer."""
+                cache_dir: str | None = None) -> GenEvalScorer:
+    """Load the Mask2Former detector and the CLIP colour model into a scorer.
+
+    ``detector`` and ``clip`` are what ``rewards.hub.resolve_model`` returned (its callers resolve before
+    importing this module, so a missing model fails before torch is imported).
+    """
     from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, Mask2FormerForUniversalSegmentation
 
-    from rewards.hub import resolve_model
-
-    det_path = resolve_model(detector, reward=reward_name, purpose="Mask2Former detector", cache_dir=cache_dir)
-    clip_path = resolve_model(clip, reward=reward_name, purpose="CLIP colour model", cache_dir=cache_dir)
-    det_model = Mask2FormerForUniversalSegmentation.from_pretrained(det_path, cache_dir=cache_dir).to(device)
-    det_processor = AutoImageProcessor.from_pretrained(det_path, cache_dir=cache_dir)
-    clip_model = CLIPModel.from_pretrained(clip_path, cache_dir=cache_dir).to(device)
-    clip_processor = AutoProcessor.from_pretrained(clip_path, cache_dir=cache_dir)
+    det_model = Mask2FormerForUniversalSegmentation.from_pretrained(detector, cache_dir=cache_dir).to(device)
+    det_processor = AutoImageProcessor.from_pretrained(detector, cache_dir=cache_dir)
+    clip_model = CLIPModel.from_pretrained(clip, cache_dir=cache_dir).to(device)
+    clip_processor = AutoProcessor.from_pretrained(clip, cache_dir=cache_dir)
     return GenEvalScorer(
         Mask2FormerDetector(det_model, det_processor, device, min_score=min(threshold, counting_threshold),
                             batch_size=batch_size),

@@ -220,7 +220,12 @@ def build_ocr(
     paddle_kwargs: dict | None = None,
     device: str | None = None,
 ) -> OcrReward:
-    """OCR edit-distance reward (``device`` is accepted for config symmetry; PaddleOCR uses GPU if it is cuda)."""
+    """OCR: 1 - capped edit distance / len(quoted target) between the prompt's quoted text and what is read.
+
+    ``backend``: ``"rapidocr"`` (offline PP-OCR ONNX), ``"paddleocr"`` or ``"auto"``; ``on_missing``:
+    ``"error"`` | ``"zero"`` | ``"skip-nan"`` for prompts without quoted text. ``device`` is accepted for config
+    symmetry (PaddleOCR uses the GPU when it is cuda). Registered as the ``ocr`` reward by rewards.builtin.
+    """
     if backend == "paddleocr" or backend == "auto":
         paddle_kwargs = dict(paddle_kwargs or {})
         if device is not None:

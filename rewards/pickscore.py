@@ -13,9 +13,7 @@ import numpy as np
 import torch
 
 from rewards.base import Reward, RewardError, RewardOutput
-from rewards.builtin import DEFAULT_PICKSCORE_MODEL as DEFAULT_MODEL
-from rewards.builtin import DEFAULT_PICKSCORE_PROCESSOR as DEFAULT_PROCESSOR
-from rewards.hub import resolve_device, resolve_model
+from rewards.hub import resolve_device
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -66,22 +64,20 @@ class PickScoreReward(Reward):
 
 
 def build_pickscore(
-    model: str = DEFAULT_MODEL,
-    processor: str = DEFAULT_PROCESSOR,
-    device: str | None = None,
-    batch_size: int = 8,
-    normalize_by: float | None = None,
-    dtype: str = "float32",
-    cache_dir: str | None = None,
+    model: str,
+    processor: str,
+    device: str | None,
+    batch_size: int,
+    normalize_by: float | None,
+    dtype: str,
+    cache_dir: str | None,
 ) -> PickScoreReward:
-    """PickScore = logit_scale * cos(image, prompt) with a CLIP processor and the PickScore CLIP model."""
+    """Load the CLIP processor and the PickScore model from paths already resolved by ``rewards.builtin``."""
     from transformers import AutoProcessor, CLIPModel
 
     if dtype not in _DTYPES:
         raise RewardError(f"pickscore: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    processor_path = resolve_model(processor, reward="pickscore", purpose="CLIP processor", cache_dir=cache_dir)
-    model_path = resolve_model(model, reward="pickscore", purpose="PickScore model", cache_dir=cache_dir)
     device = resolve_device(device)
-    proc = AutoProcessor.from_pretrained(processor_path, cache_dir=cache_dir)
-    clip = CLIPModel.from_pretrained(model_path, dtype=_DTYPES[dtype], cache_dir=cache_dir).to(device)
+    proc = AutoProcessor.from_pretrained(processor, cache_dir=cache_dir)
+    clip = CLIPModel.from_pretrained(model, dtype=_DTYPES[dtype], cache_dir=cache_dir).to(device)
     return PickScoreReward(clip, proc, device=device, batch_size=batch_size, normalize_by=normalize_by)
