@@ -18,10 +18,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mrlora.runstore import atomic_write_text
 from rewards.base import RewardError
 from rewards.geneval_rules import GenEvalMetadataError, validate_metadata
 from rewards.prompt_gen import generate_geneval, generate_ocr, generate_simple
@@ -120,18 +120,8 @@ def load_prompt_source(spec: str, seed: int = 0) -> list[PromptItem]:
 
 
 def write_prompt_items(items: list[PromptItem], out: Path, as_jsonl: bool) -> None:
-    """Write atomically (temp file + rename): a failed run leaves no half-written prompt file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for item in items:
-                line = json.dumps(item.metadata) if as_jsonl else item.prompt
-                fh.write(line + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write atomically: a failed run leaves no half-written prompt file."""
+    atomic_write_text(out, "".join((json.dumps(item.metadata) if as_jsonl else item.prompt) + "\n" for item in items))
 
 
 def main(argv: list[str] | None = None) -> int:
