@@ -32,26 +32,15 @@ class JobFailed(RuntimeError):
     """A job that must fail (and take its dependents with it) instead of being requeued."""
 
 
-def _train_module():
+def _entrypoint(module_name: str, function: str):
+    """(``module_name.function``, the Preempted it raises), or the test module's (``MRLORA_JOB_ENTRYPOINTS``)."""
     override = os.environ.get(ENTRYPOINTS_ENV)
-    return importlib.import_module(override or "mrlora.train")
-
-
-def _merge_module():
-    override = os.environ.get(ENTRYPOINTS_ENV)
-    return importlib.import_module(override or "mrlora.reduce")
-
-
-def _rate_entrypoint():
-    """(distill_in_run, the Preempted it raises): mrlora.rate's, or the test module's."""
-    override = os.environ.get(ENTRYPOINTS_ENV)
+    module = importlib.import_module(override or module_name)
     if override:
-        module = importlib.import_module(override)
-        return module.distill_in_run, module.Preempted
-    from mrlora.rate import distill_in_run
+        return getattr(module, function), module.Preempted
     from mrlora.training.errors import Preempted
 
-    return distill_in_run, Preempted
+    return getattr(module, function), Preempted
 
 
 def _log(msg: str) -> None:
@@ -90,65 +79,62 @@ def handle_preemption(what: str, max_requeues: int) -> None:
     raise SystemExit(0)
 
 
-@dataclass
-class ExpertTask:
-    """Train the expert of ``reward`` in cycle ``cycle`` of the run at ``run_root`` (one array task)."""
-
-    run_root: str
-    cycle: int
-    reward: str
-    max_requeues: int = 20
-
-    def __call__(self) -> dict:
-        module = _train_module()
-        what = f"cycle {self.cycle} expert {self.reward}"
-        _log(f"{what}: starting in {self.run_root}")
-        try:
-            result = module.train_expert_in_run(self.run_root, self.cycle, self.reward)
-        except module.Preempted:
-            handle_preemption(what, self.max_requeues)
-            raise
-        _log(f"{what}: done")
-        return result
-
+class _Rerunnable:
     def checkpoint(self, *args, **kwargs):
-        """submitit's hook when USR2 arrives before training installed its own handler: just run us again
-        (the entry point continues from the newest complete checkpoint)."""
+        """submitit's hook when USR2 arrives before the entry point installed its own handler: just run us again
+        (entry points continue from the newest complete checkpoint, or find their marker and return)."""
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self)
 
 
 @dataclass
-class RateTask:
-    """Distil the expert of ``reward`` in cycle ``cycle`` into its RaTE token (one array task)."""
+class _RequeueableTask(_Rerunnable):
+    """One array task that checkpoints on a signal and is requeued (``handle_preemption``) to continue."""
 
     run_root: str
     cycle: int
     reward: str
     max_requeues: int = 20
 
+    # set by subclasses (class attributes, not dataclass fields)
+    label = ""
+    module = ""
+    function = ""
+
     def __call__(self) -> dict:
-        distill_in_run, preempted = _rate_entrypoint()
-        what = f"cycle {self.cycle} RaTE {self.reward}"
+        run, preempted = _entrypoint(self.module, self.function)
+        what = f"cycle {self.cycle} {self.label} {self.reward}"
         _log(f"{what}: starting in {self.run_root}")
         try:
-            result = distill_in_run(self.run_root, self.cycle, self.reward)
+            result = run(self.run_root, self.cycle, self.reward)
         except preempted:
             handle_preemption(what, self.max_requeues)
             raise
         _log(f"{what}: done")
         return result
 
-    def checkpoint(self, *args, **kwargs):
-        """As for an expert: rerunning continues from the newest complete RaTE checkpoint."""
-        from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(self)
+@dataclass
+class ExpertTask(_RequeueableTask):
+    """Train the expert of ``reward`` in cycle ``cycle`` of the run at ``run_root`` (one array task)."""
+
+    label = "expert"
+    module = "mrlora.train"
+    function = "train_expert_in_run"
 
 
 @dataclass
-class MergeTask:
+class RateTask(_RequeueableTask):
+    """Distil the expert of ``reward`` in cycle ``cycle`` into its RaTE token (one array task)."""
+
+    label = "RaTE"
+    module = "mrlora.rate"
+    function = "distill_in_run"
+
+
+@dataclass
+class MergeTask(_Rerunnable):
     """Merge cycle ``cycle``; then submit the next window (``extend``) or release the lease (``final``)."""
 
     run_root: str
@@ -158,9 +144,9 @@ class MergeTask:
     owner_id: str = ""
 
     def __call__(self) -> dict:
-        module = _merge_module()
+        merge, _ = _entrypoint("mrlora.reduce", "merge_cycle_in_run")
         _log(f"cycle {self.cycle} merge: starting in {self.run_root}")
-        marker = module.merge_cycle_in_run(self.run_root, self.cycle)
+        marker = merge(self.run_root, self.cycle)
         _log(f"cycle {self.cycle} merge: done")
         if int(os.environ.get("SLURM_PROCID", "0")) != 0 or slurm_task_id() is None:
             return marker
@@ -177,11 +163,6 @@ class MergeTask:
                 run.release_lease(lease)
                 _log("last cycle merged; released the run's lease")
         return marker
-
-    def checkpoint(self, *args, **kwargs):
-        from submitit.helpers import DelayedSubmission
-
-        return DelayedSubmission(self)
 
 
 def main(argv: list[str] | None = None) -> int:
