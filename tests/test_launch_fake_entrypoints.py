@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 from mrlora.config import config_for_reward, config_from_dict
 from mrlora.runstore import (CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER, RunDir, atomic_write_text, read_marker,
@@ -27,6 +28,49 @@ class Preempted(Exception):
     pass
 
 
+def _stop_on_signals() -> dict:
+    """{"signal": None}, set to the signal number when SIGUSR2 or SIGTERM arrives."""
+    stop = {"signal": None}
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+    return stop
+
+
+def _run_steps(metrics: Path, step: int, total: int, record, fail: str, checkpoint_of, weights: str) -> int:
+    """Steps ``step + 1 .. total``: a metrics line (``record(step)``), then a complete checkpoint; ``Preempted``
+    after the step a signal arrived in; a RuntimeError after the first step when ``FAKE_FAIL`` equals ``fail``.
+    A resumed task keeps only the metrics of the steps its checkpoint holds."""
+    stop = _stop_on_signals()
+    step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    kept = metrics.read_text().splitlines()[:step] if metrics.exists() else []
+    atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+    while step < total:
+        time.sleep(step_s)
+        step += 1
+        with open(metrics, "a") as fh:
+            fh.write(json.dumps(record(step)) + "\n")
+        if os.environ.get("FAKE_FAIL") == fail:
+            raise RuntimeError(f"FAKE_FAIL={fail}: fails on purpose")
+        ckpt = reset_incomplete_dir(checkpoint_of(step), CHECKPOINT_MARKER)
+        (ckpt / weights).write_bytes(b"fake" * step)
+        write_marker(ckpt, CHECKPOINT_MARKER, {"step": step})
+        if stop["signal"] is not None:
+            raise Preempted(f"signal {stop['signal']} at step {step}")
+    return step
+
+
+def _follow_rank0(done) -> dict:
+    """Ranks > 0 write nothing (as in real training): wait for rank 0's marker (``done()``), or stop on a signal."""
+    stop = _stop_on_signals()
+    while stop["signal"] is None:
+        marker = done()
+        if marker is not None:
+            return marker
+        time.sleep(0.1)
+    raise Preempted(f"signal {stop['signal']} on a follower rank")
+
+
 def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     run = RunDir(run_root)
     done = run.expert_done(cycle, reward)
@@ -34,53 +78,18 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
         return done
     run.merged_updates(cycle - 1)  # raises unless every earlier cycle is merged
     if int(os.environ.get("SLURM_PROCID", "0")) != 0:
-        return _follow_rank0(run, cycle, reward)
+        return _follow_rank0(lambda: run.expert_done(cycle, reward))
     cfg = config_for_reward(config_from_dict(run.read_run_json()["config"]), reward)
     latest = run.latest_checkpoint(cycle, reward)
-    step = latest[0] if latest else 0
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    signal.signal(signal.SIGUSR2, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
-    metrics = run.metrics_path(cycle, reward)
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    # a resumed expert keeps only the metrics of the steps its checkpoint holds
-    kept = metrics.read_text().splitlines()[:step] if metrics.exists() else []
-    atomic_write_text(metrics, "".join(line + "\n" for line in kept))
-    while step < cfg.train.steps:
-        time.sleep(step_s)
-        step += 1
-        with open(metrics, "a") as fh:
-            fh.write(json.dumps({"step": step, "reward_mean": 0.1 * step + cycle, "pid": os.getpid(),
-                                 "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}) + "\n")
-        if os.environ.get("FAKE_FAIL") == f"{cycle}:{reward}":
-            raise RuntimeError(f"FAKE_FAIL: expert {reward} of cycle {cycle} fails on purpose")
-        ckpt = reset_incomplete_dir(run.checkpoint_dir(cycle, reward, step), CHECKPOINT_MARKER)
-        (ckpt / "adapter_model.safetensors").write_bytes(b"fake" * step)
-        write_marker(ckpt, CHECKPOINT_MARKER, {"step": step})
-        if stop["signal"] is not None:
-            raise Preempted(f"signal {stop['signal']} at step {step}")
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    step = _run_steps(
+        run.metrics_path(cycle, reward), latest[0] if latest else 0, cfg.train.steps,
+        lambda step: {"step": step, "reward_mean": 0.1 * step + cycle, "pid": os.getpid(), "restart": restart},
+        f"{cycle}:{reward}", lambda step: run.checkpoint_dir(cycle, reward, step), "adapter_model.safetensors")
     adapter = run.adapter_dir(cycle, reward)
     adapter.mkdir(parents=True, exist_ok=True)
     (adapter / "adapter_model.safetensors").write_bytes(b"adapter")
     return write_marker(run.expert_dir(cycle, reward), DONE_MARKER, {"status": "ok", "steps": step})
-
-
-def _follow_rank0(run: RunDir, cycle: int, reward: str) -> dict:
-    """Ranks > 0 write nothing (as in real training): wait for rank 0's DONE, or stop on a signal."""
-    stop = {"signal": None}
-    for sig in (signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
-    while stop["signal"] is None:
-        done = run.expert_done(cycle, reward)
-        if done is not None:
-            return done
-        time.sleep(0.1)
-    raise Preempted(f"signal {stop['signal']} on a follower rank")
 
 
 def merge_cycle_in_run(run_root: str, cycle: int) -> dict:
@@ -109,41 +118,11 @@ def distill_in_run(run_root: str, cycle: int, reward: str, token: str | None = N
     if run.expert_done(cycle, reward) is None:
         raise RuntimeError(f"RaTE of cycle {cycle} {reward} started before its expert was DONE")
     if int(os.environ.get("SLURM_PROCID", "0")) != 0:
-        return _follow_rate_rank0(out)
+        return _follow_rank0(lambda: read_marker(out, DONE_MARKER))
     cfg = config_for_reward(config_from_dict(run.read_run_json()["config"]), reward)
     steps = [int(p.name.split("-", 1)[1]) for p in out.glob("checkpoint-*") if (p / CHECKPOINT_MARKER).exists()]
-    step = max(steps, default=0)
-    stop = {"signal": None}
-    for sig in (signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
-    step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
-    kept = metrics.read_text().splitlines()[:step] if metrics.exists() else []
-    atomic_write_text(metrics, "".join(line + "\n" for line in kept))
-    while step < cfg.rate.steps:
-        time.sleep(step_s)
-        step += 1
-        with open(metrics, "a") as fh:
-            fh.write(json.dumps({"step": step, "loss": 1.0 / step, "pid": os.getpid()}) + "\n")
-        if os.environ.get("FAKE_FAIL") == f"rate:{cycle}:{reward}":
-            raise RuntimeError(f"FAKE_FAIL: RaTE {reward} of cycle {cycle} fails on purpose")
-        ckpt = reset_incomplete_dir(out / f"checkpoint-{step}", CHECKPOINT_MARKER)
-        (ckpt / "token.safetensors").write_bytes(b"tok" * step)
-        write_marker(ckpt, CHECKPOINT_MARKER, {"step": step})
-        if stop["signal"] is not None:
-            raise Preempted(f"signal {stop['signal']} at step {step}")
+    step = _run_steps(out / "metrics.jsonl", max(steps, default=0), cfg.rate.steps,
+                      lambda step: {"step": step, "loss": 1.0 / step, "pid": os.getpid()},
+                      f"rate:{cycle}:{reward}", lambda step: out / f"checkpoint-{step}", "token.safetensors")
     (out / "token.safetensors").write_bytes(b"token")
     return write_marker(out, DONE_MARKER, {"status": "ok", "steps": step, "token": token or f"<{reward}>"})
-
-
-def _follow_rate_rank0(out) -> dict:
-    stop = {"signal": None}
-    for sig in (signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
-    while stop["signal"] is None:
-        done = read_marker(out, DONE_MARKER)
-        if done is not None:
-            return done
-        time.sleep(0.1)
-    raise Preempted(f"signal {stop['signal']} on a follower rank")
