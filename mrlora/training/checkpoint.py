@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from mrlora.runstore import CHECKPOINT_MARKER, atomic_file, read_marker, reset_incomplete_dir, write_marker
-
-log = logging.getLogger(__name__)
 from mrlora.training.errors import TrainError
 from mrlora.training.lora import read_adapter_weights, write_expert_adapter
+
+log = logging.getLogger(__name__)
 
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "training_state.pt"
@@ -117,21 +117,26 @@ def prepare_dir(path: Path) -> None:
 
 def load_latest(expert_dir: Path) -> Restored | None:
     """The newest complete checkpoint of ``expert_dir`` (checksums verified), or None."""
-    from safetensors.torch import load_file
-
     for step, path in reversed(complete_checkpoints(expert_dir)):
         if read_marker(path, CHECKPOINT_MARKER, verify="sha256") is None:
             # listed files changed after the marker: not trustworthy, fall back to an older one
             log.warning("checkpoint %s fails its checksums (corrupted after it was written); skipping it", path)
             continue
-        try:
-            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unreadable state means this checkpoint is unusable
-            raise TrainError(f"{path / STATE_FILE} is complete but unreadable ({exc}); delete {path} to resume "
-                             "from the previous checkpoint") from None
-        if int(state.get("step", -1)) != step:
-            raise TrainError(f"{path} holds step {state.get('step')} but is named for step {step}; delete it")
-        ema_path = path / EMA_FILE
-        return Restored(step, path, read_adapter_weights(path),
-                        load_file(str(ema_path)) if ema_path.is_file() else None, state)
+        return load_step(path, step)
     return None
+
+
+def load_step(path: Path, step: int) -> Restored:
+    """Read checkpoint ``path`` of step ``step`` (already known complete: no checksum pass)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable state means this checkpoint is unusable
+        raise TrainError(f"{path / STATE_FILE} is complete but unreadable ({exc}); delete {path} to resume "
+                         "from the previous checkpoint") from None
+    if int(state.get("step", -1)) != step:
+        raise TrainError(f"{path} holds step {state.get('step')} but is named for step {step}; delete it")
+    ema_path = path / EMA_FILE
+    return Restored(step, path, read_adapter_weights(path),
+                    load_file(str(ema_path)) if ema_path.is_file() else None, state)

@@ -28,7 +28,7 @@ import torch
 
 from mrlora import distributed
 from mrlora.grpo import group_advantages, grpo_loss, train_step_indices
-from mrlora.runstore import DONE_MARKER, read_marker, wait_for, write_marker
+from mrlora.runstore import CHECKPOINT_MARKER, DONE_MARKER, read_marker, wait_for, write_marker
 from mrlora.sampling import PromptEmbeds, flow_model, sample, step_log_prob
 from mrlora.training import checkpoint as ckpt
 from mrlora.training.data import PromptSchedule, sample_seed
@@ -332,23 +332,26 @@ def _reduce_stats(stats: _Step, accelerator) -> dict[str, float]:
 
 
 def _restore(job: ExpertJob, accelerator, params, optimizer, ema, per_step: int) -> int:
-    """Continue from the newest complete checkpoint (chosen by rank 0, loaded by all); return its step."""
+    """Continue from the newest complete checkpoint (chosen and checksum-verified by rank 0, loaded by all)."""
     from accelerate.utils import broadcast_object_list
 
-    choice = [None]
+    restored = None
     if accelerator.is_main_process:
-        found = ckpt.complete_checkpoints(job.out_dir)
-        choice = [found[-1][0] if found else None]
+        restored = ckpt.load_latest(job.out_dir)
+        # newer complete checkpoints failed their checksums: remove them, or saving that step again would keep them
+        for newer_step, newer in ckpt.complete_checkpoints(job.out_dir):
+            if restored is None or newer_step > restored.step:
+                shutil.rmtree(newer)
+    choice = [restored.step if restored is not None else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(choice, from_process=0)
     step = choice[0]
     if step is None:
         return 0
     path = ckpt.checkpoint_path(job.out_dir, step)
-    wait_for(path / "COMPLETE.json", timeout=120)
-    restored = ckpt.load_latest(job.out_dir) if accelerator.is_main_process else None
-    if restored is None or restored.step != step:
-        restored = _load_exact(path, step)
+    if restored is None:
+        wait_for(path / CHECKPOINT_MARKER, timeout=120)
+        restored = ckpt.load_step(path, step)
     load_lora_state(params, restored.adapter)
     if job.cfg.train.deepspeed == "zero2":
         accelerator.load_state(str(path / "deepspeed"))
@@ -366,17 +369,6 @@ def _restore(job: ExpertJob, accelerator, params, optimizer, ema, per_step: int)
     rngs = restored.state["rng"]
     ckpt.set_rng_state(rngs[accelerator.process_index] if accelerator.process_index < len(rngs) else rngs[0])
     return step
-
-
-def _load_exact(path: Path, step: int) -> ckpt.Restored:
-    from safetensors.torch import load_file
-
-    from mrlora.training.lora import read_adapter_weights
-
-    state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
-    ema_path = path / ckpt.EMA_FILE
-    return ckpt.Restored(step, path, read_adapter_weights(path),
-                         load_file(str(ema_path)) if ema_path.is_file() else None, state)
 
 
 def _save(job: ExpertJob, accelerator, params, optimizer, ema, step: int, data_position: int) -> Path:
