@@ -21,6 +21,8 @@ from mrlora.rate.spec import check_known, parse_token_spec
 from mrlora.rate.token_file import RateToken, check_fits, load_token
 
 _LOADED_ATTR = "_mrlora_rate_loaded"  # pipeline attribute: {token: RateToken}
+
+
 def loaded_tokens(pipe: Any) -> dict[str, RateToken]:
     return getattr(pipe, _LOADED_ATTR, {})
 

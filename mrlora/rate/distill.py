@@ -308,11 +308,12 @@ def distill_token(
         optimizer.load_state_dict(state["optimizer"])
         start = resumed_from = int(state["step"])
         log(f"resuming {token} from {path} (step {start})")
-    if group.is_main:
+    kept: list[dict] = []
+    if group.is_main:  # drop rows of steps after the checkpoint we resume from
         out_dir.mkdir(parents=True, exist_ok=True)
         kept = _read_metrics(out_dir / METRICS_FILE, start)
         atomic_write_text(out_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
-    losses = [float(r["loss"]) for r in (_read_metrics(out_dir / METRICS_FILE, start) if group.is_main else [])]
+    losses = [float(r["loss"]) for r in kept]
     group.barrier()
 
     def make_token(step: int) -> RateToken:
