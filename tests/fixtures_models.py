@@ -8,6 +8,8 @@ written under ``~/.cache``.
 - ``mrlora_cache`` (autouse): points ``MRLORA_CACHE`` at a session temp dir for the whole session.
 - ``tiny_sd3_dir`` / ``tiny_flux_dir``: the built model directories (``str``), loadable with
   ``StableDiffusion3Pipeline`` / ``FluxPipeline.from_pretrained`` or ``mrlora.models.loading.load_pipeline``.
+- ``one_torch_thread``: torch on one thread for the test (use it module-wide with
+  ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
 """
 
 from __future__ import annotations
@@ -46,3 +48,12 @@ def tiny_flux_dir(mrlora_cache: Path) -> str:
     from mrlora.models.loading import resolve_model
 
     return resolve_model("tiny:flux")
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest single-threaded, especially on a shared 2-core machine."""
+    from mrlora.reduce.job import single_threaded
+
+    with single_threaded():
+        yield

@@ -24,12 +24,7 @@ TINY = ["--config", "tiny-sd3", "--set", "rewards=['brightness','jpeg_compressib
 PROMPTS = ['a shop sign that says "OPEN"', "a photo of a cat"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hand_token(name: str, value: float) -> RateToken:

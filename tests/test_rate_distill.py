@@ -26,13 +26,7 @@ EVAL_PROMPTS = ["a green apple", "a cat on a bench", "a city at night", "a boat 
 TOKEN = "<bright>"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, especially on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_expert(out: Path, arch: str, base: str | None = None, magnitude: float = 5.0, rank: int = 2,
@@ -95,36 +89,38 @@ def snapshot(pipe) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory, mrlora_cache):
-    """One SD3 distillation shared by the checks below (30 steps, ~15 s)."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("rate_sd3")
-    expert = make_expert(root / "expert", "sd3")
-    pipe, info = teacher_pipe("sd3", expert)
-    before = snapshot(pipe)
-    s = settings("sd3")
-    # a fixed evaluation batch of the loss, drawn like the loop draws its batches
-    x0 = final_latents(pipe, PROMPTS[:4], teacher=True, guidance=s.guidance_scale)
-    g = _generator(123)
-    noise, u = torch.randn(x0.shape, generator=g), torch.sigmoid(torch.randn((4,), generator=g))
-    teacher_latents = final_latents(pipe, EVAL_PROMPTS, teacher=True, guidance=s.guidance_scale)
-    base_latents = final_latents(pipe, EVAL_PROMPTS, teacher=False, guidance=s.guidance_scale)
-    from mrlora.rate.encoders import add_token, read_rows
+    """One SD3 distillation shared by the checks below (30 steps, ~15 s), single-threaded for the module."""
+    from mrlora.reduce.job import single_threaded
 
-    add_token(pipe, TOKEN)
-    init_vectors = read_rows(pipe, TOKEN)
-    set_teacher(pipe.transformer, False)
-    with torch.no_grad():
-        loss_before = flow_matching_loss(pipe, TOKEN, init_vectors, x0, PROMPTS[:4], noise, u, s.guidance_scale, 32).item()
-    set_teacher(pipe.transformer, True)
-    # add_token above registered the token; distill_token must start from a pipeline without it, so reload
-    pipe, info = teacher_pipe("sd3", expert)
-    result = distill_token(pipe, PROMPTS, s, root / "out", expert=info, base_id="tiny:sd3", log=lambda m: None)
-    set_teacher(pipe.transformer, False)
-    with torch.no_grad():
-        loss_after = flow_matching_loss(pipe, TOKEN, None, x0, PROMPTS[:4], noise, u, s.guidance_scale, 32).item()
-    set_teacher(pipe.transformer, True)
-    return {"root": root, "expert": expert, "pipe": pipe, "before": before, "result": result, "settings": s,
-            "loss_before": loss_before, "loss_after": loss_after, "teacher": teacher_latents, "base": base_latents}
+    with single_threaded():
+        root = tmp_path_factory.mktemp("rate_sd3")
+        expert = make_expert(root / "expert", "sd3")
+        pipe, info = teacher_pipe("sd3", expert)
+        before = snapshot(pipe)
+        s = settings("sd3")
+        # a fixed evaluation batch of the loss, drawn like the loop draws its batches
+        x0 = final_latents(pipe, PROMPTS[:4], teacher=True, guidance=s.guidance_scale)
+        g = _generator(123)
+        noise, u = torch.randn(x0.shape, generator=g), torch.sigmoid(torch.randn((4,), generator=g))
+        teacher_latents = final_latents(pipe, EVAL_PROMPTS, teacher=True, guidance=s.guidance_scale)
+        base_latents = final_latents(pipe, EVAL_PROMPTS, teacher=False, guidance=s.guidance_scale)
+        from mrlora.rate.encoders import add_token, read_rows
+
+        add_token(pipe, TOKEN)
+        init_vectors = read_rows(pipe, TOKEN)
+        set_teacher(pipe.transformer, False)
+        with torch.no_grad():
+            loss_before = flow_matching_loss(pipe, TOKEN, init_vectors, x0, PROMPTS[:4], noise, u, s.guidance_scale, 32).item()
+        set_teacher(pipe.transformer, True)
+        # add_token above registered the token; distill_token must start from a pipeline without it, so reload
+        pipe, info = teacher_pipe("sd3", expert)
+        result = distill_token(pipe, PROMPTS, s, root / "out", expert=info, base_id="tiny:sd3", log=lambda m: None)
+        set_teacher(pipe.transformer, False)
+        with torch.no_grad():
+            loss_after = flow_matching_loss(pipe, TOKEN, None, x0, PROMPTS[:4], noise, u, s.guidance_scale, 32).item()
+        set_teacher(pipe.transformer, True)
+        yield {"root": root, "expert": expert, "pipe": pipe, "before": before, "result": result, "settings": s,
+               "loss_before": loss_before, "loss_after": loss_after, "teacher": teacher_latents, "base": base_latents}
 
 
 def test_only_the_new_embedding_rows_change(distilled):

@@ -20,12 +20,7 @@ from test_rate_distill import make_expert  # noqa: E402
 OVERRIDES = {"steps": 2, "teacher_steps": 2, "batch_size": 2, "checkpoint_every": 1, "max_sequence_length": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_run(tmp_path: Path) -> RunDir:

@@ -13,12 +13,7 @@ from mrlora.rate.errors import TokenExistsError, TokenFileError, TokenSpecError,
 from mrlora.rate.token_file import RateToken, load_token, save_token
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
