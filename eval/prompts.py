@@ -3,12 +3,12 @@
 Why not a loader of our own: training and eval must read GenEval metadata and plain prompt lists identically
 (``rewards.prompts.load_prompt_source``), or an eval could silently score different prompts than a run trained
 on. This module only adds what eval needs on top: a clear EvalError (the loader names the bad line) and the
-fingerprint recorded with the results, so shards of one eval provably used the same prompts.
+metadata line of the official GenEval layout. (The file's sha256, recorded in the eval settings so shards of
+one eval provably used the same prompts, is ``mrlora.runstore.file_digest``.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +30,6 @@ class EvalPrompt:
     def metadata_line(self) -> str:
         """The line written to ``<index>/metadata.jsonl`` (official GenEval layout): metadata with the prompt."""
         return json.dumps({**self.metadata, "prompt": self.prompt}, sort_keys=True)
-
-
-def file_fingerprint(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_prompts(path: str | Path) -> list[EvalPrompt]:

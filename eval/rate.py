@@ -17,7 +17,6 @@ check of arch and embedding widths against the pipeline runs in ``eval.run`` bef
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from eval.errors import EvalError
+from mrlora.runstore import file_digest
 
 TOKEN_FORMAT = "mrlora-rate-token"  # mrlora.rate.token_file.FORMAT (that module imports torch)
 KIND = "rate"
@@ -107,14 +107,6 @@ def _header_metadata(path: Path) -> dict[str, str]:
     return meta if isinstance(meta, dict) else {}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def resolve_mix(token_files: Sequence[str] | None, spec: str | None) -> RateMix | None:
     """Check ``--rate-tokens`` / ``--rate-spec`` without torch; return the mix (None when neither is given).
 
@@ -142,7 +134,7 @@ def resolve_mix(token_files: Sequence[str] | None, spec: str | None) -> RateMix 
             raise EvalError(f"--rate-tokens: {path} is not a RaTE token file (metadata format="
                             f"{meta.get('format')!r}); give the token.safetensors written by `python -m mrlora.rate`")
         path = path.resolve()
-        records.append(TokenRecord(str(path), _sha256(path), meta["token"], meta.get("reward", ""),
+        records.append(TokenRecord(str(path), file_digest(path), meta["token"], meta.get("reward", ""),
                                    meta.get("arch", ""), meta.get("base", "")))
     seen: dict[str, str] = {}
     for rec in records:

@@ -27,11 +27,12 @@ from eval.checkpoint import FORMS_HINT, resolve_checkpoint
 from eval.cli import run_cli
 from eval.errors import EvalError
 from eval.plan import EvalDir, Shard
-from eval.prompts import file_fingerprint, load_prompts
+from eval.prompts import load_prompts
 from eval.rate import RateMix, checkpoint_note, install_mix, resolve_mix
 from eval.scoring import SUITES, build_rewards, suite_rewards
 from eval.settings import EvalSettings, check_same, read_settings, record_settings
 from mrlora.config import config_from_dict
+from mrlora.runstore import file_digest
 
 log = logging.getLogger("eval.run")
 
@@ -84,7 +85,7 @@ def prepare(args: argparse.Namespace):
         checkpoint=ckpt.to_dict(),
         rewards=tuple(rewards),
         prompts=str(Path(args.prompts).resolve()),
-        prompts_sha256=file_fingerprint(Path(args.prompts)),
+        prompts_sha256=file_digest(args.prompts),
         num_prompts=len(prompts),
         samples=samples,
         batch_size=args.batch_size if args.batch_size is not None else int(cfg.sample.batch_size),
@@ -106,6 +107,14 @@ def prepare(args: argparse.Namespace):
     return settings, ckpt, cfg, prompts, shard
 
 
+def out_complete(out: EvalDir, settings: EvalSettings) -> bool:
+    """Refuse an ``--out`` that holds an eval with other settings; True when the eval there is already complete."""
+    existing = read_settings(out.root)
+    if existing is not None:
+        check_same(out.root, existing, settings)
+    return out.done() is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings, ckpt, cfg, prompts, shard = prepare(args)
@@ -114,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if (note := checkpoint_note(settings.checkpoint)) is not None:
             log.warning("%s", note)
     out = EvalDir(args.out)
-    existing = read_settings(out.root)
-    if existing is not None:
-        check_same(out.root, existing, settings)
-    if out.done() is not None:
+    if out_complete(out, settings):
         print(f"{out.root} is already complete (DONE.json); nothing to do")
         return 0
     if out.shard_done(shard) is not None:

@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     from eval.errors import EvalError
     from eval.plan import EvalDir
     from eval.run import build_parser as eval_parser
-    from eval.run import prepare
-    from eval.settings import check_same, read_settings
+    from eval.run import out_complete, prepare
 
     if args.shards < 1:
         raise EvalError(f"--shards must be >= 1, got {args.shards}")
@@ -238,10 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     # validate exactly as the job will (checkpoint markers, prompt file, rewards, settings of an existing --out)
     settings, ckpt, _cfg, _prompts, _shard = prepare(eval_parser().parse_args([*run_argv, "--shard", f"0/{args.shards}"]))
     out = EvalDir(Path(args.out).expanduser().resolve())
-    existing = read_settings(out.root)
-    if existing is not None:
-        check_same(out.root, existing, settings)
-    if out.done() is not None:
+    if out_complete(out, settings):
         print(f"{out.root} is already complete (DONE.json); nothing to submit")
         return 0
     pending = out.pending_shards(args.shards)
