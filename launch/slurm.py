@@ -52,18 +52,23 @@ def slurm_reachable() -> str | None:
 
 
 @dataclass(frozen=True)
-class QueuedJob:
-    """One line of squeue: array tasks appear one per line as ``<array id>_<task>``."""
-
+class _SlurmJob:
     job_id: str          # "123" or "123_1" (or "123_[0-2]" for array tasks not yet split)
     name: str
     state: str
-    comment: str
-    reason: str
 
     @property
     def base_id(self) -> str:
+        """The job id without the array task suffix."""
         return self.job_id.split("_", 1)[0]
+
+
+@dataclass(frozen=True)
+class QueuedJob(_SlurmJob):
+    """One line of squeue: array tasks appear one per line as ``<array id>_<task>``."""
+
+    comment: str
+    reason: str
 
 
 def squeue_all() -> list[QueuedJob]:
@@ -90,20 +95,13 @@ def run_jobs_in_queue(run_ts: str, extra_ids: set[str] | frozenset = frozenset()
 
 
 @dataclass(frozen=True)
-class AccountedJob:
+class AccountedJob(_SlurmJob):
     """One line of ``sacct -X``: the allocation (not its steps) of a job or array task."""
 
-    job_id: str
-    name: str
-    state: str
     start: str
     end: str
     elapsed_s: int
     exit_code: str
-
-    @property
-    def base_id(self) -> str:
-        return self.job_id.split("_", 1)[0]
 
 
 def sacct_jobs(job_ids: list[str]) -> list[AccountedJob]:
