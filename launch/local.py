@@ -61,7 +61,8 @@ def log_path(run: RunDir, task_key: str) -> Path:
     return run.logs_dir / LOCAL_LOG_DIR / f"{task_key}.log"
 
 
-def _steps_done(run: RunDir, cycle: int, reward: str, kind: str = "expert") -> tuple[int, dict]:
+def metrics_tail(run: RunDir, cycle: int, reward: str, kind: str = "expert") -> tuple[int, dict]:
+    """(steps logged, the newest metrics line) of an expert or (``kind`` "rate") a RaTE distillation."""
     path = rate_dir(run, cycle, reward) / "metrics.jsonl" if kind == RATE else run.metrics_path(cycle, reward)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -112,11 +113,15 @@ def trend_table(run: RunDir, plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def reward_summary(metrics: dict) -> str:
-    """The reward means of one metrics line, as "reward 0.512" (keys named like reward*, mean first)."""
+def reward_keys(metrics: dict) -> list[str]:
+    """The numeric keys of one metrics line named like reward*, the *mean* ones first."""
     keys = [k for k in metrics if "reward" in k.lower() and isinstance(metrics[k], (int, float))]
-    keys.sort(key=lambda k: (0 if "mean" in k else 1, k))
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys[:2])
+    return sorted(keys, key=lambda k: (0 if "mean" in k else 1, k))
+
+
+def reward_summary(metrics: dict) -> str:
+    """The reward means of one metrics line, as "reward_mean=0.512 ..." (at most two keys)."""
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in reward_keys(metrics)[:2])
 
 
 def _child_env() -> dict:
@@ -155,7 +160,7 @@ def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: Tex
                 while proc.poll() is None:
                     time.sleep(poll_s)
                     if task.kind != MERGE:
-                        done, metrics = _steps_done(run, task.cycle, task.reward, task.kind)
+                        done, metrics = metrics_tail(run, task.cycle, task.reward, task.kind)
                         total = (rate_steps_of if task.kind == RATE else steps_of).get(task.reward, "?")
                         shown = (done, reward_summary(metrics) if task.kind != RATE else "")
                         if shown != last_shown:
@@ -180,7 +185,7 @@ def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: Tex
         status = "done" if rc == 0 else ("interrupted (checkpointed)" if rc == EXIT_INTERRUPTED else f"FAILED (exit {rc})")
         extra = ""
         if task.kind == "expert" and rc == 0:
-            done, _ = _steps_done(run, task.cycle, task.reward)
+            done, _ = metrics_tail(run, task.cycle, task.reward)
             trend = reward_trend(run, task.cycle, task.reward)
             extra = f", {done} steps" + (f", reward_mean {trend[0]:.4g} -> {trend[1]:.4g}" if trend else "")
         elif task.kind == RATE and rc == 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,10 +18,10 @@ from pathlib import Path
 
 from launch import slurm
 from launch.journal import JobRecord, latest_by_unit, read_records
-from launch.local import LOCAL_LOG_DIR
+from launch.local import LOCAL_LOG_DIR, metrics_tail, reward_keys
 from launch.mapreduce import find_run, out_root_of
 from launch.plan import MERGE, RATE, rate_unit, safe_name
-from launch.runs import LaunchError, rate_cycles_of, rate_dir, rate_is_done
+from launch.runs import LaunchError, rate_cycles_of, rate_is_done
 from mrlora.config import config_for_reward, config_from_dict
 from mrlora.runstore import RunDir, RunStoreError, pid_alive
 
@@ -82,27 +81,9 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def _metrics(run: RunDir, cycle: int, reward: str) -> tuple[int, dict]:
-    return _metrics_at(run.metrics_path(cycle, reward))
-
-
-def _metrics_at(path: Path) -> tuple[int, dict]:
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError:
-        return 0, {}
-    for line in reversed(lines):
-        try:
-            return len(lines), json.loads(line)
-        except ValueError:
-            continue
-    return len(lines), {}
-
-
 def _reward_mean(metrics: dict) -> str:
     """The newest reward mean of a metrics line ("r=0.512"), preferring a key named like reward*mean."""
-    keys = sorted((k for k, v in metrics.items() if "reward" in k.lower() and isinstance(v, (int, float))),
-                  key=lambda k: (0 if "mean" in k else 1, k))
+    keys = reward_keys(metrics)
     return f"r={metrics[keys[0]]:.3g}" if keys else ""
 
 
@@ -118,9 +99,12 @@ def _local_log(run: RunDir, cycle: int, unit: str) -> Path | None:
     return None
 
 
-def _fill_state(cell: Cell, run: RunDir, status: RunStatus, rec: JobRecord | None, c: int, unit: str, done: bool,
-                queue: dict, acct: dict) -> None:
-    """The state of one unit (an expert, a merge or a RaTE token "rate:<reward>"): marker first, then Slurm."""
+def _fill_state(cell: Cell, run: RunDir, launcher_alive: bool | None, rec: JobRecord | None, c: int, unit: str,
+                done: bool, queue: dict, acct: dict) -> None:
+    """The state of one unit (an expert, a merge or a RaTE token "rate:<reward>"): marker first, then Slurm.
+
+    ``launcher_alive``: whether a local run's launcher still runs (None for a run on Slurm).
+    """
     reward = None if unit == MERGE else unit.split(":", 1)[1] if unit.startswith(f"{RATE}:") else unit
     if rec is not None:
         task = rec.task_id(reward) if reward is not None else rec.job_id
@@ -141,12 +125,11 @@ def _fill_state(cell: Cell, run: RunDir, status: RunStatus, rec: JobRecord | Non
             cell.state = "SUBMITTED"
     elif done:
         cell.state = "DONE"
-    elif status.executor == "local":
+    elif launcher_alive is not None:
         log = _local_log(run, c, unit)
         if log is not None:
             cell.state = "STARTED"
-            lease = run.read_lease()
-            if lease is None or not pid_alive(lease.pid):
+            if not launcher_alive:
                 cell.state = "STOPPED"
                 cell.failure = f"stopped before finishing: read {log}"
 
@@ -171,6 +154,10 @@ def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
         except slurm.SlurmError as exc:
             status.slurm_note = f"Slurm not available ({exc}); showing the run directory only"
     status.queued = len(queue)
+    launcher_alive = None
+    if status.executor == "local":
+        lease = run.read_lease()
+        launcher_alive = lease is not None and pid_alive(lease.pid)
 
     steps_total = {r: config_for_reward(cfg, r).train.steps for r in rewards}
     last_cycle = max([status.last_merged + 1, *state.cycles.keys(), *(c for c, _ in latest)])
@@ -184,11 +171,11 @@ def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
             else:
                 es = cs.experts.get(unit) if cs else None
                 done = bool(es and es.done)
-                n, metrics = _metrics(run, c, unit)
+                n, metrics = metrics_tail(run, c, unit)
                 ckpt = es.checkpoint_step if es and es.checkpoint_step else 0
                 cell.steps = f"{max(n, ckpt)}/{steps_total[unit]}"
                 cell.rewards = _reward_mean(metrics)
-            _fill_state(cell, run, status, latest.get((c, unit)), c, unit, done, queue, acct)
+            _fill_state(cell, run, launcher_alive, latest.get((c, unit)), c, unit, done, queue, acct)
             row[unit] = cell
         status.rows[c] = row
 
@@ -199,9 +186,9 @@ def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
         rate_row: dict[str, Cell] = {}
         for r in rewards:
             cell = Cell()
-            n, _ = _metrics_at(rate_dir(run, c, r) / "metrics.jsonl")
+            n, _ = metrics_tail(run, c, r, RATE)
             cell.steps = f"{n}/{rate_steps[r]}"
-            _fill_state(cell, run, status, latest.get((c, rate_unit(r))), c, rate_unit(r), rate_is_done(run, c, r),
+            _fill_state(cell, run, launcher_alive, latest.get((c, rate_unit(r))), c, rate_unit(r), rate_is_done(run, c, r),
                         queue, acct)
             rate_row[r] = cell
         status.rate_rows[c] = rate_row
