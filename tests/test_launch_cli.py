@@ -164,3 +164,40 @@ def test_find_run_picks_newest(tmp_path):
         (d / "run.json").write_text("{}")
     assert mapreduce.find_run(tmp_path, None, None).run_ts == "20260102_000000"
     assert mapreduce.find_run(tmp_path, "m", "20260101_000000").run_ts == "20260101_000000"
+
+
+def test_status_asks_slurm_once_per_refresh_however_many_jobs(tmp_path, monkeypatch):
+    """One squeue and one sacct call per refresh (login nodes and slurmctld are shared), mapped back to cells."""
+    from launch import slurm, status
+    from launch.journal import new_record, write_record
+
+    run = _fake_run(tmp_path)
+    common = dict(window=0, after=(), log_dir=str(tmp_path / "logs"))
+    write_record(run, new_record(job_id="500", key="c0002-experts", name="n", cycle=2, kind="expert",
+                                 rewards=("brightness", "colourfulness"), array=True, **common))
+    write_record(run, new_record(job_id="501", key="c0002-merge", name="n", cycle=2, kind="merge", rewards=(),
+                                 array=False, **common))
+    write_record(run, new_record(job_id="502", key="c0003-experts", name="n", cycle=3, kind="expert",
+                                 rewards=("brightness", "colourfulness"), array=True, **common))
+    name = f"mrlora-{run.run_ts}-c0002"
+    answers = {
+        "squeue": f"500_1|{name}-experts|RUNNING|None|mrlora:{run.run_ts}\n"
+                  f"501|{name}-merge|PENDING|Dependency|mrlora:{run.run_ts}\n"
+                  f"502_[0-1]|mrlora-{run.run_ts}-c0003-experts|PENDING|Dependency|mrlora:{run.run_ts}\n"
+                  f"999|someone-else|RUNNING|None|\n",
+        "sacct": "500_0|n|COMPLETED|2026-01-01T00:00:00|2026-01-01T00:01:00|60|0:0\n",
+    }
+    calls = []
+
+    def fake_run(cmd, timeout=60.0):
+        calls.append(cmd[0])
+        return answers[cmd[0]]
+
+    monkeypatch.setattr(slurm, "have_slurm", lambda: True)
+    monkeypatch.setattr(slurm, "_run", fake_run)
+    st = status.collect(run)
+    assert sorted(calls) == ["sacct", "squeue"], calls
+    assert st.queued == 3
+    assert st.rows[2]["colourfulness"].state == "RUNNING"
+    assert st.rows[2]["merge"].state == "PENDING(Dependency)"
+    assert st.rows[3]["brightness"].state == "PENDING(Dependency)"
