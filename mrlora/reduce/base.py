@@ -28,7 +28,6 @@ class BaseTransformer:
     transformer_dir: Path
     arch: str
     shards: list[SafetensorsHeader]
-    index_file: Path | None
 
     def __post_init__(self):
         self._by_name: dict[str, tuple[SafetensorsHeader, TensorInfo]] = {}
@@ -39,16 +38,6 @@ class BaseTransformer:
     def weight(self, module: str) -> TensorInfo | None:
         found = self._by_name.get(f"{module}.weight")
         return found[1] if found else None
-
-    @property
-    def num_params(self) -> int:
-        total = 0
-        for _, info in self._by_name.values():
-            n = 1
-            for d in info.shape:
-                n *= d
-            total += n
-        return total
 
 
 def _arch_of(config_path: Path) -> str:
@@ -85,14 +74,14 @@ def open_base(path: Path | str) -> BaseTransformer:
             raise ReduceError(f"{index} is unreadable or has no weight_map ({exc})") from None
         files = sorted(set(weight_map.values()))
     elif (tdir / WEIGHTS_NAME).is_file():
-        index, files = None, [WEIGHTS_NAME]
+        files = [WEIGHTS_NAME]
     else:
         raise ReduceError(
             f"{tdir} has no {WEIGHTS_NAME} (or sharded index); only safetensors checkpoints are supported: "
             "re-save the model with safe_serialization=True"
         )
     shards = [read_header(tdir / f) for f in files]
-    return BaseTransformer(root=root, transformer_dir=tdir, arch=arch, shards=shards, index_file=index)
+    return BaseTransformer(root=root, transformer_dir=tdir, arch=arch, shards=shards)
 
 
 def resolve_base(spec: str) -> Path:
