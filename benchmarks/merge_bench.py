@@ -225,7 +225,6 @@ def run_child(kind: str, args: dict, threads: int | None = None) -> dict:
 
 def compare_outputs(ours: Path, peft_dir: Path, modules: list[str]) -> float:
     """Max relative difference of a few adapted weights between the two outputs (bf16 rounding expected)."""
-    import torch
     from safetensors import safe_open
 
     def find(root: Path, key: str):

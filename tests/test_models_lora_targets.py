@@ -11,17 +11,18 @@ from mrlora.models.errors import UnknownArchError
 from mrlora.models.lora_targets import LORA_TARGETS, lora_target_modules
 
 
-def _lora_modules(transformer) -> set[str]:
-    return {name for name, module in transformer.named_modules() if hasattr(module, "lora_A")}
+def _wrap(pipeline_cls, model_dir: str, arch: str):
+    """The transformer with a LoRA on ``arch``'s targets, and the names of the layers peft wrapped."""
+    transformer = pipeline_cls.from_pretrained(model_dir).transformer
+    targets = lora_target_modules(transformer, arch)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    wrapped = {name for name, module in transformer.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped == set(targets)
+    return transformer, wrapped
 
 
 def test_sd3_adapter_covers_every_attention_projection(tiny_sd3_dir: str) -> None:
-    transformer = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir).transformer
-    targets = lora_target_modules(transformer, "sd3")
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-
-    wrapped = _lora_modules(transformer)
-    assert wrapped == set(targets)
+    _, wrapped = _wrap(StableDiffusion3Pipeline, tiny_sd3_dir, "sd3")
     expected_block0 = {f"transformer_blocks.0.attn.{s}" for s in LORA_TARGETS["sd3"]}
     expected_block0 |= {f"transformer_blocks.0.attn2.{s}" for s in ("to_q", "to_k", "to_v", "to_out.0")}
     assert expected_block0 <= wrapped
@@ -29,12 +30,7 @@ def test_sd3_adapter_covers_every_attention_projection(tiny_sd3_dir: str) -> Non
 
 
 def test_flux_adapter_adds_feed_forward_but_not_the_output_layer(tiny_flux_dir: str) -> None:
-    transformer = FluxPipeline.from_pretrained(tiny_flux_dir).transformer
-    targets = lora_target_modules(transformer, "flux")
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-
-    wrapped = _lora_modules(transformer)
-    assert wrapped == set(targets)
+    transformer, wrapped = _wrap(FluxPipeline, tiny_flux_dir, "flux")
     assert {
         "transformer_blocks.0.attn.to_add_out",
         "transformer_blocks.0.ff.net.0.proj",

@@ -87,7 +87,6 @@ def test_fold_then_generate_matches_peft_cat(arch, request, tmp_path):
 
     ours_sd, theirs_sd = ours.transformer.state_dict(), theirs.transformer.state_dict()
     assert ours_sd.keys() == theirs_sd.keys()
-    changed = 0
     for k, v in ours_sd.items():
         diff = (v - theirs_sd[k]).norm() / theirs_sd[k].norm().clamp_min(1e-12)
         assert diff < 1e-5, k
@@ -195,8 +194,8 @@ def test_export_cli_errors_leave_nothing(tiny_sd3_dir, tmp_path, capsys):
     assert not out.exists()
 
     flux_update = tmp_path / "flux_update"
-    experts = random_experts(Path(request_dir := tiny_sd3_dir), "sd3", tmp_path / "x", seed=0)
-    merge_experts(experts, [1, 1, 1], flux_update, base=request_dir)
+    experts = random_experts(Path(tiny_sd3_dir), "sd3", tmp_path / "x", seed=0)
+    merge_experts(experts, [1, 1, 1], flux_update, base=tiny_sd3_dir)
     info = json.loads((flux_update / "update.json").read_text())
     info["arch"] = "flux"
     (flux_update / "update.json").write_text(json.dumps(info))
