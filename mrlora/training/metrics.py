@@ -1,8 +1,8 @@
 """Per-step metrics: ``metrics.jsonl`` on rank 0, plus optional TensorBoard / wandb when installed and enabled.
 
-metrics.jsonl is rewritten atomically each step from the in-memory history (tiny: one line per step), so a
-killed job never leaves a torn line, and a resumed job first drops the lines of steps after its checkpoint:
-the file always reads as one uninterrupted run. Trackers are best-effort and offline-safe: a missing package or
+metrics.jsonl gets one appended (flushed, fsynced) line per step. A resumed job first rewrites it atomically with
+only the lines of steps up to its checkpoint (dropping later steps and a line torn by a kill), so the file
+always reads as one uninterrupted run. Trackers are best-effort and offline-safe: a missing package or
 no network never stops training (wandb defaults to offline mode unless WANDB_MODE is set).
 """
 
@@ -22,6 +22,7 @@ class MetricsLog:
         self.enabled = enabled
         self.records: list[dict] = []
         self._tb = self._wandb = None
+        self._fh = None
         if not enabled:
             return
         if self.path.is_file():
@@ -32,6 +33,7 @@ class MetricsLog:
                     continue
                 if int(rec.get("step", 0)) <= resume_step:
                     self.records.append(rec)
+            atomic_write_text(self.path, "".join(_line(r) for r in self.records))
         if logging_cfg is not None:
             self._open_trackers(logging_cfg, run_name)
 
@@ -57,8 +59,11 @@ class MetricsLog:
         if not self.enabled:
             return
         self.records.append(record)
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
-        atomic_write_text(self.path, text)
+        if self._fh is None:
+            self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh.write(_line(record))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
         step = int(record["step"])
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
@@ -68,7 +73,14 @@ class MetricsLog:
             self._wandb.log(numeric, step=step)
 
     def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
