@@ -12,7 +12,6 @@ count that does not match the rewards, an unwritable --out-root, a run owned by 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import shlex
@@ -20,12 +19,12 @@ import sys
 from pathlib import Path
 
 from launch import runs, slurm
-from launch.plan import RATE, PlanError, build_plan, format_plan, submission_dependencies
+from launch.plan import MERGE, RATE, PlanError, build_plan, format_plan, safe_name, submission_dependencies
 from launch.profiles import ClusterProfile, ProfileError, default_profile, load_profile
 from launch.runs import LaunchError
 from mrlora.config import (ConfigError, apply_overrides, config_from_dict, config_to_dict, format_config, load_config,
                            validate)
-from mrlora.runstore import LeaseInfo, RunDir, RunStoreError, atomic_write_json, is_run_ts, new_run_ts
+from mrlora.runstore import LeaseInfo, RunDir, RunStoreError, is_run_ts, new_run_ts
 
 DEFAULT_OUT_ROOT = "runs"
 EXIT_USAGE = 2
@@ -171,8 +170,7 @@ def print_dry_run(plan, profile: ClusterProfile, run_root: Path, executor: str, 
 
 
 def _model_dir_name(cfg, model_arg: str) -> str:
-    name = cfg.model.name or Path(model_arg).stem
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return safe_name(cfg.model.name or Path(model_arg).stem)
 
 
 def _watch_hint(run: RunDir, out_root: Path) -> str:
@@ -213,8 +211,9 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
         print(f"submitted cycles {chain[0].cycle}..{chain[-1].cycle} of {plan.cycles} "
               f"({plan.mode}, {len(ids)} jobs"
               + (f"; RaTE after cycle(s) {', '.join(map(str, rate_cycles))}" if rate_cycles else "") + "):")
+        by_key = plan.by_key()
         for key, job_id in ids.items():
-            print(f"  {job_id:>10}  {plan.by_key()[key].name(plan.run_ts)}")
+            print(f"  {job_id:>10}  {by_key[key].name(plan.run_ts)}")
         if plan.n_windows > 1:
             print(f"the last merge of each window submits the next {plan.window_cycles} cycle(s) itself "
                   f"({plan.n_windows} windows in all)")
@@ -228,7 +227,7 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
     steps = {r: config_for_reward(cfg, r).train.steps for r in cfg.rewards}
     rate_steps = {r: config_for_reward(cfg, r).rate.steps for r in cfg.rewards}
     print(f"run directory: {run.root}")
-    n_tasks = sum(1 if job.kind == "merge" else len(job.rewards) for job in plan.jobs)
+    n_tasks = sum(1 if job.kind == MERGE else len(job.rewards) for job in plan.jobs)
     print(f"running {max(0, plan.cycles - plan.first_cycle + 1)} cycle(s) locally ({n_tasks} tasks); "
           f"Ctrl-C checkpoints and stops")
     try:
@@ -354,7 +353,7 @@ def resume_run(args, out_root: Path) -> int:
         # adopt: keep the chain's owner id, so its merge jobs still recognise the run as theirs
         info.owner_id = holder.owner_id
         info.job_ids = sorted({j.base_id for j in queued})
-        atomic_write_json(run.lease_path, dataclasses.asdict(info))
+        run.update_lease(info)
     else:
         info.job_ids = sorted({j.base_id for j in queued})
         run.acquire_lease(info, runs.lease_is_stale(run.run_ts))

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from launch import journal
-from launch.plan import Job, Plan, build_plan, run_comment, submission_dependencies
+from launch.plan import MERGE, RATE, Job, Plan, build_plan, job_key, job_prefix, run_comment, submission_dependencies
 from launch.profiles import ClusterProfile
 
 SUBMITIT_DIR = "slurm"
@@ -87,9 +87,8 @@ def render_sbatch(job: Job, run_ts: str, profile: ClusterProfile, dependencies: 
 def job_callables(job: Job, run_root: str, owner_id: str, profile: ClusterProfile) -> list:
     """What each submission runs: one ExpertTask / RateTask per array task, or one MergeTask."""
     from launch.jobs import ExpertTask, MergeTask, RateTask
-    from launch.plan import RATE
 
-    if job.kind == "merge":
+    if job.kind == MERGE:
         return [MergeTask(run_root, job.cycle, extend=job.extends, final=job.final, owner_id=owner_id)]
     if job.kind == RATE:
         return [RateTask(run_root, job.cycle, r, max_requeues=profile.max_requeues) for r in job.rewards]
@@ -187,7 +186,7 @@ def extend_chain(run_root: str, owner_id: str) -> dict[str, str]:
                       mode=cfg.mapreduce.mode, progress=progress, rate_after_cycles=rate_cycles)
     if plan.complete:
         return {}
-    prefix = f"mrlora-{run.run_ts}-c{plan.first_cycle:04d}-"
+    prefix = job_prefix(run.run_ts) + job_key(plan.first_cycle, "")
     already = [j.job_id for j in slurm.run_jobs_in_queue(run.run_ts) if j.name.startswith(prefix)]
     if already:
         print(f"[mrlora] cycle {plan.first_cycle} is already queued ({', '.join(already)}); not extending", flush=True)
