@@ -48,6 +48,7 @@ from mrlora.runstore import (
     DONE_MARKER,
     atomic_file,
     atomic_write_text,
+    complete_checkpoints,
     read_marker,
     reset_incomplete_dir,
     write_marker,
@@ -192,13 +193,8 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
 
 def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
     """The newest checkpoint whose marker is complete (never a "latest" pointer)."""
-    found = []
-    if out_dir.is_dir():
-        for p in out_dir.glob("checkpoint-*"):
-            suffix = p.name.split("-", 1)[1]
-            if suffix.isdigit() and read_marker(p, CHECKPOINT_MARKER) is not None:
-                found.append((int(suffix), p))
-    return max(found) if found else None
+    found = complete_checkpoints(out_dir)
+    return found[-1] if found else None
 
 
 def flow_matching_loss(
