@@ -192,7 +192,7 @@ def profile_from_dict(data: dict, name: str = "", where: str = "cluster profile"
         raise ProfileError(f"{where}: missing key(s) {', '.join(missing)}; every cluster key is required "
                            f"(see configs/clusters/example-gpu.toml for what each means)")
     for key, (_, default) in TOP_KEYS.items():
-        values.setdefault(key, default)
+        values.setdefault(key, dict(default) if isinstance(default, dict) else default)  # no shared {} between profiles
     if not all(isinstance(s, str) for s in values["setup"]):
         raise ProfileError(f"{where}: setup must be a list of shell lines (strings)")
     for k, v in values["env"].items():
