@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from rewards import build_reward
+from rewards.ocr import extract_target
 from rewards.prompts import load_prompt_source
 
 ALL = ["ocr", "pickscore", "geneval", "jpeg_compressibility", "jpeg_incompressibility", "brightness",
@@ -46,7 +47,7 @@ def main() -> None:
 
     ocr_items = load_prompt_source(f"gen:ocr:{args.batch}", seed=0)
     geneval_items = load_prompt_source(f"gen:geneval:{args.batch}", seed=0)
-    texts = [p.prompt.split('"')[1] for p in ocr_items]
+    texts = [extract_target(p.prompt) for p in ocr_items]
     images = make_images(args.batch, args.size, texts)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -66,8 +66,7 @@ class EvalInput:
     def kind(self) -> str:
         if self.rate is not None:
             return rate_mix.KIND
-        ckpt = self.checkpoint
-        return "base" if ckpt.get("kind") == "merged" and ckpt.get("cycle") == 0 else ckpt.get("kind", "?")
+        return "base" if rate_mix.steers_a_base(self.checkpoint) else self.checkpoint.get("kind", "?")
 
     def mean(self, reward: str) -> float | None:
         block = self.summary["rewards"].get(reward)

@@ -59,16 +59,17 @@ def run_shard(out: EvalDir, shard: Shard, settings: EvalSettings, prompts: list[
                           settings.resolution, settings.max_sequence_length)
         for w, image in zip(batch, images):
             save_png(image, out.image_path(w.prompt_index, w.sample_index))
+            item = prompts[w.prompt_index]
+            line = item.metadata_line()
             if w.prompt_index not in written_metadata:
-                atomic_write_text(out.prompt_dir(w.prompt_index) / "metadata.jsonl",
-                                  prompts[w.prompt_index].metadata_line() + "\n")
+                atomic_write_text(out.prompt_dir(w.prompt_index) / "metadata.jsonl", line + "\n")
                 written_metadata.add(w.prompt_index)
             cols["prompt_index"].append(w.prompt_index)
             cols["sample_index"].append(w.sample_index)
             cols["seed"].append(w.seed)
-            cols["prompt"].append(prompts[w.prompt_index].prompt)
-            cols["tag"].append(prompts[w.prompt_index].tag)
-            cols["metadata"].append(prompts[w.prompt_index].metadata_line())
+            cols["prompt"].append(item.prompt)
+            cols["tag"].append(item.tag)
+            cols["metadata"].append(line)
             cols["image"].append(out.image_relpath(w.prompt_index, w.sample_index))
         for name, reward in rewards.items():
             result = reward(images, texts, metas)
