@@ -5,10 +5,8 @@ rejected with the keys named."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,15 +19,11 @@ from safetensors.torch import load_file
 from mrlora.config import ConfigError, load_config
 from mrlora.train import Preempted, train_expert_standalone
 from mrlora.training.loop import round_chunks
+from train_helpers import kill_after_checkpoint, read_metrics as _metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
-REPO = Path(__file__).resolve().parents[1]
 TWO = ["sample.resolution=32", "train.lr=3e-2", "train.updates_per_round=2", "train.checkpoint_every=2"]
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _train(base: str, out: Path, steps: int, *extra: str) -> dict:
@@ -91,13 +85,6 @@ def test_preemption_waits_for_the_end_of_the_round(tiny_sd3_dir, tmp_path):
     assert [r["step"] for r in _metrics(out)] == list(range(1, step + 1))
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    return env
-
-
 @pytest.mark.slow
 def test_killed_run_with_two_updates_per_round_resumes_bit_identical(tiny_sd3_dir, tmp_path):
     steps = 4
@@ -108,18 +95,7 @@ def test_killed_run_with_two_updates_per_round_resumes_bit_identical(tiny_sd3_di
     sets = [x for s in TWO for x in ("--set", s)]
     cmd = [sys.executable, "-m", "mrlora.train", "--config", "tiny-sd3", "--reward", "brightness", "--base",
            tiny_sd3_dir, "--out", str(out), "--steps", str(steps), "--no-progress", *sets]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = out / "checkpoint-2" / "COMPLETE.json"
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"training exited ({proc.returncode}) before its first checkpoint: {proc.stderr.read()}")
-        assert time.monotonic() < deadline, "no checkpoint-2 within 240 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert not (out / "DONE.json").exists(), "the run finished before it could be killed; the test proved nothing"
+    kill_after_checkpoint(cmd, out)
 
     _train(tiny_sd3_dir, out, steps)
     for rel in ("adapter/adapter_model.safetensors", f"checkpoint-{steps}/adapter_model.safetensors",

@@ -3,7 +3,6 @@ checkpoints and stops on SIGUSR2, and two gloo processes keep identical LoRA wei
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,16 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from mrlora.train import Preempted, train_expert_standalone
+from train_helpers import kill_after_checkpoint, read_metrics as _metrics, subprocess_env as _env
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
-REPO = Path(__file__).resolve().parents[1]
 # 32 px keeps a step well under a second on an idle core.
 SMALL = ["sample.resolution=32", "train.lr=3e-2"]
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -80,13 +75,6 @@ def _cli(base: str, out: Path, steps: int, *extra: str) -> list[str]:
             "--out", str(out), "--steps", str(steps), "--no-progress", *sets]
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    return env
-
-
 @pytest.mark.slow
 def test_killed_run_restarted_ends_bit_identical(tiny_sd3_dir, tmp_path):
     steps = 4
@@ -95,19 +83,7 @@ def test_killed_run_restarted_ends_bit_identical(tiny_sd3_dir, tmp_path):
                             overrides=SMALL + ["train.checkpoint_every=2"], progress=False)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(tiny_sd3_dir, out, steps), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    marker = out / "checkpoint-2" / "COMPLETE.json"
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"training exited ({proc.returncode}) before its first checkpoint: {proc.stderr.read()}")
-        assert time.monotonic() < deadline, "no checkpoint-2 within 240 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert not (out / "DONE.json").exists(), "the run finished before it could be killed; the test proved nothing"
+    kill_after_checkpoint(_cli(tiny_sd3_dir, out, steps), out)
 
     train_expert_standalone("tiny-sd3", "brightness", tiny_sd3_dir, str(out), steps=steps,
                             overrides=SMALL + ["train.checkpoint_every=2"], progress=False)

@@ -4,14 +4,12 @@ merge supersedes it in the chain of updates."""
 
 from __future__ import annotations
 
-import datetime as dt
-
 import pytest
 import torch
 
-from mrlora.config import config_to_dict, load_config
 from mrlora.runstore import RunDir
 from mrlora.train import train_expert_in_run
+from train_helpers import tiny_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -19,14 +17,8 @@ REWARDS = ["brightness", "colourfulness"]
 
 
 def _run(tmp_path, base: str) -> RunDir:
-    cfg = load_config("tiny-sd3", [f"model.pretrained={base}", f"rewards={REWARDS}", "weights=[1.0, 3.0]",
-                                   "mapreduce.merge_mode=reference", "sample.resolution=32", "train.steps=2",
-                                   "train.lr=3e-2"])
-    run = RunDir.create(tmp_path / "runs", "tiny-sd3")
-    run.write_run_json({"run_ts": run.run_ts, "model": "tiny-sd3", "created": dt.datetime.now().isoformat(),
-                        "code_version": "test", "config": config_to_dict(cfg), "cluster": {}, "executor": "local",
-                        "history": []})
-    return run
+    return tiny_run(tmp_path, base, [f"rewards={REWARDS}", "weights=[1.0, 3.0]", "mapreduce.merge_mode=reference",
+                                     "sample.resolution=32", "train.steps=2", "train.lr=3e-2"])
 
 
 def test_cycle_two_continues_the_averaged_lora_of_cycle_one(tiny_sd3_dir, tmp_path):

@@ -3,26 +3,19 @@ in one line, exit code 2, and leaves nothing on disk."""
 
 from __future__ import annotations
 
-import datetime as dt
-
 import pytest
 import torch
 
-from mrlora.config import config_to_dict, load_config
 from mrlora.runstore import RunDir, RunStoreError
 from mrlora.train import main, train_expert_in_run
+from train_helpers import tiny_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
 
 def _run(tmp_path, base: str) -> RunDir:
-    cfg = load_config("tiny-sd3", [f"model.pretrained={base}", "rewards=['brightness']", "weights=[1.0]",
-                                   "sample.resolution=32", "train.steps=2", "train.lr=3e-2"])
-    run = RunDir.create(tmp_path / "runs", "tiny-sd3")
-    run.write_run_json({"run_ts": run.run_ts, "model": "tiny-sd3", "created": dt.datetime.now().isoformat(),
-                        "code_version": "test", "config": config_to_dict(cfg), "cluster": {}, "executor": "local",
-                        "history": []})
-    return run
+    return tiny_run(tmp_path, base, ["rewards=['brightness']", "weights=[1.0]", "sample.resolution=32",
+                                     "train.steps=2", "train.lr=3e-2"])
 
 
 def test_second_cycle_trains_on_exactly_base_zero_plus_the_merged_update(tiny_sd3_dir, tmp_path):

@@ -3,33 +3,20 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-
 import pytest
 import torch
 
+from train_helpers import read_metrics, tiny_run
+
 submitit = pytest.importorskip("submitit")
-
-
-def _tiny_run(tmp_path, base: str):
-    from mrlora.config import config_to_dict, load_config
-    from mrlora.runstore import RunDir
-
-    cfg = load_config("tiny-sd3", [f"model.pretrained={base}", "sample.resolution=32", "train.steps=2",
-                                   "train.checkpoint_every=1", "train.lr=3e-2"])
-    run = RunDir.create(tmp_path / "runs", "tiny-sd3")
-    run.write_run_json({"run_ts": run.run_ts, "model": "tiny-sd3", "created": dt.datetime.now().isoformat(),
-                        "code_version": "test", "config": config_to_dict(cfg), "cluster": {}, "executor": "slurm",
-                        "history": []})
-    return run
 
 
 @pytest.mark.slurm
 def test_two_node_slurm_job_trains_one_expert(slurm_cluster, tiny_sd3_dir, tmp_path):
     from mrlora.train import train_expert_in_run
 
-    run = _tiny_run(tmp_path, tiny_sd3_dir)
+    run = tiny_run(tmp_path, tiny_sd3_dir, ["sample.resolution=32", "train.steps=2", "train.checkpoint_every=1",
+                                            "train.lr=3e-2"], executor="slurm")
     executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
     executor.update_parameters(timeout_min=15, slurm_partition="debug", nodes=2, tasks_per_node=1,
                                cpus_per_task=1, mem_gb=2, name="mrlora-test-train-2node",
@@ -44,5 +31,5 @@ def test_two_node_slurm_job_trains_one_expert(slurm_cluster, tiny_sd3_dir, tmp_p
     assert done is not None and done["steps"] == 2 and done["processes"] == 2 and done["cycle"] == 1
     state = torch.load(run.checkpoint_dir(1, "brightness", 2) / "training_state.pt", weights_only=False)
     assert state["world_size"] == 2 and len(set(state["rank_digests"])) == 1
-    metrics = [json.loads(line) for line in run.metrics_path(1, "brightness").read_text().splitlines()]
+    metrics = read_metrics(run.expert_dir(1, "brightness"))
     assert [m["step"] for m in metrics] == [1, 2] and all(m["processes"] == 2 for m in metrics)
