@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrlora.runstore import CHECKPOINT_MARKER, atomic_file, read_marker, reset_incomplete_dir, write_marker
+from mrlora.runstore import (
+    CHECKPOINT_MARKER,
+    atomic_file,
+    complete_checkpoints,
+    read_marker,
+    reset_incomplete_dir,
+    write_marker,
+)
 from mrlora.training.errors import TrainError
 from mrlora.training.lora import read_adapter_weights, write_expert_adapter
 
@@ -61,17 +68,6 @@ def checkpoint_path(expert_dir: Path, step: int) -> Path:
     return Path(expert_dir) / f"checkpoint-{step}"
 
 
-def complete_checkpoints(expert_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of an expert directory, oldest first (a directory counts only with its marker)."""
-    expert_dir = Path(expert_dir)
-    found = []
-    if expert_dir.is_dir():
-        for p in expert_dir.iterdir():
-            name = p.name
-            if p.is_dir() and name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
-                if read_marker(p, CHECKPOINT_MARKER) is not None:
-                    found.append((int(name[len("checkpoint-"):]), p))
-    return sorted(found)
 
 
 def save_checkpoint(
