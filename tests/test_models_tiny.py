@@ -17,7 +17,7 @@ from PIL import Image
 
 from mrlora.models.errors import ModelNotFoundError, TinyBuildError, UnknownArchError
 from mrlora.models.loading import detect_arch, load_pipeline, resolve_model, tiny_cache_dir
-from mrlora.models.tiny import MARKER, build_pipeline, build_tiny, read_marker
+from mrlora.models.tiny import MARKER, TINY_VERSION, build_pipeline, build_tiny, read_marker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
@@ -68,6 +68,37 @@ def test_load_pipeline_resolves_presets_and_checks_arch(tiny_dirs: dict[str, str
     other = "flux" if arch == "sd3" else "sd3"
     with pytest.raises(UnknownArchError, match=f"is a {arch} model but arch='{other}'"):
         load_pipeline(tiny_dirs[arch], arch=other)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_saved_vae_decodes_latents_to_images_that_differ(tiny_dirs: dict[str, str], arch: str) -> None:
+    """The tiny VAE, loaded from disk, shows its latent: what lets the cheap rewards be learnt at all."""
+    from diffusers import AutoencoderKL
+
+    from rewards.image_stats import brightness
+
+    vae = AutoencoderKL.from_pretrained(tiny_dirs[arch], subfolder="vae")
+    pipe_cls = PIPELINES[arch]
+    processor = pipe_cls.from_pretrained(tiny_dirs[arch], transformer=None, text_encoder=None, text_encoder_2=None,
+                                         **({"text_encoder_3": None} if arch == "sd3" else {})).image_processor
+
+    def images(latents: torch.Tensor) -> list[Image.Image]:
+        with torch.no_grad():
+            return processor.postprocess(vae.decode(latents).sample, output_type="pil")
+
+    latents = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    lum = np.array([brightness(im) for im in images(latents)])
+    # a random AutoencoderKL gives std ~0.002 here: every latent decodes to the same statistics
+    assert lum.std() > 0.01, f"brightness std {lum.std():.4f} over random latents: the decoder hides the latent"
+    # one latent, a smooth image: neighbouring pixels differ far less than the image varies
+    pixels = np.asarray(images(latents[:1])[0], dtype=np.float64)
+    assert np.abs(np.diff(pixels, axis=1)).mean() < 0.25 * pixels.std()
+    # a uniform latent (the rewards' "flat" end) decodes to one flat colour (the blur's zero padding fades the
+    # outer 8 px towards grey), and its sign picks the colour
+    flat_a, flat_b = images(torch.stack([torch.ones(4, 8, 8), -torch.ones(4, 8, 8)]))
+    for flat in (flat_a, flat_b):
+        assert np.asarray(flat, dtype=np.float64)[8:-8, 8:-8].std(axis=(0, 1)).max() < 1.0
+    assert brightness(flat_a) != pytest.approx(brightness(flat_b), abs=0.05)
 
 
 def test_default_resolution_is_64px(tiny_sd3_dir: str) -> None:
@@ -208,7 +239,7 @@ def test_concurrent_builders_leave_one_complete_model(tmp_path: Path) -> None:
     """Two processes building into the same empty cache at once (``resolve_model`` under its lock, and the CLI
     straight into the directory): both succeed with the same complete model, and nothing is left over."""
     env = {**os.environ, "MRLORA_CACHE": str(tmp_path)}
-    out = tmp_path / "tiny-flux-v1"
+    out = tmp_path / f"tiny-flux-v{TINY_VERSION}"  # where resolve_model builds it
     commands = [
         [sys.executable, "-c", "from mrlora.models.loading import resolve_model; print(resolve_model('tiny:flux'))"],
         [sys.executable, "-m", "mrlora.models.tiny", "--arch", "flux", "--out", str(out)],

@@ -28,13 +28,11 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-# FLUX's last of 4 steps (sigma ~0.35 -> 0) shapes the image most: train on every step, and use groups of 8,
-# without which some seeds plateau within 10 steps.
-# SD3 (LoRA on attention only) starts slower on some seeds: 16 steps.
+# FLUX's last of 4 steps (sigma ~0.35 -> 0) shapes the image most: the preset trains on every step; groups of 8
+# keep its first steps from wandering.
 LEARN = {
-    "sd3": (16, SMALL),
-    "flux": (10, SMALL + ["train.timestep_fraction=1.0", "sample.group_size=8", "sample.batch_size=16",
-                          "train.micro_batch=16"]),
+    "sd3": (8, SMALL),
+    "flux": (8, SMALL + ["sample.group_size=8", "sample.batch_size=16", "train.micro_batch=16"]),
 }
 
 
@@ -50,9 +48,9 @@ def test_brightness_expert_raises_mean_brightness(arch, tmp_path, request):
     assert [r["step"] for r in rec] == list(range(1, steps + 1))
     first = sum(r["reward_mean"] for r in rec[:3]) / 3
     last = sum(r["reward_mean"] for r in rec[-3:]) / 3
-    # measured (last 3 vs first 3 steps; seeds 1, 2, 42): sd3 +0.0048..+0.0126, flux (seeds 0, 2, 42)
-    # +0.0057..+0.0127; the step-to-step noise of the mean is ~0.002
-    assert last - first > 0.004, f"mean brightness {first:.4f} -> {last:.4f}: the expert did not learn"
+    # measured (last 3 vs first 3 steps; seeds 42, 1, 2): sd3 +0.20..+0.22, flux +0.27..+0.30; a step's mean
+    # alone moves ~0.02-0.08
+    assert last - first > 0.1, f"mean brightness {first:.4f} -> {last:.4f}: the expert did not learn"
     # on-policy: the first inner step recomputes exactly the sampled log-probs (ratio 1, nothing clipped)
     assert rec[0]["ratio_mean"] == 1.0 and rec[0]["ratio_max_dev"] == 0.0 and rec[0]["clip_fraction"] == 0.0
     assert {"reward_std", "kl", "loss", "lr", "samples_per_s", "grad_norm"} <= set(rec[0])

@@ -18,7 +18,8 @@ Shapes (DESIGN.md section 10, with the deviations noted):
   hidden 32, 5 layers, vocab 1000; ``T5EncoderModel`` d_model 32, 2 layers.
 - VAE: ``AutoencoderKL`` with 4 one-layer blocks of 8 channels. Four blocks, not one, because the pipelines
   derive the latent downsampling from the block count (2 ** (blocks - 1)): 64 px -> 8x8 latents, which FLUX
-  packs into 16 tokens. Scaling/shift factors are the real models' values.
+  packs into 16 tokens. Scaling/shift factors are the real models' values. The decoder is rewired into a smooth
+  colour map of the latent (``_make_decoder_legible``), so cheap image rewards respond to what the LoRA learns.
 - Scheduler: ``FlowMatchEulerDiscreteScheduler`` with SD3.5's shift 3.0, or FLUX.1-dev's dynamic shifting.
 
 Builds are deterministic given the seed, atomic (built in a hidden sibling directory, ``TINY_COMPLETE.json``
@@ -46,7 +47,7 @@ from typing import Any, Iterator
 from mrlora.models.errors import ModelError, TinyBuildError, UnknownArchError
 from mrlora.runstore import pid_alive
 
-TINY_VERSION = 1  # bump when the tiny configs change, so cached builds are not reused across versions
+TINY_VERSION = 2  # bump when the tiny configs change, so cached builds are not reused across versions
 TINY_ARCHS = ("sd3", "flux")
 MARKER = "TINY_COMPLETE.json"
 DEFAULT_RESOLUTION = 64
@@ -163,6 +164,60 @@ def _vae(arch: str) -> Any:
     )
 
 
+def _make_decoder_legible(vae: Any, seed: int, gain: float = 0.5) -> None:
+    """Rewire the random VAE decoder into a smooth colour map of the latent, so image rewards can be learnt.
+
+    Why: a randomly initialised ``AutoencoderKL`` decoder ends in a GroupNorm that removes each group's mean, and
+    its random residual blocks wash out the rest, so every latent decodes to nearly the same image statistics
+    (measured: brightness std 0.002 over random latents). A cheap reward then has nothing to learn and the tiny
+    demo's curves are flat noise. Like the "latent preview" of real pipelines, we make the decoder transparent,
+    using only the stock layers so saving, loading and decoding stay the real code:
+
+    - ``conv_in`` writes each latent mix ``s_k = A_k . z`` (random ``A``) into a channel pair ``(s_k, -s_k)``;
+      a pair is one GroupNorm group, so the group's mean is exactly 0 and the norms only divide by its rms:
+      ``u_k = s_k / rms(s_k)``, whose spatial mean (-1..1) says how uniform and how signed the latent is;
+    - every residual branch (resnet ``conv2``, attention ``to_out``) is zero, so those blocks are identities;
+    - the upsampling convs blur each channel on its own (a 3x3 binomial kernel), so 8x8 latents become smooth
+      64 px images instead of blocks, whose JPEG size follows the latent (the conv's zero padding fades the
+      outer ~8 px towards grey);
+    - ``conv_out`` reads ``silu(u) - silu(-u) = u`` from each pair, so ``rgb = gain * M u`` (random ``M``).
+
+    Brightness, colourfulness and JPEG size then follow the latent (brightness std 0.03 over random latents,
+    15x the random decoder's) and a LoRA that moves the latent moves the reward. Scale is normalised away, so
+    a uniform latent gives a flat, bright or dark, compressible image and a mixed one a colourful, busier one:
+    the cheap rewards pull against each other, as the demo needs. The encoder stays random: nothing trains
+    through it.
+    """
+    import torch
+
+    decoder = vae.decoder
+    channels = decoder.conv_in.out_channels
+    n = decoder.conv_in.in_channels
+    if channels != 2 * n or decoder.conv_norm_out.num_groups != n:
+        raise TinyBuildError(f"the legible decoder needs one GroupNorm group of 2 channels per latent channel, got "
+                             f"{channels} channels in {decoder.conv_norm_out.num_groups} groups for {n} latent "
+                             f"channels")
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=generator)
+    colours = torch.randn(3, n, generator=generator) / n ** 0.5
+    blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    with torch.no_grad():
+        for param in decoder.parameters():
+            param.zero_()
+        for module in decoder.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.fill_(1.0)
+        for k in range(n):
+            decoder.conv_in.weight[2 * k, :, 1, 1] = mix[k]
+            decoder.conv_in.weight[2 * k + 1, :, 1, 1] = -mix[k]
+            decoder.conv_out.weight[:, 2 * k, 1, 1] = gain * colours[:, k]
+            decoder.conv_out.weight[:, 2 * k + 1, 1, 1] = -gain * colours[:, k]
+        for block in decoder.up_blocks:
+            for upsampler in block.upsamplers or []:
+                for c in range(channels):
+                    upsampler.conv.weight[c, c] = blur
+
+
 def _scheduler(arch: str) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -191,6 +246,7 @@ def build_pipeline(arch: str, seed: int = 0) -> Any:
     vae_scale = 8
     with _seeded(base + 1):
         vae = _vae(arch)
+    _make_decoder_legible(vae, seed=base + 6)
     if arch == "sd3":
         with _seeded(base + 2):
             transformer = SD3Transformer2DModel(
