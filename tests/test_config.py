@@ -63,7 +63,7 @@ def test_bad_overrides_name_the_key(override, message):
 def test_per_reward_overrides_apply_only_to_that_reward_and_are_validated():
     cfg = load_config("tiny-sd3", ["per_reward.brightness.train.lr=0.5"])
     assert config_for_reward(cfg, "brightness").train.lr == 0.5
-    assert config_for_reward(cfg, "colourfulness").train.lr == cfg.train.lr
+    assert config_for_reward(cfg, "jpeg_compressibility").train.lr == cfg.train.lr
     with pytest.raises(ConfigError, match="per_reward.brightness.*train.lrx"):
         load_config("tiny-sd3", ["per_reward.brightness.train.lrx=0.5"])
 
