@@ -113,6 +113,42 @@ def trend_table(run: RunDir, plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merge_is_exact(run: RunDir, cycle: int) -> bool:
+    try:
+        return json.loads((run.merged_dir(cycle) / "update.json").read_text(encoding="utf-8")).get("exact") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def merge_table(run: RunDir, plan: Plan) -> str:
+    """Rewards x the model each cycle started from: the base, then the merge of the cycle before.
+
+    Why: an expert's first step samples from the model its cycle starts from (its LoRA starts at zero), so its
+    first ``reward_mean`` scores that model on the expert's reward, at no extra cost. Read down a column to see
+    what each merge did to one reward: the trade-off the Reduce step makes. Only exact merges are listed; in
+    reference mode an expert continues from its own adapter, so its first step does not score the merge. The
+    last merge is not sampled by any expert (``eval.run`` scores it).
+    """
+    rewards = list(dict.fromkeys(r for job in plan.jobs if job.kind == "expert" for r in job.rewards))
+    cycles = sorted({job.cycle for job in plan.jobs if job.kind == "expert"})
+    rows = []
+    for c in cycles:
+        if c > 1 and not _merge_is_exact(run, c - 1):
+            continue
+        trends = [reward_trend(run, c, r) for r in rewards]
+        if any(trends):
+            rows.append(("base" if c == 1 else f"merge of cycle {c - 1}",
+                         [f"{t[0]:.4g}" if t else "-" for t in trends]))
+    if len(rows) < 2:
+        return ""
+    width = max(22, *(len(r) + 2 for r in rewards))
+    label = max(len(name) for name, _ in rows)
+    lines = ["reward mean of the model each cycle starts from (its experts' first step), what each merge traded:",
+             f"{'model':<{label}}" + "".join(f"{r:>{width}}" for r in rewards)]
+    lines += [f"{name:<{label}}" + "".join(f"{cell:>{width}}" for cell in cells) for name, cells in rows]
+    return "\n".join(lines) + "\n"
+
+
 def reward_keys(metrics: dict) -> list[str]:
     """The numeric keys of one metrics line named like reward*, the *mean* ones first."""
     keys = [k for k in metrics if "reward" in k.lower() and isinstance(metrics[k], (int, float))]
@@ -205,8 +241,8 @@ def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: Tex
                   f"{', '.join(t.label for t, _, _ in rate_failures)}. Fix the cause in their logs, then run "
                   f"python -m launch.mapreduce --resume {run.run_ts} --out-root {run.root.parent.parent} "
                   f"--model {run.root.parent.name}\n")
-        out.write(trend_table(run, plan))
+        out.write(trend_table(run, plan) + merge_table(run, plan))
         return rate_failures[0][2]
     out.write(f"all {len(tasks)} tasks finished in {time.monotonic() - t_run:.1f} s\n")
-    out.write(trend_table(run, plan))
+    out.write(trend_table(run, plan) + merge_table(run, plan))
     return 0
