@@ -68,13 +68,18 @@ def evals(tmp_path_factory, inputs, mrlora_cache) -> dict:
 
         return {**built, "brightness": Spy()}
 
+    from mrlora.reduce.job import single_threaded
+
     run_mod.build_rewards = spying_build_rewards
+    # Module-scoped, so the tests' one_torch_thread does not cover it: the sharded test compares PNG bytes with
+    # these images, and a matmul on 2 threads rounds differently from one on 1 thread.
     try:
-        current = "base"
-        assert run_mod.main(_argv(inputs, root / "base")) == 0
-        current = "rate"
-        assert run_mod.main(_argv(inputs, root / "rate", "--rate-tokens", str(inputs["ocr"]), str(inputs["picks"]),
-                                  "--rate-spec", "<ocr> 2")) == 0
+        with single_threaded():
+            current = "base"
+            assert run_mod.main(_argv(inputs, root / "base")) == 0
+            current = "rate"
+            assert run_mod.main(_argv(inputs, root / "rate", "--rate-tokens", str(inputs["ocr"]),
+                                      str(inputs["picks"]), "--rate-spec", "<ocr> 2")) == 0
     finally:
         run_mod.build_rewards = original
     return {"base": root / "base", "rate": root / "rate", "seen": seen, "root": root}
