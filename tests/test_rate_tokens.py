@@ -135,3 +135,29 @@ def test_legacy_clip_eos_config_still_pools_at_end_of_text_after_adding_a_token(
     torch.testing.assert_close(after, before)
     with_token, at_eos = pooled("a red apple <rate-eos-check>")
     torch.testing.assert_close(with_token, at_eos)
+
+
+def test_generate_with_tokens_makes_the_images_eval_scores(mrlora_cache):
+    """docs/rate.md promises it: the RaTE CLI's images for a seed are the ones an eval job makes for that seed,
+    up to float rounding (mrlora's ODE sampler vs the diffusers pipeline call eval uses)."""
+    import numpy as np
+
+    from eval.model import generate
+    from eval.rate import mixed_prompts
+    from mrlora.models.loading import load_pipeline
+    from mrlora.rate.generate import generate_with_tokens
+
+    pipe = load_pipeline("tiny:sd3")
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = ["a photo of a cat", 'a sign that says "OPEN"'], [3, 4]
+    settings = dict(steps=4, guidance_scale=4.5, resolution=64, max_sequence_length=32)
+    ours = generate_with_tokens(pipe, [hand_token("<ocr>", value=40.0)], "<ocr> 2", prompts, seeds=seeds, **settings)
+    theirs = generate(pipe, mixed_prompts(pipe, "<ocr> 2", prompts), seeds, settings["steps"],
+                      settings["guidance_scale"], settings["resolution"], settings["max_sequence_length"])
+    plain = generate(pipe, prompts, seeds, settings["steps"], settings["guidance_scale"], settings["resolution"],
+                     settings["max_sequence_length"])
+    for a, b, c in zip(ours, theirs, plain):
+        # the two samplers order a few float ops differently: measured at most 1/255 on 0-1 pixels of 12288
+        diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.001, (diff.max(), int((diff > 0).sum()))
+        assert not np.array_equal(np.asarray(a), np.asarray(c))  # the mix is in effect, not ignored by both

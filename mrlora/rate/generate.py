@@ -1,7 +1,10 @@
-"""Generate images with a token mix: the inference half of RaTE, shared by the CLI and evaluation.
+"""Generate images with a token mix: the inference half of RaTE, used by ``python -m mrlora.rate generate``.
 
-Sampling is the project's ODE sampler (``mrlora.sampling.sample`` with ``noise_level=0``), the same code eval
-uses, so an image made here for a seed is the image an eval job makes for that seed.
+Sampling is the project's ODE sampler (``mrlora.sampling.sample`` with ``noise_level=0``); eval uses the
+diffusers pipeline call with the same token mix (``eval.rate.mixed_prompts``). Both are the Euler ODE on the
+same schedule from the same per-seed noise, so an image made here for a seed is the image an eval job makes for
+that seed, up to float rounding (a few ops are ordered differently: tests/test_rate_tokens.py checks at most
+1/255 on under 0.1% of the pixels).
 """
 
 from __future__ import annotations
