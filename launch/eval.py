@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,19 +208,12 @@ def array_spec(indices: list[int], max_parallel: int) -> str:
 
 def sbatch(script: Path, extra: list[str]) -> str:
     """Submit ``script``; return the job id. Raises SlurmError with Slurm's own message."""
-    from launch.slurm import SlurmError, clean_submission_env
+    from launch.slurm import clean_submission_env, run_slurm_command
 
-    cmd = ["sbatch", "--parsable", *extra, str(script)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=clean_submission_env())
-    except FileNotFoundError:
-        raise SlurmError("sbatch not found: run this on a Slurm login node, or use `python -m eval.run` "
-                         "to evaluate locally") from None
-    except subprocess.TimeoutExpired:
-        raise SlurmError("sbatch did not answer within 60 s; is slurmctld up?") from None
-    if proc.returncode != 0:
-        raise SlurmError(f"sbatch {script} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
-    return proc.stdout.strip().split(";")[0]
+    out = run_slurm_command(["sbatch", "--parsable", *extra, str(script)], env=clean_submission_env(),
+                            not_found="run this on a Slurm login node, or use `python -m eval.run` to evaluate "
+                                      "locally")
+    return out.strip().split(";")[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,11 +26,16 @@ def have_slurm() -> bool:
     return shutil.which("sbatch") is not None and shutil.which("squeue") is not None
 
 
-def _run(cmd: list[str], timeout: float = 60.0) -> str:
+def run_slurm_command(cmd: list[str], timeout: float = 60.0, env: dict[str, str] | None = None,
+                      not_found: str = "is Slurm installed on this machine?") -> str:
+    """stdout of a Slurm client command; any failure is a SlurmError carrying Slurm's own message.
+
+    ``not_found`` is the advice when the command does not exist (e.g. where to run it instead).
+    """
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except FileNotFoundError:
-        raise SlurmError(f"{cmd[0]} not found: is Slurm installed on this machine?") from None
+        raise SlurmError(f"{cmd[0]} not found: {not_found}") from None
     except subprocess.TimeoutExpired:
         raise SlurmError(f"`{' '.join(cmd[:3])} ...` did not answer within {timeout:.0f} s; is slurmctld up?") from None
     if proc.returncode != 0:
@@ -42,7 +47,7 @@ def _run(cmd: list[str], timeout: float = 60.0) -> str:
 def slurm_reachable() -> str | None:
     """None when squeue answers, else Slurm's error message."""
     try:
-        _run(["squeue", "-h", "-o", "%i", "-j", "0"], timeout=20)
+        run_slurm_command(["squeue", "-h", "-o", "%i", "-j", "0"], timeout=20)
     except SlurmError as exc:
         text = str(exc)
         if "Invalid job id" in text:
@@ -73,7 +78,7 @@ class QueuedJob(_SlurmJob):
 
 def squeue_all() -> list[QueuedJob]:
     """Every job in the queue visible to us (one call)."""
-    out = _run(["squeue", "-h", "-a", "-r", "-o", "%i|%j|%T|%r|%k"])
+    out = run_slurm_command(["squeue", "-h", "-a", "-r", "-o", "%i|%j|%T|%r|%k"])
     jobs = []
     for line in out.splitlines():
         parts = line.split("|", 4)
@@ -108,7 +113,7 @@ def sacct_jobs(job_ids: list[str]) -> list[AccountedJob]:
     """Accounting records of ``job_ids`` (array ids expand to their tasks), one call; [] if no ids."""
     if not job_ids:
         return []
-    out = _run(["sacct", "-X", "-P", "-n", "-j", ",".join(sorted(set(job_ids))),
+    out = run_slurm_command(["sacct", "-X", "-P", "-n", "-j", ",".join(sorted(set(job_ids))),
                 "-o", "JobID,JobName%200,State,Start,End,ElapsedRaw,ExitCode"])
     rows = []
     for line in out.splitlines():
@@ -123,18 +128,18 @@ def sacct_jobs(job_ids: list[str]) -> list[AccountedJob]:
 
 def scancel(job_ids: list[str]) -> None:
     if job_ids:
-        _run(["scancel", *sorted(set(job_ids))])
+        run_slurm_command(["scancel", *sorted(set(job_ids))])
 
 
 def requeue(job_id: str) -> None:
     """Requeue one job or one array task (``<array id>_<task>``), never a whole array."""
-    _run(["scontrol", "requeue", job_id])
+    run_slurm_command(["scontrol", "requeue", job_id])
 
 
 def job_state(job_id: str) -> str:
     """The current squeue state of one job or array task, or "" when it is no longer in the queue."""
     try:
-        out = _run(["squeue", "-h", "-j", job_id, "-o", "%T"], timeout=30)
+        out = run_slurm_command(["squeue", "-h", "-j", job_id, "-o", "%T"], timeout=30)
     except SlurmError as exc:
         if "Invalid job id" in str(exc):
             return ""

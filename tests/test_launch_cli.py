@@ -189,12 +189,12 @@ def test_status_asks_slurm_once_per_refresh_however_many_jobs(tmp_path, monkeypa
     }
     calls = []
 
-    def fake_run(cmd, timeout=60.0):
+    def fake_run(cmd, timeout=60.0, **kwargs):
         calls.append(cmd[0])
         return answers[cmd[0]]
 
     monkeypatch.setattr(slurm, "have_slurm", lambda: True)
-    monkeypatch.setattr(slurm, "_run", fake_run)
+    monkeypatch.setattr(slurm, "run_slurm_command", fake_run)
     st = status.collect(run)
     assert sorted(calls) == ["sacct", "squeue"], calls
     assert st.queued == 3
