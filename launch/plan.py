@@ -16,7 +16,7 @@ keeps the logic testable without a scheduler and makes ``--dry-run`` show exactl
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from launch.profiles import ClusterProfile, Resources
@@ -184,14 +184,8 @@ def build_plan(
             return
         todo = [r for r in rewards
                 if (cycle, r) not in progress.rate_done and (cycle, rate_unit(r)) not in progress.live]
-        groups = {profile.expert_resources(r).key() for r in todo}
-        if len(todo) > 1 and len(groups) == 1:
-            plan.jobs.append(Job(job_key(cycle, RATE), cycle, RATE, tuple(todo), profile.expert_resources(todo[0]),
-                                 after, after_ids, win))
-            return
-        for r in todo:
-            plan.jobs.append(Job(job_key(cycle, f"{RATE}-{safe_name(r)}"), cycle, RATE, (r,),
-                                 profile.expert_resources(r), after, after_ids, win))
+        plan.jobs.extend(_array_or_one_per_reward(cycle, RATE, todo, profile, after, after_ids, win, RATE,
+                                                  lambda r: f"{RATE}-{safe_name(r)}"))
 
     for cycle in rate_cycles:
         if cycle < first:  # merged, so every expert of it is DONE
@@ -210,18 +204,10 @@ def build_plan(
 
         expert_keys: list[str] = []
         if mode == "parallel":
-            groups = {profile.expert_resources(r).key() for r in todo}
-            if len(todo) > 1 and len(groups) == 1:
-                job = Job(job_key(cycle, EXPERTS), cycle, "expert", tuple(todo), profile.expert_resources(todo[0]),
-                          prev_key, prev_ids, win)
-                plan.jobs.append(job)
-                expert_keys.append(job.key)
-            else:
-                for r in todo:
-                    job = Job(job_key(cycle, safe_name(r)), cycle, "expert", (r,), profile.expert_resources(r),
-                              prev_key, prev_ids, win)
-                    plan.jobs.append(job)
-                    expert_keys.append(job.key)
+            jobs = _array_or_one_per_reward(cycle, "expert", todo, profile, prev_key, prev_ids, win, EXPERTS,
+                                            safe_name)
+            plan.jobs.extend(jobs)
+            expert_keys.extend(job.key for job in jobs)
             merge_after, merge_ids = tuple(expert_keys), live_ids
             if not expert_keys and not live_ids:    # every expert already done: merge right after the last one
                 merge_after, merge_ids = prev_key, prev_ids
@@ -253,6 +239,19 @@ def build_plan(
         add_rate_jobs(cycle, *rate_after, win)
         prev_key, prev_ids = (merge.key,), ()
     return plan
+
+
+def _array_or_one_per_reward(cycle: int, kind: str, todo: list[str], profile: ClusterProfile,
+                             after: tuple[str, ...], after_ids: tuple[str, ...], win: int, array_name: str,
+                             single_name: Callable[[str], str]) -> list[Job]:
+    """The jobs running ``todo``'s tasks of ``kind`` in ``cycle``: one array when every reward needs the same
+    resources (one line in squeue, one dependency for the merge), else one job per reward (a Slurm array has a
+    single resource request)."""
+    if len(todo) > 1 and len({profile.expert_resources(r).key() for r in todo}) == 1:
+        return [Job(job_key(cycle, array_name), cycle, kind, tuple(todo), profile.expert_resources(todo[0]),
+                    after, after_ids, win)]
+    return [Job(job_key(cycle, single_name(r)), cycle, kind, (r,), profile.expert_resources(r), after, after_ids,
+                win) for r in todo]
 
 
 def submission_dependencies(job: Job, plan_ids: dict[str, str]) -> list[str]:
