@@ -29,7 +29,6 @@ requeues RaTE jobs like expert jobs. Checkpoints and the result go through the r
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,13 +46,13 @@ from mrlora.runstore import (
     CHECKPOINT_MARKER,
     DONE_MARKER,
     atomic_file,
-    atomic_write_text,
     complete_checkpoints,
     read_marker,
     reset_incomplete_dir,
     write_marker,
 )
 from mrlora.training.errors import Preempted
+from mrlora.training.metrics import MetricsLog
 from mrlora.training.signals import StopFlag
 
 TOKEN_FILE = "token.safetensors"
@@ -178,19 +177,6 @@ def with_token(prompt: str, token: str) -> str:
     return f"{prompt} {token}"
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a torn last line from a killed writer
-            if int(row.get("step", 0)) <= up_to_step:
-                rows.append(row)
-    return rows
-
-
 def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
     """The newest checkpoint whose marker is complete (never a "latest" pointer)."""
     found = complete_checkpoints(out_dir)
@@ -304,12 +290,11 @@ def distill_token(
         optimizer.load_state_dict(state["optimizer"])
         start = resumed_from = int(state["step"])
         log(f"resuming {token} from {path} (step {start})")
-    kept: list[dict] = []
-    if group.is_main:  # drop rows of steps after the checkpoint we resume from
+    if group.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        kept = _read_metrics(out_dir / METRICS_FILE, start)
-        atomic_write_text(out_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
-    losses = [float(r["loss"]) for r in kept]
+    # rank 0 keeps the rows up to the checkpoint we resume from (dropping later steps and a torn line)
+    metrics = MetricsLog(out_dir / METRICS_FILE, resume_step=start, enabled=group.is_main)
+    losses = [float(r["loss"]) for r in metrics.records]
     group.barrier()
 
     def make_token(step: int) -> RateToken:
@@ -331,7 +316,6 @@ def distill_token(
         group.barrier()
         return ckpt
 
-    metrics_fh = open(out_dir / METRICS_FILE, "a", encoding="utf-8") if group.is_main else None
     teacher_cache: tuple[int, torch.Tensor, list[str]] | None = None
     try:
         with StopFlag() as stop:
@@ -380,12 +364,9 @@ def distill_token(
                     )
                 losses.append(mean_loss)
                 done_steps = step + 1
-                if metrics_fh is not None:
-                    row = {"step": done_steps, "loss": mean_loss, "grad_norm": grad_norm, "s_mean": float(s.mean()),
-                           "teacher_s": round(t_teacher, 4), "step_s": round(time.perf_counter() - t0, 4),
-                           **{f"norm_{n}": float(p.detach().norm()) for n, p in vectors.items()}}
-                    metrics_fh.write(json.dumps(row) + "\n")
-                    metrics_fh.flush()
+                metrics.log({"step": done_steps, "loss": mean_loss, "grad_norm": grad_norm, "s_mean": float(s.mean()),
+                             "teacher_s": round(t_teacher, 4), "step_s": round(time.perf_counter() - t0, 4),
+                             **{f"norm_{n}": float(p.detach().norm()) for n, p in vectors.items()}})
                 if done_steps < settings.steps and group.any(stop.requested):
                     path = checkpoint(done_steps)
                     log(f"stop signal received: checkpoint {path} written after step {done_steps}; requeue to continue")
@@ -393,8 +374,7 @@ def distill_token(
                 if settings.checkpoint_every and done_steps % settings.checkpoint_every == 0 and done_steps < settings.steps:
                     checkpoint(done_steps)
     finally:
-        if metrics_fh is not None:
-            metrics_fh.close()
+        metrics.close()
         set_teacher(transformer, True)
 
     final = make_token(settings.steps)
