@@ -208,12 +208,27 @@ class SD3Model(FlowModel):
                                            sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.16))
         sched.set_timesteps(num_steps, device="cpu", **kwargs)
 
+    def __init__(self, pipeline: Any):
+        super().__init__(pipeline)
+        self._negative: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
     def encode(self, prompts, guidance_scale, max_sequence_length):
         pe, pooled = self._encode(prompts, max_sequence_length)
         if guidance_scale <= 1.0:
             return PromptEmbeds(pe, pooled)
-        npe, npooled = self._encode([""], max_sequence_length)  # the pipeline's default negative prompt
-        return PromptEmbeds(pe, pooled, npe, npooled)
+        return PromptEmbeds(pe, pooled, *self._negative_embeds(max_sequence_length))
+
+    def _negative_embeds(self, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty negative prompt (the pipeline's default), encoded once per model and sequence length.
+
+        Training encodes every micro-batch; the three text encoders (T5-XXL on SD3.5) are frozen and "" holds no
+        RaTE token, so its embedding never changes and needs no graph. Built outside inference mode, so a
+        first call from an inference-mode caller does not leave a tensor that a later training step cannot use.
+        """
+        if max_sequence_length not in self._negative:
+            with torch.inference_mode(False), torch.no_grad():
+                self._negative[max_sequence_length] = self._encode([""], max_sequence_length)
+        return self._negative[max_sequence_length]
 
     def _encode(self, prompts, max_sequence_length):
         pe, _, pooled, _ = self.pipeline.encode_prompt(
