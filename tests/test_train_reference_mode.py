@@ -63,6 +63,16 @@ def test_cycle_two_continues_the_averaged_lora_of_cycle_one(tiny_sd3_dir, tmp_pa
     (base,) = seen["base"]
     assert all(torch.equal(base[k], v) for k, v in base0.items())
 
+    # RaTE of that expert: its teacher is the expert on the base it trained from, base_0 (not base_0 + cycle 1's
+    # update, which its continued LoRA already carries: that would count the update twice)
+    from mrlora.rate.job import distill_in_run, rate_dir
+    from mrlora.rate.token_file import load_token
+
+    done = distill_in_run(str(run.root), 2, REWARDS[0], overrides={
+        "steps": 1, "teacher_steps": 2, "batch_size": 2, "checkpoint_every": 0, "max_sequence_length": 32})
+    token = load_token(rate_dir(run.root, 2, REWARDS[0]) / "token.safetensors")
+    assert done["steps"] == 1 and token.info["base_updates"] == []
+
     # cycle 2's merge contains cycle 1's update, so it replaces it in the chain
     train_expert_in_run(str(run.root), 2, REWARDS[1])
     merge_cycle_in_run(str(run.root), 2)
