@@ -209,6 +209,15 @@ def config_for_reward(cfg: ml_collections.ConfigDict, reward: str) -> ml_collect
     return out
 
 
+def run_reward_config(run_config: dict, reward: str) -> ml_collections.ConfigDict:
+    """What the expert of ``reward`` (and its RaTE token) uses in a run: run.json's ``config`` with
+    ``per_reward[reward]`` applied. A reward the run does not train is a ConfigError naming the run's rewards."""
+    cfg = config_from_dict(run_config)
+    if reward not in list(cfg.rewards):
+        raise ConfigError(f"reward {reward!r} is not one of this run's rewards ({', '.join(cfg.rewards)})")
+    return config_for_reward(cfg, reward)
+
+
 def normalised_weights(weights: Iterable[float], allow_negative: bool = False) -> list[float]:
     """Reduce weights normalised to sum 1 (by absolute sum when negative weights are allowed)."""
     weights = [float(w) for w in weights]

@@ -39,7 +39,7 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     base without that merge's update (``mrlora.reduce.map_start``). The config is run.json's with
     ``per_reward[reward]`` applied. Continues from the newest complete checkpoint; returns at once if DONE exists.
     """
-    from mrlora.config import config_for_reward, config_from_dict
+    from mrlora.config import run_reward_config
     from mrlora.reduce import map_start
     from mrlora.runstore import RunDir
     from mrlora.training.data import salt_for
@@ -50,10 +50,7 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     done = run.expert_done(cycle, reward)
     if done is not None:
         return done
-    cfg = config_from_dict(run.read_run_json()["config"])
-    if reward not in list(cfg.rewards):
-        raise TrainError(f"reward {reward!r} is not one of this run's rewards {list(cfg.rewards)}")
-    cfg = config_for_reward(cfg, reward)
+    cfg = run_reward_config(run.read_run_json()["config"], reward)
     start = map_start(run.root, cycle)
     extra = {"cycle": cycle, "run": run.run_ts}
     if start.init_adapter is not None:

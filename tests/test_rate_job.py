@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrlora.config import config_to_dict, load_config
+from mrlora.config import ConfigError, config_to_dict, load_config
 from mrlora.rate.errors import RateError
 from mrlora.rate.job import distill_in_run, rate_dir
 from mrlora.rate.token_file import load_token
@@ -39,7 +39,7 @@ def test_distill_in_run_writes_a_token_and_is_idempotent(tmp_path, mrlora_cache)
     run = make_run(tmp_path)
     with pytest.raises(RateError, match="not finished"):
         distill_in_run(str(run.root), 1, "brightness", overrides=OVERRIDES)
-    with pytest.raises(RateError, match="not one of this run's rewards"):
+    with pytest.raises(ConfigError, match="not one of this run's rewards"):
         distill_in_run(str(run.root), 1, "ocr", overrides=OVERRIDES)
     finish_expert(run, 1, "brightness")
     done = distill_in_run(str(run.root), 1, "brightness", overrides=OVERRIDES)

@@ -148,9 +148,10 @@ def run_generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mrlora.config import ConfigError
     from mrlora.models.errors import ModelError
 
-    errors: tuple[type[BaseException], ...] = (RateError, ModelError)
+    errors: tuple[type[BaseException], ...] = (RateError, ModelError, ConfigError)
     try:
         from rewards.base import RewardError
 

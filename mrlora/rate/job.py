@@ -68,7 +68,7 @@ def distill_in_run(run_root: str, cycle: int, reward: str, token: str | None = N
     """
     import torch
 
-    from mrlora.config import config_for_reward, config_from_dict
+    from mrlora.config import run_reward_config
     from mrlora.models.loading import load_pipeline, torch_dtype
     from mrlora.rate.distill import DistillSettings, distill_token, init_process_group
     from mrlora.rate.teacher import attach_expert
@@ -81,10 +81,7 @@ def distill_in_run(run_root: str, cycle: int, reward: str, token: str | None = N
     done = read_marker(out, DONE_MARKER)
     if done is not None:
         return done
-    cfg = config_from_dict(run.read_run_json()["config"])
-    if reward not in list(cfg.rewards):
-        raise RateError(f"reward {reward!r} is not one of this run's rewards ({', '.join(cfg.rewards)})")
-    cfg = config_for_reward(cfg, reward)
+    cfg = run_reward_config(run.read_run_json()["config"], reward)
     if run.expert_done(cycle, reward) is None:
         raise RateError(
             f"expert {reward} of cycle {cycle} is not finished ({run.expert_dir(cycle, reward) / DONE_MARKER} "
