@@ -204,8 +204,12 @@ def cycle_curves(inputs: list[EvalInput]) -> dict[str, list[EvalInput]]:
 
 def plot_curves(curves: dict[str, list[EvalInput]], rewards: list[str], path: Path) -> Path:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(rewards), figsize=(4.5 * len(rewards), 3.6), squeeze=False)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(rewards), figsize=(4.5 * len(rewards), 3.6), squeeze=False,
+                             layout="constrained")  # long reward names as y labels must not overlap the next plot
     for ax, reward in zip(axes[0], rewards):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # cycles are whole numbers
         for root, points in curves.items():
             xs = [int(p.checkpoint["cycle"]) for p in points if p.mean(reward) is not None]
             ys = [p.mean(reward) for p in points if p.mean(reward) is not None]
@@ -249,11 +253,20 @@ def pareto_view(inputs: list[EvalInput]) -> ParetoView | None:
     return ParetoView(common, [i.label for i in inputs], kinds, values, front, reference, hvs, flipped)
 
 
+def _short_labels(labels: list[str]) -> list[str]:
+    """Point labels without a first word every label shares (one run's timestamp), so they fit the panel."""
+    heads = {label.split(" ", 1)[0] for label in labels}
+    if len(labels) > 1 and len(heads) == 1 and all(" " in label for label in labels):
+        return [label.split(" ", 1)[1] for label in labels]
+    return list(labels)
+
+
 def plot_pareto(view: ParetoView, path: Path) -> Path:
     plt = _pyplot()
     pairs = list(itertools.combinations(range(len(view.rewards)), 2))[:MAX_PARETO_PANELS]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.4), squeeze=False, layout="constrained")
     front = set(view.front)
+    labels = _short_labels(view.labels)
     for ax, (a, b) in zip(axes[0], pairs):
         for kind in dict.fromkeys(view.kinds):
             idx = [k for k, kk in enumerate(view.kinds) if kk == kind]
@@ -264,9 +277,10 @@ def plot_pareto(view: ParetoView, path: Path) -> Path:
         idx = sorted(front, key=lambda k: view.values[k, a])
         ax.scatter(view.values[idx, a], view.values[idx, b], facecolors="none", edgecolors="red", s=180,
                    linewidths=1.5, label="Pareto front", zorder=4)
-        for k, label in enumerate(view.labels):
+        for k, label in enumerate(labels):
             ax.annotate(label, (view.values[k, a], view.values[k, b]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
+        ax.margins(x=0.2, y=0.12)  # room for the point labels inside the panel
         name = lambda r: f"-{r}" if r in view.flipped else r  # noqa: E731
         ax.set_xlabel(f"mean {name(view.rewards[a])}")
         ax.set_ylabel(f"mean {name(view.rewards[b])}")

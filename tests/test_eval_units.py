@@ -186,3 +186,13 @@ def test_reward_model_missing_offline_fails_before_anything_is_written(tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "pickscore" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_pareto_point_labels_drop_a_shared_run_timestamp_only():
+    from eval.report import _short_labels
+
+    one_run = ["20261123_203842 base", "20261123_203842 cycle 1", "20261123_203842 cycle 2"]
+    assert _short_labels(one_run) == ["base", "cycle 1", "cycle 2"]
+    two_runs = ["20261123_203842 cycle 1", "20261124_090000 cycle 1"]
+    assert _short_labels(two_runs) == two_runs  # which run a point is from is the information here
+    assert _short_labels(["base"]) == ["base"]
