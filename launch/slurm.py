@@ -114,7 +114,7 @@ def sacct_jobs(job_ids: list[str]) -> list[AccountedJob]:
     if not job_ids:
         return []
     out = run_slurm_command(["sacct", "-X", "-P", "-n", "-j", ",".join(sorted(set(job_ids))),
-                "-o", "JobID,JobName%200,State,Start,End,ElapsedRaw,ExitCode"])
+                             "-o", "JobID,JobName%200,State,Start,End,ElapsedRaw,ExitCode"])
     rows = []
     for line in out.splitlines():
         parts = line.split("|")

@@ -197,6 +197,10 @@ class SD3Model(FlowModel):
 
     arch = "sd3"
 
+    def __init__(self, pipeline: Any):
+        super().__init__(pipeline)
+        self._negative: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
     def _set_timesteps(self, sched, num_steps, resolution):
         kwargs = {}
         if sched.config.get("use_dynamic_shifting", False):
@@ -207,10 +211,6 @@ class SD3Model(FlowModel):
                                            sched.config.get("max_image_seq_len", 4096),
                                            sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.16))
         sched.set_timesteps(num_steps, device="cpu", **kwargs)
-
-    def __init__(self, pipeline: Any):
-        super().__init__(pipeline)
-        self._negative: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def encode(self, prompts, guidance_scale, max_sequence_length):
         pe, pooled = self._encode(prompts, max_sequence_length)
