@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from prerequisites import missing_prerequisite
+
 # Session fixtures for the tiny models (tiny_sd3_dir, tiny_flux_dir) live in their own module.
 pytest_plugins = ["fixtures_models"]
 
@@ -178,10 +180,10 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     home = _slurm_home()
     conf = home / "etc" / "slurm.conf"
     if platform.system() != "Linux" or shutil.which("bash") is None:
-        pytest.skip(f"the local Slurm cluster needs Linux and bash (this is {platform.system()})")
+        missing_prerequisite(f"the local Slurm cluster needs Linux and bash (this is {platform.system()})")
     if os.geteuid() != 0:
         if not _cluster_answers(conf):
-            pytest.skip(
+            missing_prerequisite(
                 "the local Slurm cluster is not running and starting it needs root: "
                 "run `sudo bash tests/cluster/slurm-up.sh`"
             )

@@ -22,6 +22,7 @@ from eval.checkpoint import resolve_checkpoint
 from eval.errors import EvalError
 from mrlora.config import config_to_dict, load_config
 from mrlora.runstore import DONE_MARKER, RunDir, write_marker
+from prerequisites import missing_prerequisite
 
 REPO = Path(__file__).resolve().parents[1]
 # the tiny preset with two model-free rewards (independent of later changes to the preset's reward list)
@@ -248,7 +249,7 @@ def test_report_is_self_contained_and_renders_its_images_in_chromium(evals, tmp_
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium); the HTML render check needs it")
+        missing_prerequisite("chromium is not installed (apt-get install -y chromium); the HTML render check needs it")
     def screenshot(page: Path) -> Path:
         shot = page.with_suffix(".png")
         proc = subprocess.run(
