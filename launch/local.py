@@ -95,10 +95,15 @@ def reward_trend(run: RunDir, cycle: int, reward: str) -> tuple[float, float] | 
     return (values[0], values[-1]) if values else None
 
 
+def _expert_grid(plan: Plan) -> tuple[list[str], list[int]]:
+    """(rewards in plan order, cycles) of the plan's expert tasks: the rows and columns of the summary tables."""
+    rewards = list(dict.fromkeys(r for job in plan.jobs if job.kind == "expert" for r in job.rewards))
+    return rewards, sorted({job.cycle for job in plan.jobs if job.kind == "expert"})
+
+
 def trend_table(run: RunDir, plan: Plan) -> str:
     """Cycles x rewards: each expert's reward mean at its first and last step, for the end-of-run summary."""
-    rewards = list(dict.fromkeys(r for job in plan.jobs if job.kind == "expert" for r in job.rewards))
-    cycles = sorted({job.cycle for job in plan.jobs if job.kind == "expert"})
+    rewards, cycles = _expert_grid(plan)
     if not rewards:
         return ""
     width = max(22, *(len(r) + 2 for r in rewards))
@@ -129,8 +134,7 @@ def merge_table(run: RunDir, plan: Plan) -> str:
     reference mode an expert continues from its own adapter, so its first step does not score the merge. The
     last merge is not sampled by any expert (``eval.run`` scores it).
     """
-    rewards = list(dict.fromkeys(r for job in plan.jobs if job.kind == "expert" for r in job.rewards))
-    cycles = sorted({job.cycle for job in plan.jobs if job.kind == "expert"})
+    rewards, cycles = _expert_grid(plan)
     rows = []
     for c in cycles:
         if c > 1 and not _merge_is_exact(run, c - 1):
