@@ -119,8 +119,8 @@ class PaddleOcrBackend:
             from paddleocr import PaddleOCR
         except ImportError as exc:
             raise RewardError(
-                "OCR backend 'paddleocr' needs paddleocr and paddlepaddle installed; use backend='rapidocr' "
-                "for the offline PP-OCR ONNX models instead"
+                "OCR backend 'paddleocr' needs paddleocr and paddlepaddle: pip install 'mrlora[paddleocr]', "
+                "or use backend='rapidocr' for the same PP-OCR models offline"
             ) from exc
         kwargs = {"use_angle_cls": False, "lang": "en", "use_gpu": use_gpu, "show_log": False}
         kwargs.update(paddle_kwargs)

@@ -38,7 +38,7 @@ def test_batch_std_keeps_relative_scale_and_group_std_removes_it():
     by_group = group_advantages(rewards, groups, "group")
     by_batch = group_advantages(rewards, groups, "batch")
     torch.testing.assert_close(by_group[:2], by_group[2:], rtol=1e-3, atol=0)  # up to the 1e-4 in (std + eps)
-    assert by_batch[3] == pytest.approx(10 * by_batch[1], rel=1e-3)
+    assert float(by_batch[3]) == pytest.approx(10 * float(by_batch[1]), rel=1e-3)
 
 
 def test_advantages_are_clipped_and_constant_groups_give_zero():

@@ -44,12 +44,16 @@ class MetricsLog:
 
                 self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
             except ImportError:
-                print("[mrlora] logging.tensorboard is on but tensorboard is not installed; skipping it",
-                      file=sys.stderr)
+                print("[mrlora] logging.tensorboard is on but tensorboard is not installed; skipping it "
+                      "(pip install 'mrlora[tensorboard]')", file=sys.stderr)
         if logging_cfg.wandb:
             try:
                 import wandb
-
+            except ImportError:
+                print("[mrlora] logging.wandb is on but wandb is not installed; skipping it "
+                      "(pip install 'mrlora[wandb]')", file=sys.stderr)
+                return
+            try:
                 self._wandb = wandb.init(project=logging_cfg.project, name=run_name, dir=str(self.path.parent),
                                          mode=os.environ.get("WANDB_MODE", "offline"), resume="allow")
             except Exception as exc:  # noqa: BLE001 - a tracker must never stop training
