@@ -232,6 +232,35 @@ def complete_checkpoints(directory: Path | str) -> list[tuple[int, Path]]:
 
 # ------------------------------------------------------------------------------------------------------- lease
 
+def create_exclusive_json(path: Path | str, obj) -> bool:
+    """Create ``path`` holding ``obj`` unless it already exists; True when this call created it.
+
+    ``O_EXCL`` creation is atomic on NFS v3+ and Lustre, where ``flock`` is often disabled: of two processes
+    racing, exactly one wins. The run lease and the per-unit claims (``mrlora.claim``) take ownership this way.
+    """
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    fsync_dir(Path(path).parent)
+    return True
+
+
+def move_aside(path: Path | str) -> None:
+    """Break a stale ownership file by renaming it to ``<name>.broken-<id>`` (kept for a post-mortem).
+
+    Of two processes breaking it at once only one rename succeeds; the other finds it gone and simply retries
+    its ``create_exclusive_json``, so both cannot end up owners.
+    """
+    path = Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(path, path.with_name(f"{path.name}.broken-{uuid.uuid4().hex[:8]}"))
+
+
 @dataclass
 class LeaseInfo:
     """Who owns a run: the launcher process that created the lease and the Slurm jobs it submitted."""
@@ -477,32 +506,22 @@ class RunDir:
         two launchers racing to break it cannot both win.
         """
         for _ in range(3):
-            try:
-                fd = os.open(self.lease_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.read_lease()
-                if holder is None:
-                    continue
-                if holder.owner_id == info.owner_id:
-                    return info
-                if not is_stale(holder):
-                    jobs = f" (jobs {', '.join(holder.job_ids)})" if holder.job_ids else ""
-                    raise LeaseHeldError(
-                        f"run {self.root} is owned by another launcher: host {holder.host} pid {holder.pid}"
-                        f"{jobs}, since {holder.created}. Wait for it, cancel it with "
-                        f"`python -m launch.cancel {self.run_ts}`, or pass --adopt to take over its jobs.",
-                        holder,
-                    )
-                aside = self.root / f"{LEASE}.broken-{uuid.uuid4().hex[:8]}"
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(self.lease_path, aside)
+            if create_exclusive_json(self.lease_path, asdict(info)):
+                return info
+            holder = self.read_lease()
+            if holder is None:
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(asdict(info), fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
-            fsync_dir(self.root)
-            return info
+            if holder.owner_id == info.owner_id:
+                return info
+            if not is_stale(holder):
+                jobs = f" (jobs {', '.join(holder.job_ids)})" if holder.job_ids else ""
+                raise LeaseHeldError(
+                    f"run {self.root} is owned by another launcher: host {holder.host} pid {holder.pid}"
+                    f"{jobs}, since {holder.created}. Wait for it, cancel it with "
+                    f"`python -m launch.cancel {self.run_ts}`, or pass --adopt to take over its jobs.",
+                    holder,
+                )
+            move_aside(self.lease_path)
         raise RunStoreError(f"could not acquire the lease of {self.root}: it keeps changing hands; retry")
 
     def update_lease(self, info: LeaseInfo) -> None:
