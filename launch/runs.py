@@ -1,6 +1,6 @@
 """Runs as the launcher sees them: run.json, progress for the planner, the lease and its liveness check.
 
-The run directory is the single source of truth (DESIGN.md section 3). This module turns it into what the
+The run directory is the single source of truth (docs/design.md section 3). This module turns it into what the
 planner needs (``Progress``), writes ``run.json`` once and appends resume changes to its ``history``, and
 decides whether a lease's owner is gone: a Slurm chain is alive while any of its jobs is in the queue, a local
 run while its launcher process lives on this host.

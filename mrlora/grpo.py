@@ -1,4 +1,4 @@
-"""The Flow-GRPO objective as pure tensor functions (DESIGN.md section 5).
+"""The Flow-GRPO objective as pure tensor functions (docs/design.md section 5).
 
 Kept free of models, processes and files so each formula can be tested on its own: advantages normalised within
 each prompt's group of G samples, the PPO-style clipped ratio loss over stored SDE steps, and the KL to the

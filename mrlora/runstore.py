@@ -1,7 +1,7 @@
 """The run directory on the shared filesystem: the single source of truth of a MapReduce run.
 
 Everything that survives a crash, a preemption or a login-node reboot lives here, so the rules are strict
-(DESIGN.md section 3):
+(docs/design.md section 3):
 
 * every file is written to a temporary name in the same directory, flushed, fsynced, ``os.replace``d and the
   directory fsynced, so a reader never sees a half-written file;

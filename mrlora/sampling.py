@@ -1,4 +1,4 @@
-"""Sampling from SD3 / FLUX flow-matching pipelines with per-step log-probabilities (DESIGN.md section 5).
+"""Sampling from SD3 / FLUX flow-matching pipelines with per-step log-probabilities (docs/design.md section 5).
 
 Why our own loop instead of ``pipeline(...)``: Flow-GRPO needs, for every denoising step, the latent before and
 after the step and the log-density of the transition. diffusers' Euler scheduler is deterministic (an ODE), so

@@ -1,4 +1,4 @@
-"""GenEval scoring rules on top of any object detector (DESIGN.md section 8).
+"""GenEval scoring rules on top of any object detector (docs/design.md section 8).
 
 Kept free of torch and of any particular detector so the rules can be tested exhaustively with synthetic
 detections and reused unchanged by the in-process scorer, the scoring server and eval.

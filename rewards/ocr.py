@@ -1,6 +1,6 @@
 """OCR reward: does the image show the text the prompt asked for?
 
-Rule (DESIGN.md section 7, as in Flow-GRPO): the target is the text between the first pair of double quotes
+Rule (docs/design.md section 7, as in Flow-GRPO): the target is the text between the first pair of double quotes
 in the prompt; the recognised text is every line the OCR engine read, concatenated. Both are normalised
 (all whitespace removed, lower case). The distance d is 0 when the target is a substring of the recognition,
 else the Levenshtein distance, capped at len(target); reward = 1 - d / len(target), so it lies in [0, 1].

@@ -1,7 +1,7 @@
 """Tiny random reward models built from config, saved in the normal Hugging Face layout.
 
 Tests and benchmarks on machines without hub access load these with the same ``from_pretrained`` code users
-run on real weights (DESIGN.md section 10): a CLIP (stand-in for PickScore and for GenEval's colour
+run on real weights (docs/design.md section 10): a CLIP (stand-in for PickScore and for GenEval's colour
 classifier, with a tokenizer built in-process) and a Mask2Former COCO-instance model with the 80 GenEval
 class names. Their outputs are garbage; what they prove is that loading, batching and post-processing work.
 """

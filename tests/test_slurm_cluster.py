@@ -1,6 +1,6 @@
 """The local Slurm cluster behaves like the clusters mrlora's job graph is written for.
 
-These are the Slurm features the launcher relies on (DESIGN.md section 4), exercised through submitit the
+These are the Slurm features the launcher relies on (docs/design.md section 4), exercised through submitit the
 way the launcher submits: a job array whose afterok dependent waits for every task, a failed parent that
 cancels its dependents instead of leaving them pending, and a multi-node job whose tasks get distinct ranks
 on nodes whose names resolve (torch.distributed's master address is the first node's name).

@@ -6,7 +6,7 @@ under test. So we build real diffusers/transformers modules from small configs, 
 directory, and load them back exactly like ``stabilityai/stable-diffusion-3.5-medium`` or
 ``black-forest-labs/FLUX.1-dev``.
 
-Shapes (DESIGN.md section 10, with the deviations noted):
+Shapes (each choice that a real model would not make is explained):
 
 - SD3: ``SD3Transformer2DModel`` patch 1, head dim 8, 4 heads, joint/caption dim 32, pooled 64, in/out channels
   4; like SD3.5-M it uses RMS qk-norm and a dual-attention first block. Two layers instead of one, because the

@@ -9,7 +9,7 @@ w_i w_j B_i A_j are pure error (~150 % relative on tiny models). Stacking is exa
     B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]   (out x R)
     B @ A = sum_i w_i s_i B_i A_i = dW
 
-so the update is stored losslessly at rank R (DESIGN.md section 6). Experts may have different ranks and cover
+so the update is stored losslessly at rank R (docs/design.md section 6). Experts may have different ranks and cover
 different modules; a module an expert does not adapt contributes zero for it (and the log says so).
 
 ``reduce_reference`` reproduces the public code's inexact merge for ablations, labelled as such.

@@ -4,7 +4,7 @@
 # Why a real cluster and not a mock: the launcher's job graph (job arrays, afterok dependencies,
 # kill-on-invalid-dep, requeue, multi-node tasks, sacct states) is exactly the part a fake would get wrong.
 # This runs Debian's slurm-wlm as root without systemd: munged, mariadb, slurmdbd, slurmctld and four
-# `slurmd -N nodeN` on 127.0.0.1, each node with 4 CPUs, 4000 MB and 2 fake GPUs (DESIGN.md section 11).
+# `slurmd -N nodeN` on 127.0.0.1, each node with 4 CPUs, 4000 MB and 2 fake GPUs (docs/local-cluster.md).
 #
 # All state lives under ${MRLORA_SLURM_HOME:-/var/tmp/mrlora-slurm}. Running it again is cheap and leaves
 # one healthy cluster: daemons already running are kept, dead ones are restarted, and daemons whose config
