@@ -1,4 +1,4 @@
-"""The full config tree with the published Flow-GRPO / MapReduce LoRA defaults (DESIGN.md section 5).
+"""The full config tree with the published Flow-GRPO / MapReduce LoRA defaults (docs/design.md section 5).
 
 Every field lives here once, with its meaning; presets only change values. The tree is locked after loading
 (``mrlora.config.load_config``), so a typo in ``--set`` is an error naming the key, never a silent new field.
@@ -8,11 +8,15 @@ add a reward of their own.
 
 import ml_collections
 
-SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-# FLUX adds the feed-forward projections of the double blocks and the MLP projections of the single blocks.
-FLUX_TARGETS = SD3_TARGETS + (
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
-)
+# The published adapters' LoRA targets (Flow-GRPO scripts/train_sd3.py and train_flux.py), matched like peft
+# matches them: a layer gets a LoRA when its dotted name ends in "." + one of these. So SD3.5-M's second image
+# attention (attn2.*, blocks 0-12) and FLUX's single-block proj_mlp / proj_out stay frozen, as in the paper:
+# 191 adapted layers on SD3.5-M, 342 on FLUX.1-dev (docs/recipe.md). Widen with e.g.
+# --set "lora.target_modules=[..., 'attn2.to_q', 'attn2.to_k', 'attn2.to_v', 'attn2.to_out.0']".
+SD3_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+# FLUX adds the feed-forward projections of the double blocks (image and text streams).
+FLUX_TARGETS = SD3_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -8,7 +8,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from peft import LoraConfig
 
 from mrlora.models.errors import UnknownArchError
-from mrlora.models.lora_targets import LORA_TARGETS, lora_target_modules
+from mrlora.models.lora_targets import LORA_TARGETS, block_linear_names, lora_target_modules
 
 
 def _wrap(pipeline_cls, model_dir: str, arch: str):
@@ -21,15 +21,15 @@ def _wrap(pipeline_cls, model_dir: str, arch: str):
     return transformer, wrapped
 
 
-def test_sd3_adapter_covers_every_attention_projection(tiny_sd3_dir: str) -> None:
+def test_sd3_adapter_covers_the_joint_attention_but_not_the_second_attention(tiny_sd3_dir: str) -> None:
     _, wrapped = _wrap(StableDiffusion3Pipeline, tiny_sd3_dir, "sd3")
-    expected_block0 = {f"transformer_blocks.0.attn.{s}" for s in LORA_TARGETS["sd3"]}
-    expected_block0 |= {f"transformer_blocks.0.attn2.{s}" for s in ("to_q", "to_k", "to_v", "to_out.0")}
+    expected_block0 = {f"transformer_blocks.0.{s}" for s in LORA_TARGETS["sd3"]}
     assert expected_block0 <= wrapped
-    assert not any(".ff." in n or "ff_context" in n or n == "proj_out" for n in wrapped)
+    # the published suffixes are attn.*: SD3.5's dual-attention attn2 stays frozen, like the feed-forward
+    assert not any(".attn2." in n or ".ff." in n or "ff_context" in n or n == "proj_out" for n in wrapped)
 
 
-def test_flux_adapter_adds_feed_forward_but_not_the_output_layer(tiny_flux_dir: str) -> None:
+def test_flux_adapter_adds_feed_forward_but_not_the_single_block_mlp(tiny_flux_dir: str) -> None:
     transformer, wrapped = _wrap(FluxPipeline, tiny_flux_dir, "flux")
     assert {
         "transformer_blocks.0.attn.to_add_out",
@@ -38,10 +38,10 @@ def test_flux_adapter_adds_feed_forward_but_not_the_output_layer(tiny_flux_dir: 
         "transformer_blocks.0.ff_context.net.0.proj",
         "transformer_blocks.0.ff_context.net.2",
         "single_transformer_blocks.0.attn.to_q",
-        "single_transformer_blocks.0.proj_mlp",
-        "single_transformer_blocks.0.proj_out",
+        "single_transformer_blocks.0.attn.to_k",
+        "single_transformer_blocks.0.attn.to_v",
     } <= wrapped
-    assert "proj_out" not in wrapped  # the final output layer stays frozen
+    assert not any(n.endswith((".proj_mlp", "proj_out")) for n in wrapped)  # single-block MLP and output layer
     trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
 
@@ -58,9 +58,9 @@ def test_adapter_changes_the_output(tiny_flux_dir: str) -> None:
     assert not torch.allclose(before, after)
 
 
-def test_wrong_arch_is_reported(tiny_sd3_dir: str) -> None:
+def test_unknown_arch_and_unmatched_suffix_are_reported(tiny_sd3_dir: str) -> None:
     transformer = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir).transformer
-    with pytest.raises(UnknownArchError, match="proj_mlp.*model.arch='flux'"):
-        lora_target_modules(transformer, "flux")
     with pytest.raises(UnknownArchError, match="no LoRA targets for arch 'sdxl'"):
         lora_target_modules(transformer, "sdxl")
+    with pytest.raises(UnknownArchError, match="no layers named proj_mlp"):
+        block_linear_names(transformer, ("attn.to_q", "proj_mlp"))

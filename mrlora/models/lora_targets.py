@@ -1,33 +1,30 @@
 """Which transformer layers get a LoRA, per architecture (the published Flow-GRPO / MapReduce-LoRA choices).
 
-SD3.5-M: the attention projections of the image and text streams (``to_q, to_k, to_v, to_out.0`` and
-``add_q_proj, add_k_proj, add_v_proj, to_add_out``). These suffixes also cover SD3.5's second image attention
-(``attn2``) in the dual-attention blocks.
+The published adapters name their targets as peft suffixes, and peft adapts a layer when its dotted name ends
+in ``"." + suffix``. The lists (defined once, in ``configs.common``):
 
-FLUX.1-dev adds the feed-forward projections. diffusers names them (checked on ``FluxTransformer2DModel``):
-double blocks ``ff.net.0.proj`` / ``ff.net.2`` (image MLP) and ``ff_context.net.0.proj`` / ``ff_context.net.2``
-(text MLP); single blocks have ``attn.to_q/k/v`` (no ``to_out``), ``proj_mlp`` (MLP in) and ``proj_out`` (the
-fused attention + MLP output).
+- SD3.5-M: ``attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, attn.add_q_proj, attn.add_k_proj,
+  attn.add_v_proj, attn.to_add_out``. The ``attn.`` prefix matters: SD3.5-M's second image attention
+  (``attn2.*`` in the 13 dual-attention blocks) does not match and stays frozen, and the last block has no
+  ``to_add_out`` (its text stream ends there): 191 layers.
+- FLUX.1-dev adds the double blocks' feed-forward ``ff.net.0.proj, ff.net.2, ff_context.net.0.proj,
+  ff_context.net.2``. Single blocks match only ``attn.to_q/k/v``; their ``proj_mlp`` and fused ``proj_out``
+  stay frozen: 342 layers.
 
-``proj_out`` is ambiguous as a suffix: FLUX's final output layer is also called ``proj_out`` and must not get
-a LoRA (the published adapters leave it alone, and it is outside every block). So ``lora_target_modules`` turns
-the suffix lists into the full dotted names of the matching ``nn.Linear`` layers inside the transformer blocks;
-pass that list to ``peft.LoraConfig(target_modules=...)`` so the adapter's ``target_modules`` is explicit.
+``block_linear_names`` turns a suffix list into the explicit dotted names of the matching ``nn.Linear`` layers
+inside the transformer blocks, and that list goes to ``peft.LoraConfig(target_modules=...)``, so the adapter's
+``target_modules`` is explicit and a suffix a user widens to (e.g. ``proj_out``) can never reach FLUX's final
+output layer, which shares the name but lies outside every block.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from configs.common import FLUX_TARGETS, SD3_TARGETS
 from mrlora.models.errors import UnknownArchError
 
-_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "sd3": _ATTENTION,
-    "flux": _ATTENTION
-    + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"),
-}
+LORA_TARGETS: dict[str, tuple[str, ...]] = {"sd3": tuple(SD3_TARGETS), "flux": tuple(FLUX_TARGETS)}
 
 # LoRA goes only inside these containers; everything else (embedders, norms, the final proj_out) stays frozen.
 BLOCK_CONTAINERS = ("transformer_blocks.", "single_transformer_blocks.")
