@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from eval.cli import run_cli
+from mrlora.cli import run_cli
 from eval.errors import EvalError
 from eval.plan import EvalDir, Shard
 from eval.results import Results, read_results, write_results

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.cli import run_cli
+from mrlora.cli import run_cli
 from eval.errors import EvalError
 from eval.pareto import hypervolume, pareto_front
 from eval import rate as rate_mix

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from eval.checkpoint import FORMS_HINT, resolve_checkpoint
-from eval.cli import run_cli
+from mrlora.cli import run_cli
 from eval.errors import EvalError
 from eval.plan import EvalDir, Shard
 from eval.prompts import load_prompts

@@ -28,16 +28,16 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from mrlora.cli import UserError, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO_ROOT / "slurm_templates"
 EVAL_TEMPLATE = TEMPLATES / "eval.sbatch"
 AGGREGATE_TEMPLATE = TEMPLATES / "eval_aggregate.sbatch"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
-EXIT_USER_ERROR = 2
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A template and the values given for it do not match (a missing, unknown or unused variable)."""
 
 
@@ -260,16 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``main`` with user errors printed as one line and exit status 2."""
-    from eval.cli import user_errors
-    from launch.profiles import ProfileError
-    from launch.slurm import SlurmError
-
-    try:
-        return main(argv)
-    except (*user_errors(), ProfileError, SlurmError, TemplateError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    """``main`` with user errors printed as one line and exit status 2 (:func:`mrlora.cli.run_cli`)."""
+    return run_cli(main, argv, prog="launch.eval")
 
 
 if __name__ == "__main__":

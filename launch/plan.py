@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from launch.profiles import ClusterProfile, Resources
+from mrlora.cli import UserError
 
 MODES = ("parallel", "sequential")
 MERGE = "merge"
@@ -27,7 +28,7 @@ EXPERTS = "experts"
 RATE = "rate"
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The request cannot be planned (bad cycles, no rewards...); the message says what to change."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli
+from mrlora.cli import UserError
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "configs" / "clusters"
 EXECUTORS = ("auto", "slurm", "local")
@@ -60,7 +61,7 @@ POSITIVE = ("expert_time_min", "nodes_per_expert", "cpus_per_gpu", "merge_time_m
 NON_NEGATIVE = ("gpus_per_node", "mem_per_gpu_gb", "merge_mem_gb", "signal_delay_s", "max_requeues")
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """A cluster profile that cannot be used; the message names the file and key."""
 
 

@@ -13,12 +13,13 @@ import subprocess
 from dataclasses import dataclass
 
 from launch.plan import job_prefix, run_comment
+from mrlora.cli import UserError
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 
 
-class SlurmError(RuntimeError):
+class SlurmError(UserError, RuntimeError):
     """A Slurm command failed or Slurm is not reachable; the message carries Slurm's own words."""
 
 

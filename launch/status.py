@@ -21,9 +21,10 @@ from launch.journal import JobRecord, latest_by_unit, read_records
 from launch.local import LOCAL_LOG_DIR, metrics_tail, reward_keys
 from launch.mapreduce import find_run, out_root_of
 from launch.plan import MERGE, RATE, rate_unit, safe_name
-from launch.runs import LaunchError, rate_cycles_of, rate_is_done
+from launch.runs import rate_cycles_of, rate_is_done
 from mrlora.config import config_for_reward, config_from_dict
-from mrlora.runstore import RunDir, RunStoreError, pid_alive
+from mrlora.cli import run_cli
+from mrlora.runstore import RunDir, pid_alive
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -254,6 +255,11 @@ def render(status: RunStatus) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: the table on stdout; exit 2 with one line on stderr when the run cannot be found."""
+    return run_cli(_main, argv, prog="launch.status")
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.status", description="Show where a MapReduce LoRA run stands.")
     p.add_argument("run_ts", nargs="?", help="the run's timestamp (default: the newest run)")
     p.add_argument("--out-root", metavar="DIR", help="where runs live (default: $MRLORA_OUT_ROOT or ./runs)")
@@ -262,22 +268,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="refresh every SECONDS (default 10) until the run finishes or nothing is queued")
     p.add_argument("--no-slurm", action="store_true", help="do not ask Slurm; show the run directory only")
     args = p.parse_args(argv)
-    try:
-        run = find_run(out_root_of(args), args.model, args.run_ts)
-        while True:
-            status = collect(run, use_slurm=not args.no_slurm)
-            text = render(status)
-            if args.watch and sys.stdout.isatty():
-                sys.stdout.write("\033[2J\033[H")
-            print(text, flush=True)
-            if not args.watch or status.finished or (status.executor == "slurm" and status.queued == 0):
-                return 0
-            time.sleep(args.watch)
-    except (LaunchError, RunStoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
+    run = find_run(out_root_of(args), args.model, args.run_ts)
+    while True:
+        status = collect(run, use_slurm=not args.no_slurm)
+        text = render(status)
+        if args.watch and sys.stdout.isatty():
+            sys.stdout.write("\033[2J\033[H")
+        print(text, flush=True)
+        if not args.watch or status.finished or (status.executor == "slurm" and status.queued == 0):
+            return 0
+        time.sleep(args.watch)
 
 
 if __name__ == "__main__":

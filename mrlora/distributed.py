@@ -16,12 +16,13 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
+from mrlora.cli import UserError
 
 PORT_BASE = 20000
 PORT_SPAN = 20000
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """The environment describes an inconsistent or unreachable process group."""
 
 

@@ -23,12 +23,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from mrlora.cli import EXIT_INTERRUPTED, run_cli
 from mrlora.training.errors import Preempted, TrainError
 
 __all__ = ["Preempted", "TrainError", "train_expert_in_run", "train_expert_standalone", "main"]
-
-EXIT_ERROR = 2
-EXIT_PREEMPTED = 3
 
 
 def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
@@ -119,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: exit 0 done, 2 user error (one line on stderr), 3 preempted after a checkpoint."""
+    return run_cli(_main, argv, prog="mrlora.train")
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.run:
@@ -136,32 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                                            args.prior_updates, args.set, progress=not args.no_progress)
     except Preempted as exc:
         print(f"mrlora.train: {exc}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except Exception as exc:  # noqa: BLE001 - user-facing errors below; anything else keeps its traceback
-        if not _is_user_error(exc):
-            raise
-        print(f"mrlora.train: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_INTERRUPTED
     metrics = done.get("final_metrics") or {}
     print(f"expert {args.reward}: {done.get('steps')} steps, reward_mean {metrics.get('reward_mean', float('nan')):.4f}")
     return 0
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    from mrlora.config import ConfigError
-    from mrlora.distributed import DistributedError
-    from mrlora.models.errors import ModelError
-    from mrlora.reduce.errors import ReduceError
-    from mrlora.runstore import RunStoreError
-
-    user = (TrainError, ConfigError, RunStoreError, ModelError, DistributedError, ReduceError)
-    try:
-        from rewards.base import RewardError
-
-        user += (RewardError,)
-    except ImportError:
-        pass
-    return isinstance(exc, user)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from mrlora.cli import UserError
 
 ENTRY_POINT_GROUP = "mrlora.rewards"
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     """A reward could not be built or could not score its inputs; the message says what to do next."""
 
 

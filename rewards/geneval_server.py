@@ -13,10 +13,10 @@ import argparse
 import json
 import logging
 import signal
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from mrlora.cli import main_entry
 from rewards.geneval_rules import GenEvalMetadataError
 from rewards.geneval_wire import WireError, decode_request, encode_error, encode_response
 
@@ -107,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="detection score threshold for counting prompts")
     parser.add_argument("--cache-dir", default=None, help="Hugging Face cache dir holding prefetched models")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-
     from rewards.base import RewardError
     from rewards.builtin import DEFAULT_GENEVAL_CLIP, DEFAULT_GENEVAL_DETECTOR
 
@@ -127,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                              threshold=args.threshold, counting_threshold=args.counting_threshold,
                              cache_dir=args.cache_dir)
         server = make_server(scorer, args.host, args.port, description=f"detector={detector} clip={clip}")
-    except (RewardError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:  # e.g. the port is taken
+        raise RewardError(f"cannot start the GenEval server on {args.host}:{args.port}: {exc}") from exc
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     print(f"GenEval server listening on {server.url}", flush=True)
     try:
@@ -142,4 +139,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main, prog="rewards.geneval_server")

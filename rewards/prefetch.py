@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from mrlora.cli import main_entry
 from rewards.base import RewardError, get_reward_spec
 from rewards.hub import ModelRef
 
@@ -60,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a reward kwarg that names a model (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the models that would be downloaded")
     args = parser.parse_args(argv)
-    try:
-        plan = models_to_fetch(args.rewards, _parse_overrides(args.overrides))
-    except RewardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    plan = models_to_fetch(args.rewards, _parse_overrides(args.overrides))
     if not plan:
         print("nothing to download: the named rewards need no hub models")
         return 0
@@ -95,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main, prog="rewards.prefetch")

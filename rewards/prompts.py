@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mrlora.cli import main_entry
 from mrlora.runstore import atomic_write_text
 from rewards.base import RewardError
 from rewards.geneval_rules import GenEvalMetadataError, validate_metadata
@@ -142,12 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         items = generate_prompt_items(args.kind, args.n, args.seed)
         write_prompt_items(items, out, as_jsonl)
-    except (PromptSourceError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:
+        raise PromptSourceError(f"cannot write {out}: {exc}") from exc
     print(f"wrote {len(items)} {args.kind} prompts to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main, prog="rewards.prompts")

@@ -15,7 +15,7 @@ import h5py
 import pytest
 import torch
 
-from eval.cli import run_cli
+from mrlora.cli import run_cli
 from mrlora.rate.token_file import RateToken, save_token
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,9 +1,10 @@
 """Model errors, torch-free so the login-node launcher can catch and print them without heavy imports."""
 
 from __future__ import annotations
+from mrlora.cli import UserError
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """Base class: something about the model spec, its files or its architecture is wrong."""
 
 

@@ -38,13 +38,13 @@ import os
 import secrets
 import shutil
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from mrlora.models.errors import ModelError, TinyBuildError, UnknownArchError
+from mrlora.cli import main_entry
+from mrlora.models.errors import TinyBuildError, UnknownArchError
 from mrlora.runstore import pid_alive
 
 TINY_VERSION = 2  # bump when the tiny configs change, so cached builds are not reused across versions
@@ -460,14 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output model directory (created atomically)")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     args = parser.parse_args(argv)
-    try:
-        path = build_tiny(args.arch, args.out, seed=args.seed)
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
+    print(build_tiny(args.arch, args.out, seed=args.seed))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main, prog="mrlora.models.tiny")

@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mrlora.rate.errors import RateError
-
-EXIT_USAGE = 2
-EXIT_PREEMPTED = 3  # SIGUSR2/SIGTERM: a checkpoint was written (same code as python -m mrlora.train)
+from mrlora.cli import EXIT_INTERRUPTED, run_cli
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -147,24 +144,16 @@ def run_generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: exit 0 done, 2 user error (one line on stderr), 3 preempted after a checkpoint."""
+    return run_cli(_main, argv, prog="mrlora.rate")
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from mrlora.config import ConfigError
-    from mrlora.models.errors import ModelError
-
-    errors: tuple[type[BaseException], ...] = (RateError, ModelError, ConfigError)
-    try:
-        from rewards.base import RewardError
-
-        errors += (RewardError,)
-    except ImportError:
-        pass
     from mrlora.training.errors import Preempted
 
     try:
         return run_distill(args) if args.command == "distill" else run_generate(args)
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except Preempted as exc:
         print(f"{exc}; run the same command again to continue", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return EXIT_INTERRUPTED

@@ -4,9 +4,10 @@ Every message names what is wrong and what to do next; the CLI prints it and exi
 """
 
 from __future__ import annotations
+from mrlora.cli import UserError
 
 
-class RateError(Exception):
+class RateError(UserError):
     """Base class of every RaTE problem a user must act on."""
 
 

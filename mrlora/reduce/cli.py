@@ -14,8 +14,7 @@ import argparse
 import logging
 import sys
 
-from mrlora.config import ConfigError
-from mrlora.runstore import RunStoreError
+from mrlora.cli import EXIT_USER_ERROR, error_line, run_cli, setup_logging
 
 
 def _merge_parser() -> argparse.ArgumentParser:
@@ -56,19 +55,20 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: exit 0 done, 2 user error (one line on stderr, nothing written)."""
+    return run_cli(_main, argv, prog="mrlora.merge")
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     exporting = bool(argv) and argv[0] == "export"
     parser = _export_parser() if exporting else _merge_parser()
     args = parser.parse_args(argv[1:] if exporting else argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
     if exporting and args.run and args.cycle is None:
         parser.error("--run needs --cycle")
     if exporting and args.base and args.cycle is not None:
         parser.error("--cycle goes with --run; with --base pass --updates")
-
-    from mrlora.models.errors import ModelError
-    from mrlora.reduce.errors import ReduceError
 
     try:
         if exporting:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             marker = merge_experts(args.experts, weights, args.out, base=args.base, mode=args.mode,
                                    allow_negative_weights=args.allow_negative_weights, arch=args.arch)
             print(f"{args.out} ({marker['mode']}{'' if marker['exact'] else ', INEXACT'})")
-    except (ReduceError, ConfigError, RunStoreError, ModelError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # not one of ours: a malformed value the standard library rejected
+        print(error_line("mrlora.merge", exc), file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0

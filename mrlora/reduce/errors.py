@@ -6,9 +6,10 @@ and exits with status 2 before anything is written.
 """
 
 from __future__ import annotations
+from mrlora.cli import UserError
 
 
-class ReduceError(Exception):
+class ReduceError(UserError):
     """Base class of every Reduce-step problem."""
 
 

@@ -1,9 +1,10 @@
 """Training errors, torch-free so launchers and CLIs can catch them without heavy imports."""
 
 from __future__ import annotations
+from mrlora.cli import UserError
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """A training problem the user must fix; the message says what to do next."""
 
 
