@@ -67,6 +67,8 @@ class Job:
     after: tuple[str, ...] = ()
     after_ids: tuple[str, ...] = ()
     window: int = 0
+    # What the plan expects of a merge, shown by --dry-run; the merge job itself decides at run time from the
+    # run directory (launch.jobs.MergeTask), so a run whose cycle count was raised after submission still extends.
     extends: bool = False           # merge that submits the next window when it has finished
     final: bool = False             # merge of the run's last cycle
 
@@ -176,6 +178,11 @@ def build_plan(
     if window < 1:
         raise PlanError(f"window_cycles must be >= 1, got {window}")
     first = progress.last_merged + 1
+    # Windows count from the first cycle that still needs a merge submitted: cycles whose merge is already
+    # queued (adopted) are covered, so window 0 never comes out empty while later cycles wait for a submitter.
+    start = first
+    while start <= cycles and (start, MERGE) in progress.live:
+        start += 1
     plan = Plan(run_ts=run_ts, mode=mode, rewards=rewards, cycles=cycles, first_cycle=first,
                 window_cycles=window, jobs=[], rate_after_cycles=rate_cycles)
 
@@ -198,8 +205,8 @@ def build_plan(
     prev_key: tuple[str, ...] = ()
     prev_ids: tuple[str, ...] = ()
     for cycle in range(first, cycles + 1):
-        win = (cycle - first) // window
-        last_of_window = cycle == cycles or (cycle - first + 1) % window == 0
+        win = max(0, cycle - start) // window
+        last_of_window = cycle == cycles or (cycle >= start and (cycle - start + 1) % window == 0)
         todo = [r for r in rewards if (cycle, r) not in progress.done and (cycle, r) not in progress.live]
         live_ids = tuple(dict.fromkeys(progress.live[(cycle, r)] for r in rewards if (cycle, r) in progress.live))
 

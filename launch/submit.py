@@ -89,7 +89,7 @@ def job_callables(job: Job, run_root: str, owner_id: str, profile: ClusterProfil
     from launch.jobs import ExpertTask, MergeTask, RateTask
 
     if job.kind == MERGE:
-        return [MergeTask(run_root, job.cycle, extend=job.extends, final=job.final, owner_id=owner_id)]
+        return [MergeTask(run_root, job.cycle, owner_id=owner_id)]
     if job.kind == RATE:
         return [RateTask(run_root, job.cycle, r, max_requeues=profile.max_requeues) for r in job.rewards]
     return [ExpertTask(run_root, job.cycle, r, max_requeues=profile.max_requeues) for r in job.rewards]
@@ -160,10 +160,13 @@ def submit_window(run_root: Path | str, plan: Plan, profile: ClusterProfile, own
 
 
 def extend_chain(run_root: str, owner_id: str) -> dict[str, str]:
-    """Submit the next window of a run from inside its chain (the window's last merge job calls this).
+    """Submit the next window of a run from inside its chain (every merge job but the run's last calls this).
 
-    Idempotent: when jobs for the next cycle are already queued (a requeued merge, or a launcher that adopted
-    the run and submitted them) nothing is submitted. Does nothing when another launcher owns the run.
+    Submits nothing when the chain that owns the run has already submitted the next cycle (the merge is not
+    its window's last, a launcher adopted the run and submitted it, or the user cancelled those jobs on
+    purpose), when jobs for the next cycle are queued (a requeued merge), or when another launcher owns the run.
+    "Submitted by the owning chain" is a job record of that cycle whose id the lease lists: the lease holds the
+    ids of the owner's newest submission, so records left by an earlier, failed attempt do not count.
     """
     from launch import runs, slurm
     from mrlora.config import config_from_dict
@@ -185,6 +188,11 @@ def extend_chain(run_root: str, owner_id: str) -> dict[str, str]:
     plan = build_plan(run_ts=run.run_ts, rewards=list(cfg.rewards), cycles=cfg.mapreduce.cycles, profile=profile,
                       mode=cfg.mapreduce.mode, progress=progress, rate_after_cycles=rate_cycles)
     if plan.complete:
+        return {}
+    owned = set(lease.job_ids)
+    submitted = [r.job_id for r in journal.read_records(run)
+                 if r.cycle == plan.first_cycle and r.kind != RATE and r.job_id in owned]
+    if submitted:
         return {}
     prefix = job_prefix(run.run_ts) + job_key(plan.first_cycle, "")
     already = [j.job_id for j in slurm.run_jobs_in_queue(run.run_ts) if j.name.startswith(prefix)]
