@@ -24,8 +24,11 @@ import os
 import sys
 from dataclasses import dataclass
 
-EXIT_INTERRUPTED = 3
+from mrlora.cli import EXIT_INTERRUPTED, setup_logging
+
 ENTRYPOINTS_ENV = "MRLORA_JOB_ENTRYPOINTS"
+# set by the local executor: the launcher's pid, so a worker stops (checkpoints) when its launcher dies
+LAUNCHER_PID_ENV = "MRLORA_LAUNCHER_PID"
 
 
 class JobFailed(RuntimeError):
@@ -103,6 +106,7 @@ class _RequeueableTask(_Rerunnable):
     function = ""
 
     def __call__(self) -> dict:
+        setup_logging()
         run, preempted = _entrypoint(self.module, self.function)
         what = f"cycle {self.cycle} {self.label} {self.reward}"
         _log(f"{what}: starting in {self.run_root}")
@@ -135,33 +139,41 @@ class RateTask(_RequeueableTask):
 
 @dataclass
 class MergeTask(_Rerunnable):
-    """Merge cycle ``cycle``; then submit the next window (``extend``) or release the lease (``final``)."""
+    """Merge cycle ``cycle``; then, on Slurm, extend the chain or, after the run's last cycle, release the lease.
+
+    Which of the two is decided when the merge has finished, from the run's config as it is *then* (the user
+    may have raised ``mapreduce.cycles`` with ``--resume --adopt`` after this job was queued), never from flags
+    frozen into the job at submission. Extending is idempotent: it submits nothing when the chain owning the
+    run has already submitted the next cycle, so every merge but a window's last finds nothing to do
+    (``launch.submit.extend_chain``).
+    """
 
     run_root: str
     cycle: int
-    extend: bool = False
-    final: bool = False
     owner_id: str = ""
 
     def __call__(self) -> dict:
+        setup_logging()
         merge, _ = _entrypoint("mrlora.reduce", "merge_cycle_in_run")
         _log(f"cycle {self.cycle} merge: starting in {self.run_root}")
         marker = merge(self.run_root, self.cycle)
         _log(f"cycle {self.cycle} merge: done")
         if int(os.environ.get("SLURM_PROCID", "0")) != 0 or slurm_task_id() is None:
             return marker
-        if self.extend:
+        from mrlora.config import config_from_dict
+        from mrlora.runstore import RunDir
+
+        run = RunDir(self.run_root)
+        cycles = int(config_from_dict(run.read_run_json()["config"]).mapreduce.cycles)
+        if self.cycle < cycles:
             from launch.submit import extend_chain
 
             extend_chain(self.run_root, self.owner_id)
-        if self.final:
-            from mrlora.runstore import RunDir
-
-            run = RunDir(self.run_root)
-            lease = run.read_lease()
-            if lease is not None and lease.owner_id == self.owner_id:
-                run.release_lease(lease)
-                _log("last cycle merged; released the run's lease")
+            return marker
+        lease = run.read_lease()
+        if lease is not None and lease.owner_id == self.owner_id:
+            run.release_lease(lease)
+            _log("last cycle merged; released the run's lease")
         return marker
 
 
@@ -181,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("cycle", type=int)
     r.add_argument("reward")
     args = parser.parse_args(argv)
+    setup_logging()  # the job's log gets every library logger's lines (the merge logs what it merged)
+    if os.environ.get(LAUNCHER_PID_ENV):
+        from mrlora.training.signals import stop_when_parent_dies
+
+        stop_when_parent_dies(int(os.environ[LAUNCHER_PID_ENV]))
+    from mrlora.claim import ClaimHeldError
+
     try:
         if args.what == "expert":
             ExpertTask(args.run_root, args.cycle, args.reward)()
@@ -188,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             RateTask(args.run_root, args.cycle, args.reward)()
         else:
             MergeTask(args.run_root, args.cycle)()
-    except JobFailed as exc:
+    except (JobFailed, ClaimHeldError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -5,8 +5,9 @@ foreground: one subprocess per task (``python -m launch.jobs ...``), exactly the
 the run directory has the same layout and ``--resume`` / ``launch.status`` work the same way. Tasks run one at a
 time: the tiny presets fill a small machine with one process, and a failure stops the chain like
 ``kill-on-invalid-dep`` does on Slurm. RaTE tasks run right after their cycle's merge; as on Slurm nothing
-depends on them, so a failed RaTE task is reported and the chain goes on (the run then exits non-zero). Ctrl-C
-asks the running task to checkpoint (SIGTERM) and exits; resume with ``--resume``.
+depends on them, so a failed RaTE task is reported and the chain goes on (the run then exits non-zero). Ctrl-C,
+SIGTERM (``kill``, ``launch.cancel``) or SIGHUP ask the running task to checkpoint, wait for it, and exit 130 / 143 /
+129 (``Supervisor``); a worker whose launcher dies stops too. Resume with ``--resume``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from launch.jobs import EXIT_INTERRUPTED
+from launch.jobs import EXIT_INTERRUPTED, LAUNCHER_PID_ENV
 from launch.plan import MERGE, RATE, Plan
-from launch.runs import rate_dir
+from launch.runs import rate_dir, resume_command
 from mrlora.runstore import RunDir
 
 LOCAL_LOG_DIR = "local"
@@ -165,10 +166,66 @@ def reward_summary(metrics: dict) -> str:
 
 
 def _child_env() -> dict:
-    """This process's environment without Slurm's variables: a local task is a single process."""
+    """This process's environment without Slurm's variables (a local task is a single process), plus our pid so
+    the worker stops when this launcher dies (``mrlora.training.signals.stop_when_parent_dies``)."""
     import os
 
-    return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
+    return env
+
+
+# What stops a local run: Ctrl-C, kill / launch.cancel, a closed terminal. Exit 128 + the signal's number.
+SUPERVISED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Supervisor:
+    """Turns SIGINT/SIGTERM/SIGHUP to the launcher into "checkpoint and stop" for the running worker.
+
+    Why: each worker runs in its own process group (a terminal's Ctrl-C or SIGHUP would otherwise hit it
+    directly, mid-step), so the launcher is the one place stops arrive. The first signal sends SIGTERM to the
+    worker's whole group (the training job's stop signal: finish the round, checkpoint, exit) and the launcher
+    keeps waiting for it, so no worker outlives a stopped launcher and a following ``--resume`` is the only
+    writer. A second signal kills the group at once (the round in progress is lost, the last checkpoint is not).
+    The handlers only record and forward; the loop prints.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.forced = False
+        self.worker: subprocess.Popen | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self._signal_worker(signal.SIGTERM)
+        else:
+            self.forced = True
+            self._signal_worker(signal.SIGKILL)
+
+    def _signal_worker(self, sig: int) -> None:
+        import os
+
+        if self.worker is not None and self.worker.poll() is None:
+            try:
+                os.killpg(self.worker.pid, sig)  # its own group (start_new_session): the worker and its children
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self) -> "Supervisor":
+        for sig in SUPERVISED_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._signal_worker(signal.SIGKILL)  # never leave a worker behind, whatever ended the loop
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum or 0)
 
 
 def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO = sys.stdout,
@@ -176,15 +233,33 @@ def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: Tex
     """Run every task of ``plan`` in order; return 0 when all finished, else the failing exit code.
 
     ``steps_of`` / ``rate_steps_of`` map reward -> optimizer steps of its expert / RaTE distillation (for the
-    progress display). A failed RaTE task does not stop the chain; it makes the return code non-zero.
+    progress display). A failed RaTE task does not stop the chain; it makes the return code non-zero. A stop
+    signal (see ``Supervisor``) returns 128 + its number (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) once the running
+    worker has checkpointed and exited.
     """
-    rate_steps_of = rate_steps_of or {}
+    with Supervisor() as supervisor:
+        return _run_tasks(run, plan, steps_of, out, poll_s, rate_steps_of or {}, supervisor)
+
+
+def _stopped(run: RunDir, supervisor: Supervisor, out: TextIO, prefix: str = "") -> int:
+    name = signal.Signals(supervisor.signum).name
+    out.write(f"\n{prefix + ': ' if prefix else ''}stopped by {name}"
+              f"{' (killed: the round in progress is lost, the last checkpoint is kept)' if supervisor.forced else ''}"
+              f". Continue with: {resume_command(run)}\n")
+    out.flush()
+    return supervisor.exit_code
+
+
+def _run_tasks(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO, poll_s: float,
+               rate_steps_of: dict[str, int], supervisor: Supervisor) -> int:
     rate_failures: list[tuple[LocalTask, Path, int]] = []
     tasks = local_tasks(plan, str(run.root))
     (run.logs_dir / LOCAL_LOG_DIR).mkdir(parents=True, exist_ok=True)
     tty = out.isatty()
     t_run = time.monotonic()
     for n, task in enumerate(tasks, 1):
+        if supervisor.signum is not None:
+            return _stopped(run, supervisor, out)
         log = log_path(run, task.key)
         prefix = f"[{n}/{len(tasks)}] {task.label}"
         out.write(f"{prefix}: running (log {log})\n" if not tty else f"{prefix}: starting")
@@ -193,33 +268,33 @@ def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: Tex
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(task.argv)}\n")
             fh.flush()
-            proc = subprocess.Popen([sys.executable, "-u", "-m", "launch.jobs", *task.argv], stdout=fh,
-                                    stderr=subprocess.STDOUT, env=_child_env(), start_new_session=True)
-            last_shown = None
-            try:
-                while proc.poll() is None:
-                    time.sleep(poll_s)
-                    if task.kind != MERGE:
-                        done, metrics = metrics_tail(run, task.cycle, task.reward, task.kind)
-                        total = (rate_steps_of if task.kind == RATE else steps_of).get(task.reward, "?")
-                        shown = (done, reward_summary(metrics) if task.kind != RATE else "")
-                        if shown != last_shown:
-                            last_shown = shown
-                            line = f"{prefix}: step {done}/{total} {shown[1]}".rstrip()
-                            out.write(f"\r\033[K{line}" if tty else f"{line}\n")
-                            out.flush()
-            except KeyboardInterrupt:
-                out.write(f"\n{prefix}: interrupted; asking it to checkpoint...\n")
-                out.flush()
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                out.write(f"stopped. Continue with: python -m launch.mapreduce --resume {run.run_ts} "
-                          f"--out-root {run.root.parent.parent} --model {run.root.parent.name}\n")
-                return EXIT_INTERRUPTED
+            supervisor.worker = proc = subprocess.Popen(
+                [sys.executable, "-u", "-m", "launch.jobs", *task.argv], stdout=fh, stderr=subprocess.STDOUT,
+                env=_child_env(), start_new_session=True)
+            if supervisor.signum is not None:  # a signal between the check above and Popen
+                supervisor._signal_worker(signal.SIGTERM)
+            last_shown, announced = None, False
+            while proc.poll() is None:
+                time.sleep(poll_s)
+                if supervisor.signum is not None:
+                    if not announced:
+                        announced = True
+                        out.write(f"\n{prefix}: {signal.Signals(supervisor.signum).name}: asking it to checkpoint "
+                                  f"and stop (signal again to kill it at once)...\n")
+                        out.flush()
+                    continue
+                if task.kind != MERGE:
+                    done, metrics = metrics_tail(run, task.cycle, task.reward, task.kind)
+                    total = (rate_steps_of if task.kind == RATE else steps_of).get(task.reward, "?")
+                    shown = (done, reward_summary(metrics) if task.kind != RATE else "")
+                    if shown != last_shown:
+                        last_shown = shown
+                        line = f"{prefix}: step {done}/{total} {shown[1]}".rstrip()
+                        out.write(f"\r\033[K{line}" if tty else f"{line}\n")
+                        out.flush()
+            supervisor.worker = None
+        if supervisor.signum is not None:
+            return _stopped(run, supervisor, out, prefix)
         rc = proc.returncode
         elapsed = time.monotonic() - t0
         status = "done" if rc == 0 else ("interrupted (checkpointed)" if rc == EXIT_INTERRUPTED else f"FAILED (exit {rc})")
@@ -243,8 +318,7 @@ def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: Tex
         out.write(f"{len(tasks) - len(rate_failures)} of {len(tasks)} tasks finished in "
                   f"{time.monotonic() - t_run:.1f} s; failed RaTE task(s): "
                   f"{', '.join(t.label for t, _, _ in rate_failures)}. Fix the cause in their logs, then run "
-                  f"python -m launch.mapreduce --resume {run.run_ts} --out-root {run.root.parent.parent} "
-                  f"--model {run.root.parent.name}\n")
+                  f"{resume_command(run)}\n")
         out.write(trend_table(run, plan) + merge_table(run, plan))
         return rate_failures[0][2]
     out.write(f"all {len(tasks)} tasks finished in {time.monotonic() - t_run:.1f} s\n")

@@ -24,6 +24,7 @@ from launch.profiles import ClusterProfile, ProfileError, default_profile, load_
 from launch.runs import LaunchError
 from mrlora.config import (ConfigError, apply_overrides, config_from_dict, config_to_dict, format_config, load_config,
                            validate)
+from mrlora.memory_plan import format_plan_memory
 from mrlora.runstore import LeaseInfo, RunDir, RunStoreError, is_run_ts, new_run_ts
 
 DEFAULT_OUT_ROOT = "runs"
@@ -244,6 +245,8 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
               f"    for c in $(seq 0 {plan.cycles}); do python -m eval.run --checkpoint "
               f"{shlex.quote(str(run.root))}:$c --suite {suite} --prompts eval_prompts.txt --out evals/c$c; done\n"
               f"    python -m eval.report --inputs evals/c* --out evals/report")
+    if rc > 128:  # stopped by a signal (the worker checkpointed): 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+        return rc
     return 0 if rc == 0 else 1
 
 
@@ -266,6 +269,7 @@ def new_run(args, out_root: Path) -> int:
                       mode=cfg.mapreduce.mode, rate_after_cycles=runs.rate_cycles_of(cfg))
     if args.dry_run:
         print_dry_run(plan, profile, out_root / model_dir / run_ts, executor)
+        print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
         return 0
     run = RunDir.create(out_root, model_dir, run_ts)
     try:
@@ -346,6 +350,7 @@ def resume_run(args, out_root: Path) -> int:
         if changes:
             print(f"changes to the frozen config: {changes}")
         print_dry_run(plan, profile, run.root, executor)
+        print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
         return 0
 
     info = LeaseInfo.new(executor, runs.command_line())

@@ -20,11 +20,12 @@ from launch.journal import read_records
 from launch.plan import MERGE, RATE, Progress, rate_unit
 from launch.profiles import ClusterProfile, profile_from_dict
 from mrlora.runstore import DONE_MARKER, LeaseInfo, RunDir, pid_alive, read_marker
+from mrlora.cli import UserError
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """A launch that must not go ahead; the message tells the user what to do instead."""
 
 
@@ -45,6 +46,12 @@ def code_version() -> str:
     except (OSError, subprocess.TimeoutExpired):
         sha = ""
     return f"{version}+g{sha}" if sha else str(version)
+
+
+def resume_command(run: RunDir) -> str:
+    """The exact command that continues ``run`` from any directory (its out-root and model spelled out)."""
+    return (f"python -m launch.mapreduce --resume {run.run_ts} --out-root {shlex.quote(str(run.root.parent.parent))} "
+            f"--model {shlex.quote(run.root.parent.name)}")
 
 
 def profile_of(meta: dict) -> ClusterProfile:

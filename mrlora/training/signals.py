@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -39,3 +40,37 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def stop_when_parent_dies(parent_pid: int, signum: int = signal.SIGTERM, poll_s: float = 1.0) -> None:
+    """Send ourselves ``signum`` (the stop signal above: checkpoint, then exit) once ``parent_pid`` is gone.
+
+    Why: a local worker runs in its own process group so a terminal's Ctrl-C reaches only the launcher, which
+    forwards the stop; but a launcher killed with SIGKILL forwards nothing, and its worker must not train on
+    alone (a resume would start a second writer). Linux delivers ``signum`` when the parent dies
+    (``PR_SET_PDEATHSIG``); a daemon thread comparing ``os.getppid()`` with ``parent_pid`` covers other systems
+    and the moment before prctl took effect.
+    """
+    import ctypes
+    import os
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl: stop now
+        os.kill(os.getpid(), signum)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
