@@ -25,6 +25,7 @@ from launch.runs import LaunchError
 from mrlora.config import (ConfigError, apply_overrides, config_from_dict, config_to_dict, format_config, load_config,
                            validate)
 from mrlora.memory_plan import format_plan_memory
+from mrlora.memory_plan import format_plan_memory
 from mrlora.runstore import LeaseInfo, RunDir, RunStoreError, is_run_ts, new_run_ts
 
 DEFAULT_OUT_ROOT = "runs"
@@ -270,6 +271,7 @@ def new_run(args, out_root: Path) -> int:
     if args.dry_run:
         print_dry_run(plan, profile, out_root / model_dir / run_ts, executor)
         print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
+        print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
         return 0
     run = RunDir.create(out_root, model_dir, run_ts)
     try:
@@ -350,6 +352,7 @@ def resume_run(args, out_root: Path) -> int:
         if changes:
             print(f"changes to the frozen config: {changes}")
         print_dry_run(plan, profile, run.root, executor)
+        print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
         print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
         return 0
 
