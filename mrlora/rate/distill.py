@@ -37,6 +37,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mrlora.claim import acquire_on_main
+from mrlora.claim import release as release_claim
 from mrlora.rate.compose import load_tokens
 from mrlora.rate.encoders import add_token, check_token_is_new, encoder_slots, pipeline_arch, substituted_rows
 from mrlora.rate.errors import RateError
@@ -252,6 +254,12 @@ def distill_token(
         load_tokens(pipe, [out_dir / TOKEN_FILE])
         return DistillResult(out_dir / TOKEN_FILE, int(done.get("steps", settings.steps)), done.get("final_loss"),
                              done=done)
+    # one writer per token directory, even for a job started twice; released once DONE.json is written
+    claim = acquire_on_main(out_dir, f"RaTE {token}", group.is_main, group.any)
+    if group.any(read_marker(out_dir, DONE_MARKER) is not None):
+        release_claim(claim)  # finished by the writer that held the claim until a moment ago
+        return distill_token(pipe, prompts, settings, out_dir, expert=expert, base_id=base_id, group=group,
+                             info=info, log=log)
 
     arch = pipeline_arch(pipe)
     check_token_is_new(pipe, token)
@@ -373,6 +381,9 @@ def distill_token(
                     raise Preempted(done_steps, str(path))
                 if settings.checkpoint_every and done_steps % settings.checkpoint_every == 0 and done_steps < settings.steps:
                     checkpoint(done_steps)
+    except BaseException:
+        release_claim(claim)
+        raise
     finally:
         metrics.close()
         set_teacher(transformer, True)
@@ -388,5 +399,6 @@ def distill_token(
             "resumed_from": resumed_from,
         }, checksums=True)
     group.barrier()
+    release_claim(claim)
     return DistillResult(out_dir / TOKEN_FILE, settings.steps, losses[-1] if losses else None, losses,
                          resumed_from, done_marker)

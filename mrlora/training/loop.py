@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from mrlora import distributed
+from mrlora.claim import acquire_on_main
+from mrlora.claim import release as release_claim
 from mrlora.grpo import group_advantages, grpo_loss, train_step_indices
 from mrlora.runstore import CHECKPOINT_MARKER, DONE_MARKER, read_marker, wait_for, write_marker
 from mrlora.sampling import PromptEmbeds, flow_model, sample, step_log_prob
@@ -135,6 +137,11 @@ def train_expert(job: ExpertJob) -> dict:
     n_backward = len(train_steps) * math.ceil(chunk_n / micro)
     accelerator = _accelerator(cfg, n_backward, use_cpu)
     is_main = accelerator.is_main_process
+    # one writer per expert directory, even for a job started twice; released once DONE.json is written
+    claim = acquire_on_main(out_dir, f"expert {job.reward}", is_main, lambda bad: distributed.any_rank(bad, accelerator))
+    if distributed.any_rank(read_marker(out_dir, DONE_MARKER) is not None, accelerator):
+        release_claim(claim)  # finished by the writer that held the claim until a moment ago
+        return wait_for(out_dir / DONE_MARKER, timeout=120) and read_marker(out_dir, DONE_MARKER, verify="none")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -256,10 +263,15 @@ def train_expert(job: ExpertJob) -> dict:
                     path = _save(job, accelerator, params, optimizer, ema, done_steps, plan.data_position)
                     if stopping and done_steps < total:
                         raise Preempted(done_steps, str(path))
+    except BaseException:
+        release_claim(claim)
+        raise
     finally:
         bar.close()
         metrics.close()
-    return _finish(job, accelerator, params, ema, total, last_record)
+    done = _finish(job, accelerator, params, ema, total, last_record)
+    release_claim(claim)
+    return done
 
 
 def round_chunks(n_local: int, n_chunks: int, seed: int, salt: int, round_: int, rank: int) -> list[torch.Tensor]:
