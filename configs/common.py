@@ -104,7 +104,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mapreduce.mode = "parallel"       # "parallel" | "sequential"
     c.mapreduce.merge_mode = "exact"    # "exact" | "reference" (public code: average A and B; inexact)
     c.mapreduce.allow_negative_weights = False
-    c.mapreduce.export_every = 0        # materialise a full model every K cycles (0: only on demand)
+    # The merge job materialises the model (fp32 master + the transformer in model.dtype, cycle_XXXX/base/)
+    # whenever it would otherwise take K or more stored updates on top of the newest materialised base, so a Map
+    # start reads one base and < K updates whatever the cycle (0: never; docs/internals.md "Materialised bases").
+    c.mapreduce.materialise_every = 1
+    c.mapreduce.keep_bases = 1              # materialised bases kept (older ones are rebuilt from the updates)
+    c.mapreduce.keep_step_checkpoints = False  # keep the step checkpoints of experts whose cycle is merged
     c.mapreduce.rate_after_cycles = []  # cycles whose experts are distilled into RaTE tokens (--rate-after-cycle)
 
     # RaTE: distil each expert into one token embedding per text encoder (mrlora.rate, docs/rate.md).

@@ -6,10 +6,12 @@ job, so a typo or an unfinished expert fails in a second instead of after the jo
 Accepted forms (docs/internals.md for the run layout):
 
 * ``base``: the preset's (or ``--set model.pretrained=...``) base model;
-* ``RUN_DIR:<cycle>``: base_0 of the run plus the merged updates of cycles 1..cycle (``RUN_DIR:0`` = base_0);
-  every one of those cycles must carry ``MERGE_DONE.json``;
-* an expert dir ``RUN_DIR/cycle_XXXX/<reward>`` (or its ``adapter/``): base_0 plus the merged updates of the
-  cycles before the expert's cycle, plus the expert's LoRA; the expert must carry ``DONE.json``;
+* ``RUN_DIR:<cycle>``: the model after that cycle (``runstore.model_after``: the run's newest materialised base
+  plus the updates after it, the same weights the next Map step starts from; ``RUN_DIR:0`` = base_0); every
+  one of cycles 1..cycle must carry ``MERGE_DONE.json``;
+* an expert dir ``RUN_DIR/cycle_XXXX/<reward>`` (or its ``adapter/``): the model the expert was trained from
+  (``runstore.map_start``; in reference mode without the update its LoRA continues), plus the expert's LoRA;
+  the expert must carry ``DONE.json``;
 * a step checkpoint ``RUN_DIR/cycle_XXXX/<reward>/checkpoint-<step>`` (its live LoRA; needs ``COMPLETE.json``);
 * an exported model dir (``model_index.json``, from ``mrlora.reduce.export_model``): loaded as is.
 """
@@ -24,7 +26,8 @@ import ml_collections
 
 from eval.errors import EvalError
 from mrlora.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config, validate
-from mrlora.runstore import CHECKPOINT_MARKER, DONE_MARKER, RUN_JSON, RunDir, RunStoreError, read_marker
+from mrlora.runstore import (CHECKPOINT_MARKER, DONE_MARKER, RUN_JSON, ModelAfter, RunDir, RunStoreError, map_start,
+                             model_after, read_marker)
 
 KINDS = ("base", "merged", "expert", "exported")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -42,8 +45,8 @@ FORMS_HINT = (
 class ResolvedCheckpoint:
     """What ``--checkpoint`` names, resolved against the run directory.
 
-    The model is ``pretrained`` with every dir of ``update_dirs`` folded in (in order), then the expert LoRA at
-    ``adapter_dir`` (if any). ``cycle`` is the number of merged cycles in the weights for ``merged``, and the
+    The model is ``pretrained`` (its transformer replaced by the materialised ``base_dir`` when set) with every
+    dir of ``update_dirs`` folded in (in order), then the expert LoRA at ``adapter_dir`` (if any). ``cycle`` is the number of merged cycles in the weights for ``merged``, and the
     expert's own cycle for ``expert``.
     """
 
@@ -52,6 +55,7 @@ class ResolvedCheckpoint:
     pretrained: str
     update_dirs: tuple[str, ...] = ()
     adapter_dir: str | None = None
+    base_dir: str | None = None
     run_root: str | None = None
     cycle: int | None = None
     reward: str | None = None
@@ -102,11 +106,17 @@ def _reject_preset_for_run(preset: str | None, spec: str) -> None:
         )
 
 
-def _merged_updates(run: RunDir, up_to: int) -> tuple[str, ...]:
+def _model(run: RunDir, cycle: int, expert: bool) -> ModelAfter:
+    """The model after ``cycle``, or (``expert``) the model the experts of ``cycle`` were trained from."""
     try:
-        return tuple(str(p) for p in run.merged_updates(up_to))
+        return map_start(run.root, cycle).base if expert else model_after(run.root, cycle)
     except RunStoreError as exc:
         raise EvalError(f"checkpoint incomplete: {exc}") from None
+
+
+def _model_fields(model: ModelAfter) -> dict:
+    return {"update_dirs": tuple(str(p) for p in model.update_dirs),
+            "base_dir": str(model.base_dir) if model.base_dir is not None else None}
 
 
 def resolve_checkpoint(
@@ -128,11 +138,11 @@ def resolve_checkpoint(
         cycle = int(match["cycle"])
         _reject_preset_for_run(preset, spec)
         cfg = _run_config(run, overrides)
-        updates = _merged_updates(run, cycle)
+        model = _model(run, cycle, expert=False)
         label = f"{run.run_ts} base" if cycle == 0 else f"{run.run_ts} cycle {cycle}"
         return ResolvedCheckpoint(
-            spec, "merged", cfg.model.pretrained, updates, run_root=str(run.root), cycle=cycle, label=label,
-            config=config_to_dict(cfg),
+            spec, "merged", cfg.model.pretrained, **_model_fields(model), run_root=str(run.root), cycle=cycle,
+            label=label, config=config_to_dict(cfg),
         )
     if match and not Path(spec).exists():
         raise EvalError(f"checkpoint {spec!r}: {match['run']} is not a run directory (no {RUN_JSON}); {FORMS_HINT}")
@@ -177,9 +187,9 @@ def _resolve_expert(spec: str, path: Path, preset: str | None, overrides: tuple[
     reward = expert_dir.name
     _reject_preset_for_run(preset, spec)
     cfg = _run_config(run, overrides)
-    updates = _merged_updates(run, cycle - 1)
+    model = _model(run, cycle, expert=True)
     label = f"{run.run_ts} cycle {cycle} {reward} expert" + (f" step {step}" if step is not None else "")
     return ResolvedCheckpoint(
-        spec, "expert", cfg.model.pretrained, updates, adapter_dir=str(adapter_dir), run_root=str(run.root),
+        spec, "expert", cfg.model.pretrained, **_model_fields(model), adapter_dir=str(adapter_dir), run_root=str(run.root),
         cycle=cycle, reward=reward, step=step, label=label, config=config_to_dict(cfg),
     )

@@ -1,8 +1,8 @@
 """Build the diffusers pipeline a resolved checkpoint describes: base model + merged updates + expert LoRA.
 
 Why fold everything into the weights instead of keeping a live LoRA: eval only runs inference, and a folded
-update is exactly the same function (W + scale * B @ A) at no extra cost per step. Merged cycles are folded by
-``mrlora.reduce.apply_updates`` (the same code Map uses to build its effective base); the expert's own LoRA
+update is exactly the same function (W + scale * B @ A) at no extra cost per step. The model after a cycle is
+built by ``mrlora.reduce.load_pipeline_after`` (the same code Map uses to build its start); the expert's own LoRA
 (expert adapter format, docs/internals.md) is folded here, in fp32, then cast back to the model dtype.
 
 Generation uses the standard diffusers pipeline call: its FlowMatchEulerDiscreteScheduler is the deterministic
@@ -38,8 +38,13 @@ def fold_adapter(transformer: Any, adapter_dir: str | Path) -> int:
     from mrlora.reduce.adapters import read_expert_adapter
     from mrlora.reduce.errors import ReduceError
 
+    from mrlora.runstore import DamagedFileError, quarantine
+
+    expect, unit = _adapter_marker_entry(Path(adapter_dir))
     try:
-        expert = read_expert_adapter(adapter_dir)
+        expert = read_expert_adapter(adapter_dir, expect=expect, unit=unit)
+    except DamagedFileError as exc:
+        raise EvalError(str(quarantine(exc, "resume the run to redo it"))) from None
     except ReduceError as exc:
         raise EvalError(f"cannot read the expert adapter: {exc}") from None
     modules = dict(transformer.named_modules())
@@ -61,21 +66,35 @@ def fold_adapter(transformer: Any, adapter_dir: str | Path) -> int:
     return len(expert.modules)
 
 
+def _adapter_marker_entry(adapter_dir: Path) -> tuple[dict | None, Path | None]:
+    """What the expert's DONE.json (or a step checkpoint's COMPLETE.json) recorded for its adapter weights."""
+    from mrlora.reduce.adapters import ADAPTER_WEIGHTS
+    from mrlora.runstore import CHECKPOINT_MARKER, DONE_MARKER, marker_entry
+
+    for unit, marker, rel in ((adapter_dir.parent, DONE_MARKER, f"{adapter_dir.name}/{ADAPTER_WEIGHTS}"),
+                              (adapter_dir, CHECKPOINT_MARKER, ADAPTER_WEIGHTS)):
+        entry = marker_entry(unit, marker, rel)
+        if entry is not None:
+            return entry, unit
+    return None, None
+
+
 def build_pipeline(ckpt: ResolvedCheckpoint, cfg: Any, device: str | None = None) -> Any:
-    """Load ``ckpt.pretrained`` with mrlora's loader and fold in the merged updates and the expert LoRA."""
+    """Load the checkpoint's model (``mrlora.reduce.load_pipeline_after``: its materialised base or
+    ``ckpt.pretrained``, plus its updates) and fold in the expert LoRA."""
     from mrlora.models.errors import ModelError
-    from mrlora.models.loading import load_pipeline, torch_dtype
+    from mrlora.reduce import load_pipeline_after
+    from mrlora.runstore import ModelAfter, RunStoreError
 
     device = device or default_device()
+    model = ModelAfter(ckpt.cycle or 0, Path(ckpt.base_dir) if ckpt.base_dir else None,
+                       tuple(Path(p) for p in ckpt.update_dirs))
     try:
-        pipe = load_pipeline(ckpt.pretrained, arch=cfg.model.arch, dtype=cfg.model.dtype, device=device)
+        pipe = load_pipeline_after(model, ckpt.pretrained, cfg.model.arch, cfg.model.dtype, device)
     except ModelError as exc:
         raise EvalError(f"cannot load the model of checkpoint {ckpt.spec!r}: {exc}") from None
-    if ckpt.update_dirs:
-        from mrlora.reduce import apply_updates
-
-        apply_updates(pipe.transformer, [Path(p) for p in ckpt.update_dirs], torch_dtype(cfg.model.dtype))
-        log.info("folded merged updates of %d cycle(s) into the transformer", len(ckpt.update_dirs))
+    except RunStoreError as exc:  # a damaged file: named, moved aside, and what redoes it
+        raise EvalError(f"checkpoint {ckpt.spec!r}: {exc}") from None
     if ckpt.adapter_dir:
         n = fold_adapter(pipe.transformer, ckpt.adapter_dir)
         log.info("folded the expert LoRA %s (%d modules)", ckpt.adapter_dir, n)

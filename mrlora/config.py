@@ -271,7 +271,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(cfg.mapreduce.cycles >= 1, "mapreduce.cycles", "must be >= 1")
     need(cfg.mapreduce.mode in MODES, "mapreduce.mode", f"must be one of {MODES}")
     need(cfg.mapreduce.merge_mode in MERGE_MODES, "mapreduce.merge_mode", f"must be one of {MERGE_MODES}")
-    need(cfg.mapreduce.export_every >= 0, "mapreduce.export_every", "must be >= 0")
+    # .get: run.json of runs started before these keys existed lacks them (the merge job uses the same defaults)
+    need(cfg.mapreduce.get("materialise_every", 1) >= 0, "mapreduce.materialise_every",
+         "must be >= 0 (materialise when K updates would be folded; 0 never)")
+    need(cfg.mapreduce.get("keep_bases", 1) >= 1, "mapreduce.keep_bases", "must be >= 1 (the newest base is kept)")
     rate_cycles = list(cfg.mapreduce.get("rate_after_cycles", None) or [])
     need(all(isinstance(c, int) and not isinstance(c, bool) for c in rate_cycles), "mapreduce.rate_after_cycles",
          f"must be a list of cycle numbers, got {rate_cycles!r}")

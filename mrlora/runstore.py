@@ -19,6 +19,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+from mrlora.cli import UserError
 
 RUN_TS_FORMAT = "%Y%m%d_%H%M%S"
 RUN_JSON = "run.json"
@@ -35,13 +37,17 @@ LEASE = "LEASE.json"
 CHECKPOINT_MARKER = "COMPLETE.json"
 DONE_MARKER = "DONE.json"
 MERGE_MARKER = "MERGE_DONE.json"
-MARKER_NAMES = (CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER)
+BASE_MARKER = "BASE_DONE.json"
+UPDATE_JSON = "update.json"            # cycle_XXXX/merged/update.json: how the cycle's update was made
+CONTINUE_ADAPTER = "adapter"           # cycle_XXXX/merged/adapter/: reference mode's averaged LoRA
+MARKER_NAMES = (CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER, BASE_MARKER)
+DAMAGED_INFIX = ".damaged-"
 _TMP_PREFIX = ".tmp-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _CYCLE_RE = re.compile(r"^cycle_(\d{4,})$")
 
 
-class RunStoreError(RuntimeError):
+class RunStoreError(UserError, RuntimeError):
     """A run-directory problem the user must act on; the message says what to do."""
 
 
@@ -55,6 +61,18 @@ class LeaseHeldError(RunStoreError):
 
 class NotVisibleError(RunStoreError):
     """A file another node wrote did not appear within the polling bound."""
+
+
+class DamagedFileError(RunStoreError):
+    """A file differs from what its marker recorded (size or sha256): it was damaged after it was written.
+
+    ``path`` is the damaged file, ``unit`` the directory its marker makes complete (what must be redone).
+    """
+
+    def __init__(self, message: str, path: Path, unit: Path | None = None):
+        super().__init__(message)
+        self.path = Path(path)
+        self.unit = Path(unit) if unit is not None else None
 
 
 # ----------------------------------------------------------------------------------------------- atomic writes
@@ -151,10 +169,13 @@ def _payload_files(directory: Path) -> list[Path]:
     return files
 
 
-def write_marker(directory: Path | str, name: str, extra: dict | None = None, checksums: bool = True) -> dict:
+def write_marker(directory: Path | str, name: str, extra: dict | None = None, checksums: bool = True,
+                 digests: dict[str, str] | None = None) -> dict:
     """Record every file of ``directory`` (size and sha256) in marker ``name``, written last and atomically.
 
     The marker is what makes the directory complete: call this only after every other file is in place.
+    ``digests`` (relative path -> sha256) are checksums the writer computed while streaming the file out, so
+    large files are not read back just to hash them.
     """
     directory = Path(directory)
     files = {}
@@ -162,7 +183,7 @@ def write_marker(directory: Path | str, name: str, extra: dict | None = None, ch
         rel = p.relative_to(directory).as_posix()
         entry = {"size": p.stat().st_size}
         if checksums:
-            entry["sha256"] = file_digest(p)
+            entry["sha256"] = (digests or {}).get(rel) or file_digest(p)
         files[rel] = entry
     marker = {
         "complete": True,
@@ -202,15 +223,94 @@ def read_marker(directory: Path | str, name: str, verify: str = "size") -> dict 
     return marker
 
 
+def marker_entry(directory: Path | str, marker: str, rel: str) -> dict | None:
+    """What ``marker`` of ``directory`` recorded for file ``rel`` (``{"size", "sha256"}``), or None."""
+    try:
+        data = read_json(Path(directory) / marker)
+    except (OSError, ValueError):
+        return None
+    entry = data.get("files", {}).get(rel) if isinstance(data, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
+def damaged_files(directory: Path | str, marker: str, verify: str = "size") -> list[str]:
+    """Files of a directory that has ``marker`` whose size (or, with ``verify="sha256"``, content) no longer
+    matches it; empty when the directory is intact or has no marker."""
+    directory = Path(directory)
+    try:
+        data = read_json(directory / marker)
+    except (OSError, ValueError):
+        return []
+    bad = []
+    for rel, entry in (data.get("files", {}) if isinstance(data, dict) else {}).items():
+        p = directory / rel
+        try:
+            if p.stat().st_size != entry["size"]:
+                bad.append(rel)
+                continue
+        except OSError:
+            bad.append(rel)
+            continue
+        if verify == "sha256" and "sha256" in entry and file_digest(p) != entry["sha256"]:
+            bad.append(rel)
+    return bad
+
+
+def move_aside(directory: Path | str, why: str = "damaged") -> Path:
+    """Rename ``directory`` to ``<directory>.damaged-<timestamp>`` (never delete what may be a user's data).
+
+    Used when a unit (a merge, a materialised base, an expert's result) is provably damaged: the run then sees
+    it as not done, and resuming redoes exactly that unit. Returns the new path.
+    """
+    directory = Path(directory)
+    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+    target = directory.with_name(f"{directory.name}{DAMAGED_INFIX}{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = directory.with_name(f"{directory.name}{DAMAGED_INFIX}{stamp}-{n}")
+    os.rename(directory, target)
+    fsync_dir(directory.parent)
+    logging.getLogger("mrlora.runstore").warning("%s is %s: moved it aside to %s", directory, why, target)
+    return target
+
+
+def forget_files(directory: Path | str, marker: str, prefixes: list[str]) -> dict:
+    """Rewrite ``marker`` without the entries under ``prefixes`` (relative paths or folder names), before the
+    retention policy deletes them, so the directory stays verifiably complete; records them as ``pruned``."""
+    directory = Path(directory)
+    data = read_json(directory / marker)
+    files = data.get("files", {})
+    gone = sorted(rel for rel in files if any(rel == p or rel.startswith(p.rstrip("/") + "/") for p in prefixes))
+    data["files"] = {rel: entry for rel, entry in files.items() if rel not in gone}
+    data["pruned"] = sorted(set(data.get("pruned", [])) | set(prefixes))
+    atomic_write_json(directory / marker, data)
+    return data
+
+
+def quarantine(exc: DamagedFileError, next_step: str) -> DamagedFileError:
+    """Move the unit a damaged file belongs to aside (``move_aside``) and return the error to raise: it names
+    the file, where the unit went, and ``next_step`` (what redoes it, e.g. resuming the run)."""
+    if exc.unit is None or not exc.unit.exists():
+        return exc
+    aside = move_aside(exc.unit)
+    return DamagedFileError(f"{exc.path} is damaged (it differs from what its marker recorded); moved "
+                            f"{exc.unit.name} aside to {aside}; {next_step}", exc.path, exc.unit)
+
+
 def reset_incomplete_dir(directory: Path | str, marker: str) -> Path:
     """Make ``directory`` an empty directory unless it is already complete (then raise).
 
     Writers call this before filling a directory: leftovers of a killed writer are removed, a completed
-    directory is never overwritten.
+    directory is never overwritten. A directory whose marker exists but whose files no longer match it (a
+    truncated file, a lost file) is damaged, not complete: it is moved aside (``move_aside``) so the unit can
+    be redone, and the user can still inspect what was there.
     """
     directory = Path(directory)
     if read_marker(directory, marker, verify="none") is not None:
-        raise RunStoreError(f"{directory} is already complete ({marker} exists); refusing to overwrite it")
+        if not damaged_files(directory, marker):
+            raise RunStoreError(f"{directory} is already complete ({marker} exists); refusing to overwrite it")
+        move_aside(directory)
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
@@ -427,6 +527,10 @@ class RunDir:
     def merged_dir(self, cycle: int) -> Path:
         return self.cycle_dir(cycle) / "merged"
 
+    def base_dir(self, cycle: int) -> Path:
+        """The materialised model after ``cycle`` (written by that cycle's merge job every K cycles)."""
+        return self.cycle_dir(cycle) / "base"
+
     # -- run.json
     def write_run_json(self, data: dict) -> None:
         atomic_write_json(self.run_json, data)
@@ -537,3 +641,120 @@ class RunDir:
             with contextlib.suppress(FileNotFoundError):
                 self.lease_path.unlink()
             fsync_dir(self.root)
+
+
+# ------------------------------------------------------------------------------------ the model after cycle c
+
+@dataclass(frozen=True)
+class ModelAfter:
+    """The model after ``cycle``: ``base_dir`` (a materialised ``cycle_XXXX/base``, or None for base_0) with
+    ``update_dirs`` folded on top, in order. ``chain`` is every update the model contains."""
+
+    cycle: int
+    base_dir: Path | None
+    update_dirs: tuple[Path, ...]
+    chain: tuple[Path, ...] = field(default=(), compare=False)
+
+    @property
+    def base_cycle(self) -> int:
+        """The cycle whose materialised base is used (0: base_0)."""
+        return _cycle_number(self.base_dir) if self.base_dir is not None else 0
+
+    def describe(self) -> str:
+        base = f"cycle {self.base_cycle}'s materialised base" if self.base_dir is not None else "base_0"
+        return f"{base} + {len(self.update_dirs)} update(s)"
+
+
+@dataclass(frozen=True)
+class MapStart:
+    """Where the Map step of a cycle starts: the model ``base`` (the model after the previous cycle, minus the
+    update a reference-mode LoRA continues), then (reference mode only) the LoRA initialised from
+    ``init_adapter`` instead of fresh."""
+
+    base: ModelAfter
+    init_adapter: Path | None
+
+    @property
+    def update_dirs(self) -> list[Path]:
+        return list(self.base.update_dirs)
+
+
+def _cycle_number(unit_dir: Path) -> int:
+    """The cycle of ``cycle_XXXX/<unit>``."""
+    return int(Path(unit_dir).parent.name.split("_")[1])
+
+
+def update_info(update_dir: Path | str) -> dict:
+    """``update.json`` of a merged cycle (RunStoreError when unreadable)."""
+    path = Path(update_dir) / UPDATE_JSON
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        raise RunStoreError(f"cannot read {path} ({exc}); redo that cycle's merge (resume the run)") from None
+
+
+def updates_after(run_dir: Path | str, cycle: int) -> list[Path]:
+    """Update directories whose fold onto base_0 is the model after ``cycle`` (0: base_0 itself).
+
+    Exact updates add up: cycles 1..cycle. A reference-mode update whose experts continued the previous
+    reference merge's LoRA already contains that previous update (``supersedes_previous`` in update.json), so
+    it replaces it in the chain instead of adding to it. Every cycle up to ``cycle`` must be merged. Readers
+    get the model from ``model_after``, which starts from a materialised base where one exists.
+    """
+    chain: list[Path] = []
+    for d in RunDir(run_dir).merged_updates(cycle):
+        if update_info(d).get("supersedes_previous"):
+            chain.pop()
+        chain.append(d)
+    return chain
+
+
+def base_chain(base_dir: Path | str) -> list[int] | None:
+    """The cycles whose updates an intact (sizes checked) materialised base contains, else None."""
+    marker = read_marker(base_dir, BASE_MARKER)
+    if marker is None or not isinstance(marker.get("chain"), list):
+        return None
+    return [int(c) for c in marker["chain"]]
+
+
+def model_after(run_dir: Path | str, cycle: int) -> ModelAfter:
+    """THE answer to "which weights are the model after ``cycle``" (0: base_0), for Map, eval, export, RaTE and
+    status: the newest intact materialised base whose folded chain is a prefix of the cycle's chain of
+    updates, plus the updates after it. A deleted or damaged base is skipped (an older one, or base_0, plus
+    more updates is the same model). Every cycle up to ``cycle`` must have a complete merge."""
+    if cycle < 0:
+        raise ValueError(f"cycle must be >= 0 (0 is base_0), got {cycle}")
+    run = RunDir(run_dir)
+    chain = updates_after(run.root, cycle)
+    chain_cycles = [_cycle_number(d) for d in chain]
+    for b in sorted((c for c in run.cycles_present() if c <= cycle), reverse=True):
+        folded = base_chain(run.base_dir(b))
+        if folded is not None and folded == chain_cycles[: len(folded)]:
+            return ModelAfter(cycle, run.base_dir(b), tuple(chain[len(folded):]), tuple(chain))
+    return ModelAfter(cycle, None, tuple(chain), tuple(chain))
+
+
+def continues_reference_merge(run: "RunDir", merge_mode: str, cycle: int) -> bool:
+    """Whether the experts of ``cycle`` continue the previous cycle's averaged LoRA (reference mode only): then
+    the Map step starts from it (``map_start``) and this cycle's update supersedes the previous one."""
+    return merge_mode == "reference" and cycle > 1 and update_info(run.merged_dir(cycle - 1)).get("mode") == "reference"
+
+
+def map_start(run_dir: Path | str, cycle: int) -> MapStart:
+    """How the Map step of ``cycle`` (and the RaTE teacher and eval of its experts) builds its starting weights.
+
+    Exact mode: the model after cycle - 1 and a fresh LoRA. Reference mode (the public code, for ablations):
+    when cycle - 1 was a reference merge, that cycle's averaged LoRA (``merged/adapter``) is continued on the
+    model without its update; both give the same model at step 0.
+    """
+    if cycle < 1:
+        raise ValueError(f"cycles count from 1, got {cycle}")
+    run = RunDir(run_dir)
+    model = model_after(run.root, cycle - 1)
+    mode = run.read_run_json()["config"]["mapreduce"]["merge_mode"]
+    if continues_reference_merge(run, mode, cycle):
+        if not model.update_dirs:  # reference-mode runs are never materialised (mrlora.reduce.materialise)
+            raise RunStoreError(f"{model.base_dir} contains cycle {cycle - 1}'s reference update; move it aside")
+        trimmed = ModelAfter(cycle - 1, model.base_dir, model.update_dirs[:-1], model.chain[:-1])
+        return MapStart(base=trimmed, init_adapter=run.merged_dir(cycle - 1) / CONTINUE_ADAPTER)
+    return MapStart(base=model, init_adapter=None)

@@ -55,7 +55,8 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
         extra["init_adapter"] = str(Path(start.init_adapter).relative_to(run.root))
     job = ExpertJob(
         cfg=cfg, reward=reward, out_dir=run.expert_dir(cycle, reward), base_spec=cfg.model.pretrained,
-        base_id=cfg.model.pretrained, prior_updates=list(start.update_dirs), init_adapter=start.init_adapter,
+        base_id=cfg.model.pretrained, prior_updates=list(start.update_dirs), start_base=start.base.base_dir,
+        init_adapter=start.init_adapter,
         seed_salt=salt_for(reward, cycle), extra_done=extra,
     )
     return train_expert(job)

@@ -11,7 +11,7 @@ import torch
 
 from configs.tiny_sd3 import get_config
 from mrlora.config import config_to_dict
-from mrlora.reduce import (apply_updates, effective_base, load_update, merge_experts, read_expert_adapter,
+from mrlora.reduce import (apply_updates, load_update, merge_experts, read_expert_adapter, updates_after,
                            save_expert_adapter)
 from mrlora.runstore import RunDir
 
@@ -133,14 +133,14 @@ def _make_run(tmp_path: Path) -> RunDir:
     return run
 
 
-def test_effective_base_cycle3_equals_folding_cycles_by_hand(tmp_path):
+def test_updates_after_cycle3_equals_folding_cycles_by_hand(tmp_path):
     run = _make_run(tmp_path)
     for c in (1, 2, 3):
         experts = [make_expert(tmp_path / f"c{c}e{i}", 2 + i, 4, 10 * c + i) for i in range(3)]
         merge_experts(experts, [1, 2, 3], run.merged_dir(c))
     # the Map step of cycle 3 starts from cycles 1 and 2; cycle 4 from all three
-    assert effective_base(run.root, 3) == [run.merged_dir(1), run.merged_dir(2)]
-    dirs = effective_base(run.root, 4)
+    assert updates_after(run.root, 2) == [run.merged_dir(1), run.merged_dir(2)]
+    dirs = updates_after(run.root, 3)
     assert dirs == [run.merged_dir(c) for c in (1, 2, 3)]
 
     model = Toy().to(torch.bfloat16)
@@ -156,14 +156,14 @@ def test_effective_base_cycle3_equals_folding_cycles_by_hand(tmp_path):
         assert torch.equal(w, by_hand[m].to(torch.bfloat16))  # one fp32 fold, one rounding
 
 
-def test_effective_base_refuses_incomplete_cycle(tmp_path):
+def test_updates_after_refuses_incomplete_cycle(tmp_path):
     from mrlora.runstore import RunStoreError
 
     run = _make_run(tmp_path)
     merge_experts([make_expert(tmp_path / "e", 2, 2, 0)], [1], run.merged_dir(1))
     run.merged_dir(2).mkdir(parents=True)  # a killed merge: no marker
     with pytest.raises(RunStoreError, match="cycle 2"):
-        effective_base(run.root, 3)
+        updates_after(run.root, 2)
 
 
 def test_apply_updates_rejects_foreign_module_without_changing_weights(tmp_path):
@@ -183,7 +183,7 @@ def test_reference_mode_run_continues_the_merged_lora(tmp_path):
     replaces cycle 1's in the chain, and the model after cycle 2 is base_0 + the averaged cycle-2 LoRA."""
     from safetensors.torch import save_file
 
-    from mrlora.reduce import map_start, merge_cycle_in_run, updates_after
+    from mrlora.reduce import map_start, merge_cycle_in_run, model_after
     from mrlora.runstore import DONE_MARKER, write_marker
 
     base = tmp_path / "base"
@@ -220,7 +220,7 @@ def test_reference_mode_run_continues_the_merged_lora(tmp_path):
     train(2)
     info = json.loads((run.merged_dir(2) / "update.json").read_text())
     assert info["supersedes_previous"] is True and info["exact"] is False
-    assert updates_after(run.root, 2) == effective_base(run.root, 3) == [run.merged_dir(2)]
+    assert updates_after(run.root, 2) == list(model_after(run.root, 2).update_dirs) == [run.merged_dir(2)]
 
     experts = [read_expert_adapter(run.adapter_dir(2, r)) for r in ("a", "b")]
     m = MODULES[0]

@@ -16,7 +16,7 @@ from configs.tiny_sd3 import get_config
 from mrlora.config import config_to_dict
 from mrlora.models.loading import load_pipeline
 from mrlora.models.lora_targets import lora_target_modules
-from mrlora.reduce import (ReduceError, apply_updates, effective_base, export_model, merge_cycle_in_run,
+from mrlora.reduce import (ReduceError, apply_updates, export_model, merge_cycle_in_run, updates_after,
                            merge_experts, read_expert_adapter, save_expert_adapter)
 from mrlora.reduce.base import open_base
 from mrlora.reduce.cli import main as cli_main
@@ -176,7 +176,7 @@ def test_run_merge_jobs_and_streamed_export(tiny_sd3_dir, tmp_path):
 
     exported = StableDiffusion3Pipeline.from_pretrained(out).transformer.state_dict()
     expected = load_pipeline(str(base_dir), "sd3").transformer
-    apply_updates(expected, effective_base(run.root, 3))
+    apply_updates(expected, updates_after(run.root, 2))
     expected = expected.state_dict()
     assert all(torch.equal(exported[k], v) for k, v in expected.items())
     base_sd = load_pipeline(str(base_dir), "sd3").transformer.state_dict()

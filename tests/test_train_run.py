@@ -20,7 +20,7 @@ def _run(tmp_path, base: str) -> RunDir:
 
 def test_second_cycle_trains_on_exactly_base_zero_plus_the_merged_update(tiny_sd3_dir, tmp_path):
     from mrlora.models.loading import load_pipeline
-    from mrlora.reduce import apply_updates, effective_base, merge_cycle_in_run
+    from mrlora.reduce import apply_updates, merge_cycle_in_run, updates_after
     from mrlora.training import loop
 
     run = _run(tmp_path, tiny_sd3_dir)
@@ -31,22 +31,25 @@ def test_second_cycle_trains_on_exactly_base_zero_plus_the_merged_update(tiny_sd
     merge_cycle_in_run(str(run.root), 1)
 
     seen = {}
-    original = loop._apply_prior_updates
+    original = loop._load_start_pipeline
 
-    def spy(transformer, dirs, dtype, arch):  # the weights training starts from, before the LoRA is added
-        original(transformer, dirs, dtype, arch)
-        seen["weights"] = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    def spy(job, device):  # the weights training starts from, before the LoRA is added
+        pipe = original(job, device)
+        seen["weights"] = {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()}
+        seen["start_base"] = job.start_base
+        return pipe
 
-    loop._apply_prior_updates = spy
+    loop._load_start_pipeline = spy
     try:
         second = train_expert_in_run(str(run.root), 2, "brightness")
     finally:
-        loop._apply_prior_updates = original
+        loop._load_start_pipeline = original
+    assert seen["start_base"] == run.base_dir(1)  # the materialised model after cycle 1, not base_0 + updates
     assert second["cycle"] == 2 and run.expert_done(2, "brightness") is not None
     assert train_expert_in_run(str(run.root), 2, "brightness") == second  # DONE: returns at once
 
     expected = load_pipeline(tiny_sd3_dir, "sd3", "fp32", "cpu").transformer
-    apply_updates(expected, effective_base(run.root, 2), torch.float32)
+    apply_updates(expected, updates_after(run.root, 1), torch.float32)  # independent: base_0 + every update
     base0 = load_pipeline(tiny_sd3_dir, "sd3", "fp32", "cpu").transformer.state_dict()
     changed = 0
     for k, v in expected.state_dict().items():

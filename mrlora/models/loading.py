@@ -247,11 +247,14 @@ def load_pipeline(
     dtype: Any = "fp32",
     device: Any = "cpu",
     progress_bar: bool = False,
+    transformer: Any = None,
 ) -> Any:
     """Resolve ``spec`` and load it with the public diffusers class for its architecture.
 
     ``arch`` (``sd3`` / ``flux``), when given, must match the model files: a FLUX directory under an sd3 config
-    is a configuration mistake that would otherwise fail much later with a shape error.
+    is a configuration mistake that would otherwise fail much later with a shape error. ``transformer``, when
+    given, is used instead of the spec's own (a run's materialised base, ``mrlora.reduce.model_after``), so
+    its weights are never read twice.
     """
     path = resolve_model(spec)
     found = detect_arch(path)
@@ -265,7 +268,8 @@ def load_pipeline(
     import diffusers
 
     cls = getattr(diffusers, PIPELINE_CLASSES[found])
-    pipe = cls.from_pretrained(path, dtype=torch_dtype(dtype))
+    components = {"transformer": transformer} if transformer is not None else {}
+    pipe = cls.from_pretrained(path, dtype=torch_dtype(dtype), **components)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,10 +50,12 @@ from mrlora.runstore import (
     DONE_MARKER,
     atomic_file,
     complete_checkpoints,
+    move_aside,
     read_marker,
     reset_incomplete_dir,
     write_marker,
 )
+from mrlora.training.checkpoint import KEEP as KEEP_CHECKPOINTS
 from mrlora.training.errors import Preempted
 from mrlora.training.metrics import MetricsLog
 from mrlora.training.signals import StopFlag
@@ -180,9 +183,14 @@ def with_token(prompt: str, token: str) -> str:
 
 
 def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
-    """The newest checkpoint whose marker is complete (never a "latest" pointer)."""
-    found = complete_checkpoints(out_dir)
-    return found[-1] if found else None
+    """The newest checkpoint whose marker is complete and whose files match its checksums (never a "latest"
+    pointer); a damaged newer one is skipped here and moved aside when its step is written again."""
+    for step, path in reversed(complete_checkpoints(out_dir)):
+        if read_marker(path, CHECKPOINT_MARKER, verify="sha256") is not None:
+            return step, path
+        print(f"[rate] {path} fails its checksums (damaged after it was written); resuming from an older one",
+              flush=True)
+    return None
 
 
 def flow_matching_loss(
@@ -315,12 +323,16 @@ def distill_token(
     def checkpoint(step: int) -> Path:
         ckpt = out_dir / f"checkpoint-{step}"
         if group.is_main:
-            if read_marker(ckpt, CHECKPOINT_MARKER) is None:
+            if read_marker(ckpt, CHECKPOINT_MARKER, verify="sha256") is None:
+                if read_marker(ckpt, CHECKPOINT_MARKER) is not None:
+                    move_aside(ckpt)  # complete but damaged: keep it for inspection, write the step again
                 reset_incomplete_dir(ckpt, CHECKPOINT_MARKER)
                 save_token(make_token(step), ckpt / TOKEN_FILE)
                 with atomic_file(ckpt / STATE_FILE) as tmp:
                     torch.save({"optimizer": optimizer.state_dict(), "step": step, "world_size": group.world_size}, tmp)
                 write_marker(ckpt, CHECKPOINT_MARKER, extra={"step": step, "token": token})
+                for _, old in complete_checkpoints(out_dir)[:-KEEP_CHECKPOINTS]:  # pruned like the Map step's
+                    shutil.rmtree(old, ignore_errors=True)
         group.barrier()
         return ckpt
 

@@ -1,9 +1,9 @@
 """The launcher's RaTE job: distil the expert of (cycle, reward) of a run into a token, inside the run dir.
 
 ``distill_in_run(run_root, cycle, reward)`` is what a job wrapper calls after the chosen cycle's expert is
-DONE. The teacher is the expert's final ``adapter/`` on top of the base it was trained from (base_0 plus the
-merged updates of cycles < ``cycle``, chosen by ``mrlora.reduce.map_start`` as for the Map step), so the token
-steers exactly that base toward the expert. Output (a seam other packages read; see docs/rate.md)::
+DONE. The teacher is the expert's final ``adapter/`` on top of the base it was trained from (the model after
+cycle - 1, chosen by ``runstore.map_start`` and loaded by ``mrlora.reduce.load_pipeline_after`` exactly as
+for the Map step), so the token steers exactly that base toward the expert. Output (a seam other packages read; see docs/rate.md)::
 
     cycle_XXXX/rate/<reward>/checkpoint-<step>/   token vectors + optimizer state + COMPLETE.json
     cycle_XXXX/rate/<reward>/metrics.jsonl
@@ -69,10 +69,9 @@ def distill_in_run(run_root: str, cycle: int, reward: str, token: str | None = N
     import torch
 
     from mrlora.config import run_reward_config
-    from mrlora.models.loading import load_pipeline, torch_dtype
     from mrlora.rate.distill import DistillSettings, distill_token, init_process_group
     from mrlora.rate.teacher import attach_expert
-    from mrlora.reduce import apply_updates, map_start
+    from mrlora.reduce import load_pipeline_after, map_start
     from mrlora.runstore import DONE_MARKER, RunDir, read_marker
     from rewards.prompts import load_prompt_source
 
@@ -92,11 +91,10 @@ def distill_in_run(run_root: str, cycle: int, reward: str, token: str | None = N
     group = init_process_group()
     try:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        pipe = load_pipeline(cfg.model.pretrained, arch=cfg.model.arch, dtype=cfg.model.dtype, device=device)
         # the base the expert was trained from (reference mode: without the update its LoRA continued)
-        updates = map_start(run.root, cycle).update_dirs
-        if updates:
-            apply_updates(pipe.transformer, updates, torch_dtype(cfg.model.dtype), arch=cfg.model.arch)
+        start = map_start(run.root, cycle).base
+        pipe = load_pipeline_after(start, cfg.model.pretrained, cfg.model.arch, cfg.model.dtype, device)
+        updates = list(start.chain)
         expert = attach_expert(pipe.transformer, run.adapter_dir(cycle, reward), cfg.model.arch, cfg.model.pretrained)
         prompts = [item.prompt for item in load_prompt_source(cfg.prompts[reward], seed=int(cfg.seed))]
         result = distill_token(

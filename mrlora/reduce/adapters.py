@@ -132,8 +132,13 @@ def _check_config(path: Path, config: dict) -> None:
         raise AdapterError(f"{path}: lora_bias=true is not supported by the exact merge (plain LoRA only)")
 
 
-def read_expert_adapter(path: Path | str) -> ExpertAdapter:
-    """Load and validate an expert adapter directory (see the module docstring for the checks)."""
+def read_expert_adapter(path: Path | str, expect: dict | None = None, unit: Path | str | None = None) -> ExpertAdapter:
+    """Load and validate an expert adapter directory (see the module docstring for the checks).
+
+    ``expect``: the marker entry (size, sha256) of its ``adapter_model.safetensors`` (in a run: the expert's
+    ``DONE.json``); the file is then checked during its one read and DamagedFileError names it, with ``unit``
+    (the directory the marker completes) as what must be redone.
+    """
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"expert adapter {path} does not exist or is not a directory")
@@ -145,7 +150,7 @@ def read_expert_adapter(path: Path | str) -> ExpertAdapter:
     weights = path / ADAPTER_WEIGHTS
     if not weights.exists():
         raise AdapterError(f"{path} has no {ADAPTER_WEIGHTS}; the expert did not finish writing its adapter")
-    tensors = read_tensors(weights)
+    tensors = read_tensors(weights, expect=expect, unit=unit)
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     names = set()

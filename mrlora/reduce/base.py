@@ -35,6 +35,10 @@ class BaseTransformer:
             for name, info in shard.tensors.items():
                 self._by_name[name] = (shard, info)
 
+    def locate(self, name: str) -> tuple[SafetensorsHeader, TensorInfo] | None:
+        """The shard holding tensor ``name`` and where it lies in it."""
+        return self._by_name.get(name)
+
     def weight(self, module: str) -> TensorInfo | None:
         found = self._by_name.get(f"{module}.weight")
         return found[1] if found else None

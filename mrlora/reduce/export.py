@@ -1,4 +1,4 @@
-"""Materialise a full diffusers model (base_0 + the reduced updates of cycles 1..c) for release and inference.
+"""Materialise a full diffusers model (the model after cycle c, ``model_after``) for release and inference.
 
 The export streams: every file outside the transformer's weights is copied as is (text encoders, VAE,
 scheduler, tokenizers, configs, the shard index), and each transformer shard is rewritten tensor by tensor in
@@ -28,8 +28,10 @@ import torch
 from mrlora.reduce.base import BaseTransformer, open_base, resolve_base
 from mrlora.reduce.errors import ArchMismatchError, OutputExistsError, ShapeMismatchError
 from mrlora.reduce.safetensors_io import DTYPES, OutEntry, StreamingWriter, TensorReader
-from mrlora.reduce.store import load_update, read_update_info, updates_after
-from mrlora.runstore import RunDir, atomic_file, fsync_dir, pid_alive, read_marker, write_marker
+from mrlora.reduce.load_model import BASE_TRANSFORMER
+from mrlora.reduce.store import load_update, read_update_info
+from mrlora.runstore import (BASE_MARKER, RunDir, atomic_file, damaged_files, fsync_dir, model_after, move_aside,
+                             pid_alive, read_marker, write_marker)
 
 log = logging.getLogger("mrlora.reduce")
 
@@ -97,13 +99,20 @@ def _export_shard(reader: TensorReader, out_path: Path, updates: dict) -> int:
 
 
 def export_with_updates(base_dir: Path | str, update_dirs: Sequence[Path | str], out: Path | str,
-                        marker_extra: dict | None = None) -> Path:
-    """Write ``out``: the model at ``base_dir`` with ``update_dirs`` folded into its transformer."""
+                        marker_extra: dict | None = None, transformer_dir: Path | str | None = None) -> Path:
+    """Write ``out``: the model at ``base_dir`` with ``update_dirs`` folded into its transformer.
+
+    ``transformer_dir`` (a run's materialised ``cycle_XXXX/base/transformer``) replaces the transformer of
+    ``base_dir``; every other component still comes from ``base_dir``.
+    """
     started = time.monotonic()
     out = Path(out).absolute()
     update_dirs = [Path(d) for d in update_dirs]
-    base = open_base(base_dir)
+    pipeline = open_base(base_dir)
+    base = pipeline if transformer_dir is None else open_base(transformer_dir)
     extra = {"base": str(base_dir), "updates": [str(d) for d in update_dirs], **(marker_extra or {})}
+    if transformer_dir is not None:
+        extra["transformer"] = str(transformer_dir)
     existing = read_marker(out, EXPORT_MARKER)
     if existing is not None:
         same = {k: existing.get(k) for k in extra} == extra
@@ -121,9 +130,9 @@ def export_with_updates(base_dir: Path | str, update_dirs: Sequence[Path | str],
     build = out.parent / f"{_PARTIAL}{out.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     build.mkdir()
     try:
-        src_root = base.root or base.transformer_dir
-        t_rel = base.transformer_dir.relative_to(src_root)
-        shard_paths = {s.path for s in base.shards}
+        src_root = pipeline.root or pipeline.transformer_dir
+        t_rel = pipeline.transformer_dir.relative_to(src_root)
+        shard_paths = {s.path for s in pipeline.shards}
         moved = _copy_tree(src_root, build, skip=shard_paths)
         for shard in base.shards:
             with TensorReader(shard.path, shard) as reader:
@@ -142,15 +151,25 @@ def export_with_updates(base_dir: Path | str, update_dirs: Sequence[Path | str],
 
 
 def export_model(run_root: str, cycle: int, out: str) -> str:
-    """A full diffusers model dir of ``run_root`` after ``cycle`` (base_0 + cycles 1..cycle folded in)."""
+    """A full diffusers model dir of ``run_root`` after ``cycle``: ``model_after`` (a materialised base plus
+    the updates after it, or base_0 plus cycles 1..cycle), the same weights Map and eval use."""
     from mrlora.config import config_from_dict
 
     run = RunDir(run_root)
     cfg = config_from_dict(run.read_run_json()["config"])
     if cycle < 0:
         raise ValueError(f"cycle must be >= 0 (0 exports base_0), got {cycle}")
-    update_dirs = updates_after(run.root, cycle)
+    model = model_after(run.root, cycle)
+    transformer_dir = None
+    if model.base_dir is not None:
+        # the shards are copied in the kernel below, so check them here (a damaged base is moved aside and the
+        # export is retried from an older base or base_0, which gives the same model)
+        bad = damaged_files(model.base_dir, BASE_MARKER, verify="sha256")
+        if bad:
+            move_aside(model.base_dir)
+            return export_model(run_root, cycle, out)
+        transformer_dir = model.base_dir / BASE_TRANSFORMER
     base_dir = resolve_base(cfg.model.pretrained)
-    path = export_with_updates(base_dir, update_dirs, out,
+    path = export_with_updates(base_dir, list(model.update_dirs), out, transformer_dir=transformer_dir,
                                marker_extra={"run": str(run.root), "cycle": cycle, "base_id": cfg.model.pretrained})
     return str(path)

@@ -17,13 +17,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from mrlora.reduce.adapters import read_expert_adapter, save_expert_adapter
+from mrlora.reduce.adapters import ADAPTER_WEIGHTS, read_expert_adapter, save_expert_adapter
 from mrlora.reduce.base import BaseTransformer, open_base, resolve_base
 from mrlora.reduce.errors import OutputExistsError, ReduceError
 from mrlora.reduce.exact import MODES, check_experts, check_weights, reduce_experts
-from mrlora.reduce.store import (CONTINUE_ADAPTER, FORMAT_VERSION, UPDATE_JSON, UPDATE_WEIGHTS,
-                                 continues_reference_merge, write_update)
-from mrlora.runstore import MERGE_MARKER, RunDir, read_marker, reset_incomplete_dir, write_marker
+from mrlora.reduce.store import CONTINUE_ADAPTER, FORMAT_VERSION, UPDATE_JSON, UPDATE_WEIGHTS, write_update
+from mrlora.runstore import (DONE_MARKER, MERGE_MARKER, DamagedFileError, RunDir, continues_reference_merge,
+                             damaged_files, marker_entry, quarantine, read_marker, reset_incomplete_dir, write_marker)
 
 log = logging.getLogger("mrlora.reduce")
 
@@ -31,8 +31,12 @@ _OUR_FILES = {UPDATE_WEIGHTS, UPDATE_JSON, CONTINUE_ADAPTER, MERGE_MARKER}
 
 
 def _check_output(out: Path) -> None:
-    """Refuse to clear anything that is not a (killed) merge output of ours."""
-    if read_marker(out, MERGE_MARKER, verify="none") is not None:
+    """Refuse to clear anything that is not a (killed or damaged) merge output of ours.
+
+    A merge whose marker exists but whose files no longer match it (a truncated update) is damaged, not
+    complete: ``reset_incomplete_dir`` moves it aside and the merge is redone.
+    """
+    if read_marker(out, MERGE_MARKER, verify="none") is not None and not damaged_files(out, MERGE_MARKER):
         raise OutputExistsError(f"{out} already holds a complete merge; choose another --out or delete it first")
     if out.exists():
         if not out.is_dir():
@@ -68,19 +72,24 @@ def merge_experts(
     arch: str | None = None,
     base_id: str | None = None,
     extra_info: dict | None = None,
+    expected: Sequence[tuple[dict | None, Path | None]] | None = None,
 ) -> dict:
     """Merge expert adapters into a reduced-update directory ``out``; return its marker.
 
     ``weights`` are normalised (``mrlora.config.normalised_weights``). ``base`` (a model directory or any
     ``model.pretrained`` spec: hub id, ``tiny:<arch>``) enables the
     architecture and shape checks against the model; ``arch`` checks the experts' ``mrlora.json`` arch.
+    ``expected``: per expert, its adapter file's marker entry and the directory that marker completes; the
+    adapters are then checked against them (DamagedFileError names a damaged one).
     Raises a ReduceError subclass, with nothing written, for every invalid input.
     """
     with single_threaded():
-        return _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights, arch, base_id, extra_info)
+        return _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights, arch, base_id, extra_info,
+                              expected)
 
 
-def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights, arch, base_id, extra_info) -> dict:
+def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights, arch, base_id, extra_info,
+                   expected) -> dict:
     started = time.monotonic()
     out = Path(out)
     if mode not in MODES:
@@ -88,7 +97,8 @@ def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights
     if not expert_dirs:
         raise ReduceError("no experts given; pass at least one adapter directory")
     norm = check_weights(list(weights), len(expert_dirs), allow_negative_weights)
-    experts = [read_expert_adapter(d) for d in expert_dirs]
+    expected = list(expected) if expected is not None else [(None, None)] * len(expert_dirs)
+    experts = [read_expert_adapter(d, expect=e, unit=u) for d, (e, u) in zip(expert_dirs, expected)]
     base_info = open_base(resolve_base(str(base))) if isinstance(base, (str, Path)) else base
     arch = check_experts(experts, base_info, arch)
     _check_output(out)
@@ -127,19 +137,40 @@ def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights
 
 
 def merge_cycle_in_run(run_root: str, cycle: int) -> dict:
-    """The merge job of ``cycle``: merge the DONE experts' adapters with the run's weights and merge mode.
+    """The merge job of ``cycle``: merge the DONE experts' adapters with the run's weights and merge mode, then
+    materialise the model when due (``materialise.materialise_if_due``) and apply the retention policy
+    (``retention.prune_after_merge``).
 
-    Idempotent: returns the existing ``MERGE_DONE.json`` content if the merge is complete; a killed merge is
-    redone from scratch. Raises ReduceError if an expert of the cycle is not DONE.
+    Idempotent: returns the existing ``MERGE_DONE.json`` content if the merge is complete (finishing a
+    materialisation a kill interrupted); a killed merge, or one whose files no longer match their marker, is
+    redone from scratch. Raises ReduceError if an expert of the cycle is not DONE, DamagedFileError (after
+    moving the damaged expert or merge aside, so ``--resume`` redoes it) if an input fails its checksum.
     """
     from mrlora.config import config_from_dict
 
     run = RunDir(run_root)
+    cfg = config_from_dict(run.read_run_json()["config"])
     done = run.merge_done(cycle)
     if done is not None:
         log.info("cycle %d of %s is already merged", cycle, run.root)
-        return done
-    cfg = config_from_dict(run.read_run_json()["config"])
+    else:
+        done = _merge_cycle(run, cycle, cfg)
+    _after_merge(run, cycle, cfg)
+    return done
+
+
+def _after_merge(run: RunDir, cycle: int, cfg) -> None:
+    from mrlora.reduce.materialise import materialise_if_due
+    from mrlora.reduce.retention import prune_after_merge
+
+    try:
+        materialise_if_due(run.root, cycle, cfg)
+    except DamagedFileError as exc:
+        raise quarantine(exc, "resume the run to redo that merge") from None
+    prune_after_merge(run, cycle, cfg)
+
+
+def _merge_cycle(run: RunDir, cycle: int, cfg) -> dict:
     rewards = list(cfg.rewards)
     not_done = [r for r in rewards if run.expert_done(cycle, r) is None]
     if not_done:
@@ -152,14 +183,21 @@ def merge_cycle_in_run(run_root: str, cycle: int) -> dict:
     # update contains that one and replaces it in the chain of updates
     supersedes = continues_reference_merge(run, mode, cycle)
     base_dir = resolve_base(cfg.model.pretrained)
-    return merge_experts(
-        [run.adapter_dir(cycle, r) for r in rewards],
-        list(cfg.weights),
-        run.merged_dir(cycle),
-        base=base_dir,
-        mode=mode,
-        allow_negative_weights=bool(cfg.mapreduce.allow_negative_weights),
-        arch=cfg.model.arch,
-        base_id=cfg.model.pretrained,
-        extra_info={"cycle": cycle, "rewards": rewards, "run": str(run.root), "supersedes_previous": supersedes},
-    )
+    adapter_rel = f"adapter/{ADAPTER_WEIGHTS}"
+    expected = [(marker_entry(run.expert_dir(cycle, r), DONE_MARKER, adapter_rel), run.expert_dir(cycle, r))
+                for r in rewards]
+    try:
+        return merge_experts(
+            [run.adapter_dir(cycle, r) for r in rewards],
+            list(cfg.weights),
+            run.merged_dir(cycle),
+            base=base_dir,
+            mode=mode,
+            allow_negative_weights=bool(cfg.mapreduce.allow_negative_weights),
+            arch=cfg.model.arch,
+            base_id=cfg.model.pretrained,
+            extra_info={"cycle": cycle, "rewards": rewards, "run": str(run.root), "supersedes_previous": supersedes},
+            expected=expected,
+        )
+    except DamagedFileError as exc:
+        raise quarantine(exc, "resume the run to retrain that expert") from None

@@ -6,17 +6,16 @@ At rank R = sum of the experts' ranks it is lossless and a few hundred MB at mos
 per cycle would be 5-24 GB. ``update.json`` records how it was made; ``MERGE_DONE.json`` (runstore marker,
 written last) makes it count.
 
-The base a cycle's Map step trains from is base_0 plus every earlier cycle's update (in reference mode a
-cycle that continued the previous averaged LoRA replaces that update instead, see ``updates_after``).
-``apply_updates`` folds
-them into a loaded transformer in fp32 (all updates summed onto the fp32 weight, one rounding at the end) and
-casts to the training dtype, so 80 cycles of bf16 training do not accumulate 80 bf16 roundings of the base.
+The model after cycle c is base_0 plus every update of cycles 1..c (in reference mode a cycle that continued
+the previous averaged LoRA replaces that update instead, see ``runstore.updates_after``);
+``runstore.model_after`` answers with a materialised base plus the few updates after it. ``apply_updates``
+folds updates into a loaded transformer in fp32 (all updates summed onto the fp32 weight, one rounding at the
+end) and casts to the training dtype, so 80 cycles of bf16 training do not accumulate 80 bf16 roundings.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -24,13 +23,12 @@ import torch
 
 from mrlora.reduce.errors import ArchMismatchError, ReduceError, ShapeMismatchError
 from mrlora.reduce.safetensors_io import read_tensors, write_tensors
-from mrlora.runstore import MERGE_MARKER, RunDir, atomic_file, atomic_write_json, read_json, read_marker
+from mrlora.runstore import (CONTINUE_ADAPTER, MERGE_MARKER, UPDATE_JSON, atomic_file, atomic_write_json, read_json,
+                             read_marker)
 
 log = logging.getLogger("mrlora.reduce")
 
 UPDATE_WEIGHTS = "update.safetensors"
-UPDATE_JSON = "update.json"
-CONTINUE_ADAPTER = "adapter"  # reference mode: the averaged LoRA, in expert adapter format
 FORMAT_VERSION = 1
 
 
@@ -55,14 +53,23 @@ def read_update_info(update_dir: Path | str) -> dict:
         raise ReduceError(f"cannot read {path} ({exc}); redo that cycle's merge") from None
 
 
-def load_update(update_dir: Path | str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module: (A, B)}`` of a complete update directory (its marker must exist)."""
+def update_files(update_dir: Path | str) -> dict[str, dict]:
+    """The marker entries (size, sha256) of a complete update directory; ReduceError when it is not complete."""
     update_dir = Path(update_dir)
-    if read_marker(update_dir, MERGE_MARKER) is None:
+    marker = read_marker(update_dir, MERGE_MARKER)
+    if marker is None:
         raise ReduceError(
             f"{update_dir} is not a complete merge (no valid {MERGE_MARKER}); rerun the merge of that cycle"
         )
-    tensors = read_tensors(update_dir / UPDATE_WEIGHTS)
+    return marker.get("files", {})
+
+
+def load_update(update_dir: Path | str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (A, B)}`` of a complete update directory, its file checked against ``MERGE_DONE.json``
+    (size and sha256, hashed during the one read; DamagedFileError names the file)."""
+    update_dir = Path(update_dir)
+    expect = update_files(update_dir).get(UPDATE_WEIGHTS, {"size": -1})
+    tensors = read_tensors(update_dir / UPDATE_WEIGHTS, expect=expect, unit=update_dir)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key in tensors:
         module, _, factor = key.rpartition(".lora_")
@@ -120,60 +127,3 @@ def apply_updates(transformer: torch.nn.Module, update_dirs: Iterable[Path | str
             transformer.to(dtype=dtype)
     log.info("folded %d update(s) into %d module(s)", len(updates), len(targets))
     return sorted(targets)
-
-
-@dataclass(frozen=True)
-class MapStart:
-    """Where the Map step of a cycle starts: fold ``update_dirs`` into base_0, then (reference mode only)
-    initialise the LoRA from ``init_adapter`` instead of fresh."""
-
-    update_dirs: list[Path]
-    init_adapter: Path | None
-
-
-def updates_after(run_dir: Path | str, cycle: int) -> list[Path]:
-    """Update directories whose fold onto base_0 is the model after ``cycle`` (0: base_0 itself).
-
-    Exact updates add up: cycles 1..cycle. A reference-mode update whose experts continued the previous
-    reference merge's LoRA already contains that previous update (``supersedes_previous`` in update.json), so
-    it replaces it in the chain instead of adding to it. Every cycle up to ``cycle`` must be merged.
-    """
-    run = RunDir(run_dir)
-    chain: list[Path] = []
-    for d in run.merged_updates(cycle):
-        if read_update_info(d).get("supersedes_previous"):
-            chain.pop()
-        chain.append(d)
-    return chain
-
-
-def effective_base(run_dir: Path | str, cycle: int) -> list[Path]:
-    """Update directories whose fold onto base_0 is the base the Map step of ``cycle`` starts from
-    (the model after cycle - 1; RunStoreError if an earlier cycle has no complete merge)."""
-    if cycle < 1:
-        raise ValueError(f"cycles count from 1, got {cycle}")
-    return updates_after(run_dir, cycle - 1)
-
-
-def map_start(run_dir: Path | str, cycle: int) -> MapStart:
-    """How the Map step of ``cycle`` builds its starting weights.
-
-    Exact mode: fold ``effective_base`` and train a fresh LoRA. Reference mode (the public code, for
-    ablations): when cycle - 1 was a reference merge, fold everything but that update and continue training
-    its averaged LoRA (``merged/adapter``, expert adapter format); both give the same model at step 0.
-    """
-    from mrlora.config import config_from_dict
-
-    dirs = effective_base(run_dir, cycle)
-    run = RunDir(run_dir)
-    mode = config_from_dict(run.read_run_json()["config"]).mapreduce.merge_mode
-    if continues_reference_merge(run, mode, cycle):
-        return MapStart(update_dirs=dirs[:-1], init_adapter=run.merged_dir(cycle - 1) / CONTINUE_ADAPTER)
-    return MapStart(update_dirs=dirs, init_adapter=None)
-
-
-def continues_reference_merge(run: RunDir, merge_mode: str, cycle: int) -> bool:
-    """Whether the experts of ``cycle`` continue the previous cycle's averaged LoRA (reference mode only): then
-    the Map step starts from it (``map_start``) and this cycle's update supersedes the previous one."""
-    return merge_mode == "reference" and cycle > 1 and \
-        read_update_info(run.merged_dir(cycle - 1)).get("mode") == "reference"

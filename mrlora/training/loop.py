@@ -53,6 +53,8 @@ class ExpertJob:
     base_spec: str  # model spec for load_pipeline: local dir, hub id, tiny:<arch>
     base_id: str  # recorded in the adapter's mrlora.json
     prior_updates: list[Path] = field(default_factory=list)
+    # a run's materialised model (cycle_XXXX/base, runstore.model_after) whose transformer replaces base_spec's
+    start_base: Path | None = None
     # reference merge mode: start the LoRA from this adapter (the previous averaged merge) instead of fresh
     init_adapter: Path | None = None
     seed_salt: int = 0  # distinguishes experts (reward, cycle) so they do not share prompts and noise
@@ -76,13 +78,14 @@ def _accelerator(cfg, n_backward: int, use_cpu: bool):
     return Accelerator(cpu=use_cpu, gradient_accumulation_steps=n_backward, mixed_precision="no", **kwargs)
 
 
-def _apply_prior_updates(transformer, update_dirs: list[Path], dtype: str, arch: str) -> None:
-    if not update_dirs:
-        return
-    from mrlora.models.loading import torch_dtype
-    from mrlora.reduce import apply_updates
+def _load_start_pipeline(job: "ExpertJob", device):
+    """The pipeline of the model this expert starts from (``mrlora.reduce.load_pipeline_after``)."""
+    from mrlora.reduce import load_pipeline_after
+    from mrlora.runstore import ModelAfter
 
-    apply_updates(transformer, [Path(d) for d in update_dirs], torch_dtype(dtype), arch=arch)
+    cfg = job.cfg
+    start = ModelAfter(-1, job.start_base, tuple(Path(d) for d in job.prior_updates))
+    return load_pipeline_after(start, job.base_spec, cfg.model.arch, cfg.model.dtype, device)
 
 
 class _Step:
@@ -148,11 +151,8 @@ def train_expert(job: ExpertJob) -> dict:
     import rewards as rewards_pkg
     from rewards.prompts import load_prompt_source
 
-    from mrlora.models.loading import load_pipeline
-
-    pipe = load_pipeline(job.base_spec, cfg.model.arch, cfg.model.dtype, accelerator.device)
+    pipe = _load_start_pipeline(job, accelerator.device)
     transformer = pipe.transformer
-    _apply_prior_updates(transformer, job.prior_updates, cfg.model.dtype, cfg.model.arch)
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
