@@ -17,4 +17,6 @@ def get_config():
     c.sample.max_sequence_length = 512
     c.sample.group_size = 24
     c.train.deepspeed = "zero2"
+    c.train.drop_zero_advantage = False  # published FLUX training keeps zero-advantage samples in the loss
+    c.per_reward.pickscore.train.beta = 0.0  # published FLUX PickScore config: no KL
     return c

@@ -15,4 +15,5 @@ def get_config():
     c.sample.guidance_scale, c.sample.noise_level = 3.5, 0.9
     # with 4 steps the last one (sigma ~0.35 -> 0) shapes the image most; 0.99 would skip it
     c.train.timestep_fraction = 1.0
+    c.train.drop_zero_advantage = False  # as the flux preset: published FLUX training keeps them
     return c

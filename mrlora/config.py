@@ -30,6 +30,7 @@ ARCHS = ("sd3", "flux")
 MODES = ("parallel", "sequential")
 MERGE_MODES = ("exact", "reference")
 ADV_STD = ("group", "batch")
+KL_FORMS = ("published", "transition")  # mrlora.grpo.kl_std: what the KL term divides by
 RESERVED_REWARD_NAMES = ("merged", "rate", "logs")
 
 
@@ -267,14 +268,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(cfg.train.ema_every >= 1, "train.ema_every", "must be >= 1")
     need(0 <= cfg.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     need(cfg.train.adv_std in ADV_STD, "train.adv_std", f"must be one of {ADV_STD}")
+    need(cfg.train.kl_form in KL_FORMS, "train.kl_form",
+         f"must be one of {KL_FORMS} ('published': Flow-GRPO's form, see docs/recipe.md), got {cfg.train.kl_form!r}")
     need(cfg.train.deepspeed in ("", "zero2"), "train.deepspeed", "must be '' or 'zero2'")
     need(cfg.mapreduce.cycles >= 1, "mapreduce.cycles", "must be >= 1")
     need(cfg.mapreduce.mode in MODES, "mapreduce.mode", f"must be one of {MODES}")
     need(cfg.mapreduce.merge_mode in MERGE_MODES, "mapreduce.merge_mode", f"must be one of {MERGE_MODES}")
-    # .get: run.json of runs started before these keys existed lacks them (the merge job uses the same defaults)
-    need(cfg.mapreduce.get("materialise_every", 1) >= 0, "mapreduce.materialise_every",
-         "must be >= 0 (materialise when K updates would be folded; 0 never)")
-    need(cfg.mapreduce.get("keep_bases", 1) >= 1, "mapreduce.keep_bases", "must be >= 1 (the newest base is kept)")
+    need(cfg.mapreduce.export_every >= 0, "mapreduce.export_every", "must be >= 0")
     rate_cycles = list(cfg.mapreduce.get("rate_after_cycles", None) or [])
     need(all(isinstance(c, int) and not isinstance(c, bool) for c in rate_cycles), "mapreduce.rate_after_cycles",
          f"must be a list of cycle numbers, got {rate_cycles!r}")

@@ -176,8 +176,11 @@ class FlowModel(abc.ABC):
 
     @abc.abstractmethod
     def velocity(self, transformer, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
-                 guidance_scale: float) -> torch.Tensor:
-        """The (guided) velocity for ``latents`` at per-sample ``timesteps`` (scheduler scale, 0..1000)."""
+                 guidance_scale: float, detach_uncond: bool = False) -> torch.Tensor:
+        """The (guided) velocity for ``latents`` at per-sample ``timesteps`` (scheduler scale, 0..1000).
+
+        ``detach_uncond``: treat the unconditional prediction of true CFG as a constant for gradients.
+        """
         ...
 
     @abc.abstractmethod
@@ -242,7 +245,7 @@ class SD3Model(FlowModel):
         shape = (self.pipeline.transformer.config.in_channels, size, size)
         return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
 
-    def velocity(self, transformer, latents, timesteps, embeds, guidance_scale):
+    def velocity(self, transformer, latents, timesteps, embeds, guidance_scale, detach_uncond=False):
         x = latents.to(self.dtype)
         t = timesteps.to(device=x.device, dtype=x.dtype)
         if embeds.negative_prompt_embeds is None:
@@ -257,6 +260,8 @@ class SD3Model(FlowModel):
             pooled_projections=torch.cat([npooled, embeds.pooled]), return_dict=False,
         )[0]
         uncond, cond = out.float().chunk(2)
+        if detach_uncond:
+            uncond = uncond.detach()
         return uncond + guidance_scale * (cond - uncond)
 
     def decode(self, latents, resolution):
@@ -296,7 +301,8 @@ class FluxModel(FlowModel):
         packed = self.pipeline._pack_latents(noise, len(generators), channels, size, size)
         return packed.to(self.device)
 
-    def velocity(self, transformer, latents, timesteps, embeds, guidance_scale):
+    def velocity(self, transformer, latents, timesteps, embeds, guidance_scale, detach_uncond=False):
+        # guidance is an embedding here: there is no unconditional pass, so detach_uncond changes nothing
         x = latents.to(self.dtype)
         n = x.shape[0]
         side = int(round(math.sqrt(x.shape[1])))
@@ -445,9 +451,14 @@ def step_log_prob(
     embeds: PromptEmbeds,
     guidance_scale: float,
     noise_level: float,
+    detach_uncond: bool = False,
 ) -> StepOutput:
-    """Recompute step ``step_index``'s transition density under ``transformer`` (with gradients if enabled)."""
+    """Recompute step ``step_index``'s transition density under ``transformer`` (with gradients if enabled).
+
+    ``detach_uncond``: with true CFG, let gradients flow only through the conditional prediction, as published
+    Flow-GRPO's training forward does (the value is unchanged; models without an unconditional pass ignore it).
+    """
     t = timesteps[step_index].expand(latents.shape[0])
-    v = model.velocity(transformer, latents, t, embeds, guidance_scale)
+    v = model.velocity(transformer, latents, t, embeds, guidance_scale, detach_uncond=detach_uncond)
     return sde_step(v, latents, sigmas[step_index], sigmas[step_index + 1], sigmas[1], noise_level,
                     next_latents=next_latents)

@@ -102,3 +102,27 @@ def test_seed_count_must_match_prompts(tiny_pipe):
     _, pipe = tiny_pipe
     with pytest.raises(SamplingError, match="one seed per prompt"):
         sample(pipe, ["a", "b"], seeds=[1], guidance_scale=1.0, noise_level=0.5, **KW)
+
+
+def test_training_forward_can_treat_the_unconditional_prediction_as_a_constant(tiny_sd3_dir):
+    """Published Flow-GRPO detaches CFG's unconditional half in training: same value, gradient gs * d(cond)."""
+    from mrlora.models.loading import load_pipeline
+    from mrlora.sampling import PromptEmbeds
+
+    pipe = load_pipeline(tiny_sd3_dir, "sd3", "fp32", "cpu")
+    res = sample(pipe, ["a cat"], seeds=[1], guidance_scale=4.5, noise_level=0.7, decode=False, **KW)
+    model, weight = flow_model(pipe), pipe.transformer.proj_out.weight
+    weight.requires_grad_(True)
+
+    def run(embeds, detach):
+        weight.grad = None
+        v = model.velocity(pipe.transformer, res.latents[:, 0], res.timesteps[:1], embeds, 4.5, detach_uncond=detach)
+        v.sum().backward()
+        return v.detach(), weight.grad.clone()
+
+    v_detached, g_detached = run(res.embeds, True)
+    v_full, g_full = run(res.embeds, False)
+    _, g_cond = run(PromptEmbeds(res.embeds.prompt_embeds, res.embeds.pooled), False)  # conditional pass only
+    assert torch.equal(v_detached, v_full)
+    torch.testing.assert_close(g_detached, 4.5 * g_cond, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(g_full, g_detached, rtol=1e-3)

@@ -10,7 +10,10 @@ import torch
 
 from mrlora import distributed
 from mrlora.ema import LoraEMA
-from mrlora.grpo import clipped_policy_loss, group_advantages, grpo_loss, kl_to_reference, train_step_indices
+from mrlora.grpo import (
+    clipped_policy_loss, group_advantages, grpo_loss, kl_std, kl_to_reference, train_step_indices,
+    zero_advantage_weights,
+)
 from mrlora.training.data import PromptSchedule, salt_for
 from mrlora.training.errors import TrainError
 
@@ -139,3 +142,45 @@ def test_detect_explains_a_missing_scontrol(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(distributed.DistributedError, match="scontrol show hostnames"):
         distributed.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]"})
+
+
+def test_published_kl_divides_by_std_dev_t_without_dt():
+    # By hand: a step from sigma 0.5 to 0.25 at noise level 0.7 (any sigma_1): std_dev_t = 0.7 * sqrt(0.5 / 0.5)
+    # = 0.7. Means 0.1 apart everywhere: published KL = 0.1^2 / (2 * 0.49) = 0.0102041; the transition form
+    # divides by 2 * 0.49 * 0.25 instead: 0.0408163 (1/(-dt) = 4 times larger).
+    mean = torch.zeros(2, 4, 3, 3)
+    ref = mean + 0.1
+    published = kl_to_reference(mean, ref, kl_std("published", 0.5, 0.25, 0.9, 0.7))
+    transition = kl_to_reference(mean, ref, kl_std("transition", 0.5, 0.25, 0.9, 0.7))
+    torch.testing.assert_close(published, torch.full((2,), 0.01 / 0.98), rtol=1e-5, atol=0)
+    torch.testing.assert_close(transition, torch.full((2,), 0.01 / 0.245), rtol=1e-5, atol=0)
+    # at sigma = 1 std_dev_t uses the schedule's second sigma: 0.7 * sqrt(1 / (1 - 0.96)) = 3.5
+    torch.testing.assert_close(kl_std("published", 1.0, 0.96, 0.96, 0.7), torch.tensor([3.5]), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="published"):
+        kl_std("exact", 0.5, 0.25, 0.9, 0.7)
+
+
+def test_zero_advantage_samples_leave_the_loss_and_the_rest_keep_their_mean():
+    adv = torch.tensor([0.0, 1.5, 0.0, -0.5])
+    weights = zero_advantage_weights(adv)
+    torch.testing.assert_close(weights, torch.tensor([0.0, 2.0, 0.0, 2.0]))
+    lp = torch.zeros(4, requires_grad=True)
+    mean, ref, std = torch.zeros(4, 2, 2, 2), torch.full((4, 2, 2, 2), 0.2), torch.ones(4)
+    ref[0] = 5.0  # a dropped sample's KL must not count either
+    terms = grpo_loss(lp, lp.detach(), adv, 1e-4, beta=0.5, mean=mean, ref_mean=ref, std=std, weights=weights)
+    # by hand, over the two kept samples: policy mean(-1.5, 0.5) = -0.5, KL 0.2^2 / 2 = 0.02
+    assert float(terms.policy_loss) == pytest.approx(-0.5)
+    assert float(terms.kl) == pytest.approx(0.02)
+    assert torch.equal(zero_advantage_weights(torch.tensor([0.3, -0.3])), torch.ones(2))
+    assert torch.equal(zero_advantage_weights(torch.zeros(3)), torch.zeros(3))
+
+
+def test_presets_follow_each_architectures_published_recipe():
+    from mrlora.config import config_for_reward, load_config
+
+    sd3, flux = load_config("sd35m"), load_config("flux")
+    for cfg in (sd3, flux):
+        assert (cfg.train.adv_std, cfg.train.kl_form, cfg.train.cfg_detach_uncond) == ("batch", "published", True)
+    assert sd3.train.drop_zero_advantage and not flux.train.drop_zero_advantage
+    assert [config_for_reward(flux, r).train.beta for r in ("geneval", "pickscore", "ocr")] == [0.04, 0.0, 0.04]
+    assert [config_for_reward(sd3, r).train.beta for r in ("geneval", "pickscore", "ocr")] == [0.04, 0.01, 0.04]
