@@ -25,7 +25,6 @@ from launch.runs import LaunchError
 from mrlora.config import (ConfigError, apply_overrides, config_from_dict, config_to_dict, format_config, load_config,
                            validate)
 from mrlora.memory_plan import format_plan_memory
-from mrlora.memory_plan import format_plan_memory
 from mrlora.runstore import LeaseInfo, RunDir, RunStoreError, is_run_ts, new_run_ts
 
 DEFAULT_OUT_ROOT = "runs"
@@ -104,9 +103,7 @@ def shortcut_overrides(args) -> list[str]:
     if args.cycles is not None:
         out.append(f"mapreduce.cycles={args.cycles}")
     if args.rewards:
-        out.append(f"rewards={list(args.rewards)!r}")
-        if not args.weights:
-            out.append(f"weights={[1.0] * len(args.rewards)!r}")
+        out.append(f"rewards={list(args.rewards)!r}")  # equal weights unless given (config.apply_overrides)
     if args.weights:
         out.append(f"weights={[float(w) for w in args.weights]!r}")
     if args.merge_steps is not None:
@@ -271,7 +268,6 @@ def new_run(args, out_root: Path) -> int:
     if args.dry_run:
         print_dry_run(plan, profile, out_root / model_dir / run_ts, executor)
         print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
-        print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
         return 0
     run = RunDir.create(out_root, model_dir, run_ts)
     try:
@@ -352,7 +348,6 @@ def resume_run(args, out_root: Path) -> int:
         if changes:
             print(f"changes to the frozen config: {changes}")
         print_dry_run(plan, profile, run.root, executor)
-        print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
         print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
         return 0
 

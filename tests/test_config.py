@@ -44,9 +44,9 @@ def test_overrides_are_typed():
     [
         ("train.lrr=1", "unknown config key 'train.lrr'.*train.lr"),
         ("trian.lr=1", "unknown config key 'trian.lr'"),
-        ("train.lr=fast", "'train.lr' expects float"),
-        ("train.steps=2.5", "'train.steps' expects int"),
-        ("train.ema=maybe", "'train.ema' expects bool"),
+        ("train.lr=fast", "'train.lr' expects a number"),
+        ("train.steps=2.5", "'train.steps' expects a whole number"),
+        ("train.ema=maybe", "'train.ema' expects true or false"),
         ("weights=[1, -1, 1]", "negative merge weight"),
         ("weights=[0, 0, 0]", "all zero"),
         ("weights=[1, 1]", "2 values for 3 rewards"),
