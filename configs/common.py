@@ -63,11 +63,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_grad_norm = 1.0
     c.train.clip_range = 1e-4     # PPO ratio clip epsilon
     c.train.adv_clip_max = 5.0
-    c.train.adv_std = "group"     # "group": each prompt group's own std; "batch": std of the whole batch
+    # "batch": std of all the round's rewards (every published SD3/FLUX config: sample.global_std=True);
+    # "group": each prompt group's own std
+    c.train.adv_std = "batch"
+    # Samples whose advantage is exactly 0 leave the loss (policy and KL), which is then a mean over the rest:
+    # published SD3 training (train_sd3.py) does this, published FLUX training does not (the flux presets say so).
+    c.train.drop_zero_advantage = True
     c.train.beta = 0.04           # KL weight to the reference (adapter disabled); 0 disables the KL forward
+    # "published": mean over pixels of (mean - mean_ref)^2 / (2 std_dev_t^2), no dt (Flow-GRPO); "transition":
+    # divide by the transition variance std_dev_t^2 * (-dt) instead, the exact Gaussian KL, 1/(-dt) times larger
+    # (3.7x-25x on SD3.5-M's steps): scale beta down by about 13 (SD3.5-M) or 7 (FLUX) to compare (docs/recipe.md)
+    c.train.kl_form = "published"
     c.train.timestep_fraction = 0.99  # fraction of the stored SDE steps trained on
     c.train.micro_batch = 4       # samples per backward pass on one process (gradient accumulation inside a step)
     c.train.cfg = True            # apply CFG in the training forward, as in sampling
+    # with true CFG (SD3), gradients flow through the conditional prediction only (published train_sd3.py)
+    c.train.cfg_detach_uncond = True
     c.train.ema = True
     c.train.ema_decay = 0.9
     c.train.ema_every = 8

@@ -29,7 +29,7 @@ import torch
 from mrlora import distributed
 from mrlora.claim import acquire_on_main
 from mrlora.claim import release as release_claim
-from mrlora.grpo import group_advantages, grpo_loss, train_step_indices
+from mrlora.grpo import group_advantages, grpo_loss, kl_std, train_step_indices, zero_advantage_weights
 from mrlora.runstore import CHECKPOINT_MARKER, DONE_MARKER, read_marker, wait_for, write_marker
 from mrlora.sampling import PromptEmbeds, flow_model, sample, step_log_prob
 from mrlora.training import checkpoint as ckpt
@@ -224,12 +224,16 @@ def train_expert(job: ExpertJob) -> dict:
                     t1 = time.perf_counter()
                     stats, grad_norm = _Step(), float("nan")
                     transformer.train()
+                    chunk_adv = adv[chunk.to(adv.device)]
+                    # published SD3 training drops exactly-zero advantages from the loss (train.drop_zero_advantage)
+                    weights = zero_advantage_weights(chunk_adv) if _drop_zero_advantage(cfg) else None
                     for j in train_steps:
                         for mb in range(0, chunk_n, micro):
                             sel = chunk[mb:mb + micro]
                             with accelerator.accumulate(wrapped):
-                                terms = _micro_batch_loss(cfg, model, wrapped, transformer, res, embeds, sel, j,
-                                                          adv[sel.to(adv.device)], train_guidance)
+                                terms = _micro_batch_loss(
+                                    cfg, model, wrapped, transformer, res, embeds, sel, j, chunk_adv[mb:mb + micro],
+                                    train_guidance, None if weights is None else weights[mb:mb + micro])
                                 accelerator.backward(terms.loss)
                                 if accelerator.sync_gradients:
                                     norm = accelerator.clip_grad_norm_(list(params.values()), cfg.train.max_grad_norm)
@@ -238,7 +242,8 @@ def train_expert(job: ExpertJob) -> dict:
                                 optimizer.zero_grad(set_to_none=True)
                             stats.add(loss=terms.loss.item(), policy_loss=terms.policy_loss.item(),
                                       kl=terms.kl.item(), clip_fraction=terms.clip_fraction.item(),
-                                      ratio_mean=terms.ratio.mean().item())
+                                      ratio_mean=terms.ratio.mean().item(),
+                                      zero_adv_fraction=(chunk_adv[mb:mb + micro] == 0).float().mean().item())
                             stats.peak(ratio_max=terms.ratio.max().item(),
                                        ratio_max_dev=(terms.ratio - 1).abs().max().item())
                     done_steps = round_ * per_round + update + 1
@@ -310,24 +315,34 @@ def _load_initial_adapter(params: dict[str, torch.nn.Parameter], path: Path, cfg
     load_lora_state(params, state)
 
 
-def _micro_batch_loss(cfg, model, wrapped, transformer, res, embeds, sel, j, adv, guidance):
+def _drop_zero_advantage(cfg) -> bool:
+    return bool(cfg.train.get("drop_zero_advantage", False))  # run.json of older runs lacks the field
+
+
+def _micro_batch_loss(cfg, model, wrapped, transformer, res, embeds, sel, j, adv, guidance, weights=None):
     lat = res.latents[sel, j].to(transformer.device)
     nxt = res.latents[sel, j + 1].to(transformer.device)
     emb = embeds.select(sel)
-    out = step_log_prob(model, wrapped, lat, nxt, j, res.timesteps, res.sigmas, emb, guidance,
-                        float(cfg.sample.noise_level))
-    ref_mean = None
+    noise_level = float(cfg.sample.noise_level)
+    # older runs' run.json lack these fields: they continue with the behaviour they were started with
+    detach = bool(cfg.train.get("cfg_detach_uncond", False))
+    out = step_log_prob(model, wrapped, lat, nxt, j, res.timesteps, res.sigmas, emb, guidance, noise_level,
+                        detach_uncond=detach)
+    ref_mean = std = None
     beta = float(cfg.train.beta)
     if beta > 0:
         with torch.no_grad():
             transformer.disable_adapters()
             try:
                 ref_mean = step_log_prob(model, transformer, lat, nxt, j, res.timesteps, res.sigmas, emb, guidance,
-                                         float(cfg.sample.noise_level)).mean
+                                         noise_level).mean
             finally:
                 transformer.enable_adapters()
+        std = kl_std(cfg.train.get("kl_form", "transition"), res.sigmas[j], res.sigmas[j + 1], res.sigmas[1],
+                     noise_level).to(out.mean.device)
     old = res.log_probs[sel, j].to(out.log_prob.device)
-    return grpo_loss(out.log_prob, old, adv, float(cfg.train.clip_range), beta, out.mean, ref_mean, out.std)
+    return grpo_loss(out.log_prob, old, adv, float(cfg.train.clip_range), beta, out.mean, ref_mean, std,
+                     weights=weights)
 
 
 def _reduce_stats(stats: _Step, accelerator) -> dict[str, float]:
