@@ -89,7 +89,7 @@ def _run_config(run: RunDir, overrides: tuple[str, ...]) -> ml_collections.Confi
 def _preset_config(preset: str | None, overrides: tuple[str, ...], what: str) -> ml_collections.ConfigDict:
     if not preset:
         raise EvalError(
-            f"{what} needs --config <preset> (sd35m, flux, tiny-sd3, tiny-flux or a .py file): it sets the model "
+            f"{what} needs --model <preset> (sd35m, flux, tiny-sd3, tiny-flux or a .py file): it sets the model "
             "dtype, the sampling defaults and the reward model paths"
         )
     try:
@@ -101,7 +101,7 @@ def _preset_config(preset: str | None, overrides: tuple[str, ...], what: str) ->
 def _reject_preset_for_run(preset: str | None, spec: str) -> None:
     if preset:
         raise EvalError(
-            f"--config {preset} cannot be combined with a checkpoint of a run ({spec}): the run's own config "
+            f"--model {preset} cannot be combined with a checkpoint of a run ({spec}): the run's own config "
             "(run.json) is used; change eval-relevant keys with --set key=value"
         )
 
@@ -125,7 +125,7 @@ def resolve_checkpoint(
     """Resolve ``spec`` (see the module docstring) and the config the eval uses with it.
 
     Raises :class:`EvalError` naming the problem: a path that does not exist, an expert without ``DONE.json``,
-    a cycle without ``MERGE_DONE.json``, or a missing ``--config`` where no run provides one.
+    a cycle without ``MERGE_DONE.json``, or a missing ``--model`` where no run provides one.
     """
     overrides = tuple(overrides)
     if spec == "base":

@@ -54,10 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None,
                    help="images per prompt (default 4 when the suite includes geneval, as GenEval does, else 1)")
     p.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default sample.batch_size)")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default sample.eval_num_steps, 40 for SD3.5-M)")
+    p.add_argument("--sample-steps", dest="steps", type=int, default=None,
+                   help="ODE sampling steps (default sample.eval_num_steps, 40 for SD3.5-M)")
+    p.add_argument("--steps", dest="steps", type=int, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default sample.guidance_scale)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default sample.resolution)")
-    p.add_argument("--config", default=None,
+    p.add_argument("--config", dest="config", help=argparse.SUPPRESS)  # the old spelling of --model
+    p.add_argument("--model", dest="config", default=None, metavar="PRESET",
                    help="preset (sd35m, flux, tiny-sd3, tiny-flux, or a .py) for `base` and exported models; "
                         "checkpoints of a run use the run's run.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -99,7 +102,7 @@ def prepare(args: argparse.Namespace):
         rate=mix.to_dict() if mix is not None else None,
     )
     for name, value in (("--samples", settings.samples), ("--batch-size", settings.batch_size),
-                        ("--steps", settings.steps)):
+                        ("--sample-steps", settings.steps)):
         if value < 1:
             raise EvalError(f"{name} must be >= 1, got {value}")
     if settings.resolution < 16 or settings.resolution % 16:

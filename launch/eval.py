@@ -8,9 +8,9 @@ same command again after a failure redoes exactly what is missing.
 Example::
 
     python -m launch.eval --checkpoint /runs/sd35m/20261123_101500:12 --suite geneval \\
-        --prompts evaluation_metadata.jsonl --out /evals/cycle12 --shards 8 --profile mycluster
+        --prompts evaluation_metadata.jsonl --out /evals/cycle12 --shards 8 --cluster mycluster
 
-``--print`` shows the two rendered sbatch scripts instead of submitting them (nothing is written). The
+``--dry-run`` shows the two rendered sbatch scripts instead of submitting them (nothing is written). The
 templates live in ``slurm_templates/`` (their variables are documented at their top) and the rendered scripts
 are kept in ``OUT/slurm/``, so a user can resubmit them by hand.
 
@@ -109,17 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="eval seed (default 0)")
     e.add_argument("--samples", type=int, default=None, help="images per prompt (default 4 for geneval, else 1)")
     e.add_argument("--batch-size", type=int, default=None, help="images per pipeline call")
-    e.add_argument("--steps", type=int, default=None, help="ODE steps (default sample.eval_num_steps)")
+    e.add_argument("--sample-steps", dest="steps", type=int, default=None,
+                   help="ODE sampling steps (default sample.eval_num_steps)")
+    e.add_argument("--steps", dest="steps", type=int, help=argparse.SUPPRESS)  # the old spelling
     e.add_argument("--cfg", type=float, default=None, help="guidance scale (default sample.guidance_scale)")
     e.add_argument("--resolution", type=int, default=None, help="image side (default sample.resolution)")
-    e.add_argument("--config", default=None, help="preset for base / exported checkpoints")
+    e.add_argument("--model", dest="config", default=None, metavar="PRESET",
+                   help="preset for base / exported checkpoints (sd35m, flux, tiny-sd3, tiny-flux)")
+    e.add_argument("--config", dest="config", help=argparse.SUPPRESS)  # the old spelling
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     e.add_argument("--rate-tokens", nargs="+", default=None, metavar="FILE",
                    help="RaTE token files; with --rate-spec every prompt is generated with that token mix")
     e.add_argument("--rate-spec", default=None, metavar="SPEC", help="RaTE token mix, e.g. '<ocr> 2 <picks>@1.5'")
     s = p.add_argument_group("slurm")
     s.add_argument("--shards", type=int, default=1, help="array tasks the prompt set is split into (default 1)")
-    s.add_argument("--profile", default=None,
+    s.add_argument("--profile", dest="profile", help=argparse.SUPPRESS)  # the old spelling of --cluster
+    s.add_argument("--cluster", dest="profile", default=None, metavar="PROFILE",
                    help="cluster profile (configs/clusters/<name>.toml or a path): partition, account, qos, "
                         "setup lines, env; default: the built-in one-process profile")
     s.add_argument("--partition", default=None, help="override the profile's partition for the eval tasks")
@@ -129,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus", type=int, default=None, help="CPUs per shard (default: the profile's cpus_per_gpu)")
     s.add_argument("--mem-gb", type=float, default=None, help="memory per shard in GB (default: the profile's)")
     s.add_argument("--max-parallel", type=int, default=0, help="run at most this many shards at once (0: no cap)")
-    s.add_argument("--print", action="store_true", help="print the rendered sbatch scripts; submit and write nothing")
+    s.add_argument("--dry-run", dest="print", action="store_true",
+                   help="print the rendered sbatch scripts; submit and write nothing")
+    s.add_argument("--print", dest="print", action="store_true", help=argparse.SUPPRESS)  # the old spelling
     return p
 
 
@@ -144,8 +151,8 @@ def eval_run_args(args: argparse.Namespace) -> list[str]:
         checkpoint = f"{absolute(run)}:{cycle}" if sep and cycle.isdigit() and run else absolute(checkpoint)
     argv = ["--checkpoint", checkpoint, "--suite", args.suite, "--prompts", absolute(args.prompts),
             "--out", absolute(args.out), "--seed", str(args.seed)]
-    for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size), ("--steps", args.steps),
-                        ("--cfg", args.cfg), ("--resolution", args.resolution), ("--config", args.config)):
+    for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size), ("--sample-steps", args.steps),
+                        ("--cfg", args.cfg), ("--resolution", args.resolution), ("--model", args.config)):
         if value is not None:
             argv += [flag, str(value)]
     for item in args.set:

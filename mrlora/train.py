@@ -2,7 +2,7 @@
 
 Standalone, on any base model::
 
-    python -m mrlora.train --config tiny-sd3 --reward brightness --base tiny:sd3 --out /tmp/expert --steps 6
+    python -m mrlora.train --model tiny-sd3 --reward brightness --base tiny:sd3 --out /tmp/expert --steps 6
 
 Inside a run (what Slurm array tasks and the local executor run; also ``train_expert_in_run``)::
 
@@ -104,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run", metavar="RUN_DIR", help="run directory (OUT_ROOT/<model>/<RUN_TS>) holding run.json")
     run.add_argument("--cycle", type=int, help="cycle number (from 1) whose expert to train")
     alone = p.add_argument_group("standalone")
-    alone.add_argument("--config", metavar="PRESET", help="preset (sd35m, flux, tiny-sd3, tiny-flux) or a .py file")
+    alone.add_argument("--model", dest="config", metavar="PRESET",
+                       help="preset (sd35m, flux, tiny-sd3, tiny-flux) or a .py file")
+    alone.add_argument("--config", dest="config", help=argparse.SUPPRESS)  # the old spelling
     alone.add_argument("--base", help="base model: local diffusers dir, hub id, or tiny:sd3 / tiny:flux")
     alone.add_argument("--prior-updates", nargs="*", default=[], metavar="DIR",
                        help="merged update dirs (cycle_XXXX/merged) folded into the base first, in order")
@@ -129,10 +131,10 @@ def _main(argv: list[str] | None) -> int:
             if args.cycle is None:
                 raise TrainError("--run needs --cycle C")
             if args.config or args.base or args.out:
-                raise TrainError("--run takes its config, base and output from the run; drop --config/--base/--out")
+                raise TrainError("--run takes its config, base and output from the run; drop --model/--base/--out")
             done = train_expert_in_run(args.run, args.cycle, args.reward)
         else:
-            missing = [flag for flag, value in (("--config", args.config), ("--base", args.base), ("--out", args.out))
+            missing = [flag for flag, value in (("--model", args.config), ("--base", args.base), ("--out", args.out))
                        if not value]
             if missing:
                 raise TrainError(f"standalone training needs {', '.join(missing)} (or use --run RUN_DIR --cycle C)")

@@ -111,7 +111,7 @@ def _eval(checkpoint: str, out: Path, prompts: Path, sets: list[str], suite: str
     from eval.run import main
 
     argv = ["--checkpoint", checkpoint, "--suite", suite, "--prompts", str(prompts), "--out", str(out),
-            "--samples", "2", "--batch-size", "4", "--steps", "2", *extra]
+            "--samples", "2", "--batch-size", "4", "--sample-steps", "2", *extra]
     for item in sets:
         argv += ["--set", item]
     assert main(argv) == 0
@@ -122,7 +122,7 @@ def _eval(checkpoint: str, out: Path, prompts: Path, sets: list[str], suite: str
 def evals(tmp_path_factory, tiny_run, geneval_sets, prompt_file) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evals")
     return {
-        "base": _eval("base", root / "base", prompt_file, TINY_SETS + geneval_sets, extra=["--config", "tiny-sd3"]),
+        "base": _eval("base", root / "base", prompt_file, TINY_SETS + geneval_sets, extra=["--model", "tiny-sd3"]),
         "run0": _eval(f"{tiny_run.root}:0", root / "run0", prompt_file, geneval_sets),
         "run1": _eval(f"{tiny_run.root}:1", root / "run1", prompt_file, geneval_sets),
         "expert": _eval(str(tiny_run.expert_dir(2, "brightness")), root / "expert", prompt_file, geneval_sets),
@@ -203,7 +203,7 @@ def test_incomplete_or_unknown_checkpoints_are_refused(tiny_run, tmp_path):
         resolve_checkpoint(f"{tiny_run.root}:2")  # experts done, merge not
     with pytest.raises(EvalError, match="name a cycle"):
         resolve_checkpoint(str(tiny_run.root))
-    with pytest.raises(EvalError, match="--config"):
+    with pytest.raises(EvalError, match="--model"):
         resolve_checkpoint(f"{tiny_run.root}:1", preset="tiny-sd3")
     half = RunDir(tiny_run.root).expert_dir(3, "brightness")
     shutil.copytree(tiny_run.adapter_dir(2, "brightness"), half / "adapter")

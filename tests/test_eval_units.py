@@ -124,7 +124,7 @@ def test_shipped_templates_render_without_leftover_placeholders(tmp_path):
         "import sys\nfrom launch.eval import cli\n"
         f"rc = cli(['--checkpoint', 'base', '--config', 'tiny-sd3', '--set', \"rewards=['brightness']\", "
         f"'--set', 'weights=[1.0]', '--suite', 'brightness', '--prompts', {str(prompts)!r}, '--out', {str(out)!r}, "
-        "'--shards', '3', '--profile', 'local', '--print'])\n"
+        "'--shards', '3', '--cluster', 'local', '--dry-run'])\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
         "print('HEAVY', heavy)\nsys.exit(rc)\n"
     )

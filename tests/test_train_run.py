@@ -78,5 +78,5 @@ def test_help_describes_both_modes(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert info.value.code == 0
-    for flag in ("--run", "--cycle", "--config", "--base", "--prior-updates", "--out", "--steps", "--set", "--reward"):
+    for flag in ("--run", "--cycle", "--model", "--base", "--prior-updates", "--out", "--steps", "--set", "--reward"):
         assert flag in text

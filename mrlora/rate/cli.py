@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the token vectors (default 0)")
     d.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping, 0 = off (default)")
     d.add_argument("--batch-size", type=int, default=4, help="samples per process per step (default 4)")
-    d.add_argument("--teacher-steps", type=int, default=None, help="teacher ODE steps (default: sd3 40, flux 28)")
+    d.add_argument("--teacher-sample-steps", dest="teacher_steps", type=int, default=None,
+                   help="teacher ODE sampling steps (default: sd3 40, flux 28)")
+    d.add_argument("--teacher-steps", dest="teacher_steps", type=int, help=argparse.SUPPRESS)  # the old spelling
     d.add_argument("--teacher-reuse", type=int, default=1, help="steps sharing one teacher batch (default 1)")
     d.add_argument("--logit-mean", type=float, default=0.0, help="mean of the logit-normal s (default 0)")
     d.add_argument("--logit-std", type=float, default=1.0, help="std of the logit-normal s (default 1)")
@@ -60,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the prompt (tokens are appended to it)")
     g.add_argument("--out", required=True, help="output image path (.png, .jpg, .webp)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    g.add_argument("--steps", type=int, default=None, help="ODE steps (default: sd3 40, flux 28)")
+    g.add_argument("--sample-steps", dest="steps", type=int, default=None,
+                   help="ODE sampling steps (default: sd3 40, flux 28)")
+    g.add_argument("--steps", dest="steps", type=int, help=argparse.SUPPRESS)  # the old spelling
     return parser
 
 
