@@ -1,0 +1,88 @@
+"""Build the pipeline of "the model after cycle c" (``runstore.model_after``): Map, eval, RaTE load it here.
+
+``load_pipeline_after`` reads the materialised transformer (``cycle_XXXX/base/transformer``, written by the
+merge job, ``mrlora.reduce.materialise``) in place of base_0's, once, front to back, every byte hashed and
+checked against ``BASE_DONE.json``, then folds the remaining updates in fp32 and rounds once
+(``store.apply_updates``). Its weights are read exactly once: the pipeline never loads base_0's transformer
+as well, so a Map start reads the same bytes at cycle 80 as at cycle 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from mrlora.runstore import BASE_MARKER, ModelAfter, RunStoreError, read_json, read_marker
+
+log = logging.getLogger("mrlora.reduce")
+
+BASE_TRANSFORMER = "transformer"   # cycle_XXXX/base/transformer/: the model dtype, loadable like base_0's
+BASE_MASTER = "master.safetensors"  # cycle_XXXX/base/master.safetensors: fp32 adapted weights (merge job only)
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+def base_files(base_dir: Path) -> dict[str, dict]:
+    """``{relative path: marker entry}`` of an intact materialised base (RunStoreError when it is not)."""
+    marker = read_marker(base_dir, BASE_MARKER)
+    if marker is None:
+        raise RunStoreError(f"{base_dir} is not a complete materialised base (no valid {BASE_MARKER})")
+    return marker["files"]
+
+
+def load_base_transformer(base_dir: Path | str, arch: str, dtype: Any) -> Any:
+    """The materialised transformer of ``base_dir`` in ``dtype``, every shard read once and checked against
+    ``BASE_DONE.json`` (sizes and sha256, hashed during the read; DamagedFileError names a damaged shard)."""
+    import diffusers
+    import torch
+    from accelerate import init_empty_weights
+
+    from mrlora.models.loading import torch_dtype
+    from mrlora.reduce.base import ARCH_BY_CLASS, INDEX_NAME, WEIGHTS_NAME
+    from mrlora.reduce.safetensors_io import iter_verified
+
+    base_dir = Path(base_dir)
+    files = base_files(base_dir)
+    tdir = base_dir / BASE_TRANSFORMER
+    config = read_json(tdir / "config.json")
+    classes = {a: c for c, a in ARCH_BY_CLASS.items()}
+    if config.get("_class_name") != classes.get(arch):
+        raise RunStoreError(f"{tdir} holds a {config.get('_class_name')}, not the {arch} transformer of this run")
+    cls = getattr(diffusers, classes[arch])
+    index = tdir / INDEX_NAME
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_NAME]
+    dtype = torch_dtype(dtype)
+    with init_empty_weights():
+        model = cls.from_config(config)
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        rel = f"{BASE_TRANSFORMER}/{shard}"
+        for name, tensor in iter_verified(tdir / shard, files.get(rel, {"size": -1}), unit=base_dir):
+            state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(dtype).eval()
+
+
+def load_pipeline_after(model: ModelAfter, spec: str, arch: str, dtype: Any, device: Any = "cpu") -> Any:
+    """The diffusers pipeline of ``model`` (base_0 ``spec`` for everything but the transformer).
+
+    A damaged file (a checksum or size that differs from its marker) is moved aside with its unit
+    (``runstore.move_aside``: a materialised base, or a cycle's merge) and DamagedFileError is raised, so the
+    next attempt or ``--resume`` redoes exactly that unit; a partly loaded model is never returned.
+    """
+    from mrlora.models.loading import load_pipeline, torch_dtype
+    from mrlora.reduce.store import apply_updates
+    from mrlora.runstore import DamagedFileError, quarantine
+
+    try:
+        transformer = load_base_transformer(model.base_dir, arch, dtype) if model.base_dir is not None else None
+        pipe = load_pipeline(spec, arch=arch, dtype=dtype, device=device, transformer=transformer)
+        if model.update_dirs:
+            apply_updates(pipe.transformer, list(model.update_dirs), torch_dtype(dtype), arch=arch)
+    except DamagedFileError as exc:
+        raise quarantine(exc, "run the same command again (a materialised base is rebuilt from the updates) or "
+                              "resume the run (a merge is redone)") from None
+    log.info("model after cycle %d: %s", model.cycle, model.describe())
+    return pipe
