@@ -77,16 +77,104 @@ def _unknown_key(cfg: ml_collections.ConfigDict, key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}.{hint} `--print-config` lists every key.")
 
 
-def _parse_value(raw: str, current: Any) -> Any:
-    """Parse a command-line value into the type of the field it replaces."""
+# The spellings people type for a boolean on a command line.
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _expected(current: Any) -> str:
+    """What a value replacing ``current`` must look like, in the words of an error message."""
+    if isinstance(current, bool):
+        return "true or false (also yes/no, on/off, 1/0)"
+    if isinstance(current, int):
+        return "a whole number"
+    if isinstance(current, float):
+        return "a number (e.g. 3, 0.5, 1e-4)"
     if isinstance(current, str):
-        return raw
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        if isinstance(current, (list, tuple)) and "," in raw:
-            return [part.strip() for part in raw.split(",") if part.strip()]
-        return raw
+        return "text"
+    if isinstance(current, (list, tuple)):
+        return "a list, e.g. [a,b] or a,b"
+    return type(current).__name__
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def _split_items(text: str) -> list[str]:
+    """The items of ``[a, b]`` or ``a,b`` (brackets optional; commas inside quotes do not split)."""
+    text = text.strip()
+    if text[:1] + text[-1:] in ("[]", "()"):
+        text = text[1:-1]
+    items, current, quote = [], "", ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == ",":
+            items.append(current)
+            current = ""
+            continue
+        current += ch
+    items.append(current)
+    return [item.strip() for item in items if item.strip()] if len(items) > 1 or text.strip() else []
+
+
+def _parse_scalar(key: str, text: str, like: Any) -> Any:
+    """``text`` as a value of the type of ``like`` (the value it replaces); by its look when ``like`` is None."""
+    text = text.strip()
+    if isinstance(like, bool):
+        word = _unquote(text).lower()
+        if word in BOOL_WORDS:
+            return BOOL_WORDS[word]
+    elif isinstance(like, int):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 1e3
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(like, float):
+        try:
+            return float(_unquote(text))  # also nan / inf: validation refuses them where they make no sense
+        except ValueError:
+            pass
+    elif isinstance(like, str):
+        return _unquote(text)
+    else:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return _unquote(text)
+    raise ConfigError(f"config key {key!r} expects {_expected(like)}, got {text!r}")
+
+
+def _parse_value(raw: str, current: Any, key: str = "") -> Any:
+    """Parse a command-line value into the type of the field it replaces.
+
+    Lists accept Python syntax or the unquoted forms people type (``[to_q,to_k]``, ``to_q,to_k``, ``to_q``);
+    each item takes the type of the list's current items, so ``weights=[1,1,nan]`` is a list of floats.
+    """
+    if isinstance(current, (list, tuple)):
+        like = current[0] if current and all(type(v) is type(current[0]) for v in current) else None
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, (list, tuple)):
+            value = _split_items(raw)
+        return [_parse_scalar(f"{key}[{i}]", v, like) if isinstance(v, str) else v for i, v in enumerate(value)]
+    if current is None and raw.strip()[:1] + raw.strip()[-1:] == "[]":
+        try:
+            return ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return [_parse_scalar(key, v, None) for v in _split_items(raw)]
+    return _parse_scalar(key, raw, current)
 
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
@@ -106,16 +194,15 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
         if isinstance(value, str):
             return value
     elif isinstance(current, (list, tuple)):
-        if isinstance(value, (list, tuple)):
-            return list(value)
         if isinstance(value, (str, int, float)):
-            return [value]
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            if current and all(type(v) is type(current[0]) for v in current):
+                return [_coerce(f"{key}[{i}]", v, current[0]) for i, v in enumerate(value)]
+            return list(value)
     else:
         return value
-    raise ConfigError(
-        f"config key {key!r} expects {type(current).__name__} (current value {current!r}), "
-        f"got {type(value).__name__} {value!r}"
-    )
+    raise ConfigError(f"config key {key!r} expects {_expected(current)} (current value {current!r}), got {value!r}")
 
 
 def set_value(cfg: ml_collections.ConfigDict, key: str, raw: Any, parse: bool = True) -> None:
@@ -138,14 +225,14 @@ def set_value(cfg: ml_collections.ConfigDict, key: str, raw: Any, parse: bool = 
     if leaf not in node:
         if not (open_map and len(parts) >= 2):
             raise _unknown_key(cfg, key)
-        value = _parse_value(raw, None) if parse and isinstance(raw, str) else raw
+        value = _parse_value(raw, None, key) if parse and isinstance(raw, str) else raw
         with node.unlocked():
             node[leaf] = value
         return
     current = node[leaf]
     if isinstance(current, ml_collections.ConfigDict) and not open_map:
         raise ConfigError(f"config key {key!r} is a group; set one of its fields, e.g. {key}.{next(iter(current.keys()), 'x')}")
-    value = _parse_value(raw, current) if parse and isinstance(raw, str) else raw
+    value = _parse_value(raw, current, key) if parse and isinstance(raw, str) else raw
     if isinstance(current, ml_collections.ConfigDict):
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} expects a mapping, got {value!r}")
@@ -163,9 +250,15 @@ def parse_override(item: str) -> tuple[str, str]:
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+    """Apply ``key=value`` overrides in order. Naming the rewards without naming weights means equal weights
+    (one per reward), as ``--rewards`` does."""
+    keys = []
     for item in overrides:
         key, raw = parse_override(item)
         set_value(cfg, key, raw)
+        keys.append(key)
+    if "rewards" in keys and "weights" not in keys:
+        cfg.weights = [1.0] * len(cfg.rewards)
     return cfg
 
 
