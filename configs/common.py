@@ -96,7 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Keyword arguments of each reward's factory (rewards.build_reward(name, **kwargs)).
     c.reward_models = ml_collections.ConfigDict()
-    c.reward_models.geneval = ml_collections.ConfigDict({"backend": "local"})  # or "server" with url=...
+    # backend "local" or "server" with url=...; jpeg_quality 75: Flow-GRPO JPEG-compresses images before GenEval
+    # scoring in training (eval scores the images as generated)
+    c.reward_models.geneval = ml_collections.ConfigDict({"backend": "local", "jpeg_quality": 75})
     c.reward_models.pickscore = ml_collections.ConfigDict({
         "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
         "model": "yuvalkirstain/PickScore_v1",

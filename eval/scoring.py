@@ -44,8 +44,11 @@ def suite_rewards(suite: str) -> list[str]:
 
 
 def reward_kwargs(config: dict, name: str) -> dict[str, Any]:
-    """The factory kwargs for ``name``: the config's ``reward_models.<name>`` (empty if absent)."""
-    return dict((config.get("reward_models") or {}).get(name) or {})
+    """The factory kwargs for ``name``: the config's ``reward_models.<name>`` (empty if absent), less the
+    training-only ones (e.g. GenEval's JPEG compression: official eval scores the images as generated)."""
+    from rewards.base import eval_kwargs
+
+    return eval_kwargs(name, dict((config.get("reward_models") or {}).get(name) or {}))
 
 
 def build_rewards(names: list[str], config: dict) -> dict[str, Any]:

@@ -118,22 +118,28 @@ ModelsFn = Callable[..., list]
 
 @dataclass(frozen=True)
 class RewardSpec:
-    """A registered reward: its factory and (for prefetch) the models it would load for given kwargs."""
+    """A registered reward: its factory and (for prefetch) the models it would load for given kwargs.
+
+    ``train_only`` names factory kwargs that shape the training signal only (e.g. GenEval's JPEG compression
+    before scoring, as published training does); eval builds the reward without them (:func:`eval_kwargs`).
+    """
 
     name: str
     factory: RewardFactory
     models: ModelsFn | None = None
+    train_only: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
 
 
-def register_reward(name: str, *, models: ModelsFn | None = None) -> Callable[[RewardFactory], RewardFactory]:
+def register_reward(name: str, *, models: ModelsFn | None = None,
+                    train_only: Sequence[str] = ()) -> Callable[[RewardFactory], RewardFactory]:
     """Decorator registering ``factory(**kwargs) -> Reward`` under ``name``.
 
     ``models(**kwargs) -> list[ModelRef]`` (optional) lists the Hugging Face models the reward would load
-    with those kwargs; ``python -m rewards.prefetch`` downloads them. Keep the factory's heavy imports inside
-    its body so registering stays cheap.
+    with those kwargs; ``python -m rewards.prefetch`` downloads them. ``train_only`` lists kwargs that eval
+    drops (see :class:`RewardSpec`). Keep the factory's heavy imports inside its body so registering stays cheap.
     """
     if not name or not isinstance(name, str) or ":" in name:
         raise ValueError(f"reward name must be a non-empty string without ':', got {name!r}")
@@ -142,7 +148,7 @@ def register_reward(name: str, *, models: ModelsFn | None = None) -> Callable[[R
         existing = _REGISTRY.get(name)
         if existing is not None and existing.factory is not factory:
             raise ValueError(f"reward {name!r} is already registered by {existing.factory.__module__}")
-        _REGISTRY[name] = RewardSpec(name=name, factory=factory, models=models)
+        _REGISTRY[name] = RewardSpec(name=name, factory=factory, models=models, train_only=tuple(train_only))
         return factory
 
     return decorator
@@ -204,6 +210,12 @@ def get_reward_spec(name: str) -> RewardSpec:
         f"unknown reward {name!r}.{hint} Known rewards: {', '.join(known)}. A custom reward can also be named "
         f"as 'package.module:factory' or installed as an entry point in group {ENTRY_POINT_GROUP!r}."
     )
+
+
+def eval_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` without the reward's training-only ones: what eval builds ``name`` with."""
+    drop = set(get_reward_spec(name).train_only)
+    return {k: v for k, v in kwargs.items() if k not in drop}
 
 
 def build_reward(name: str, **kwargs: Any) -> Reward:

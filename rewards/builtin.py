@@ -58,7 +58,7 @@ def _geneval_models(backend: str = "auto", url: str | None = None, detector: str
     return [ModelRef(detector, "Mask2Former detector"), ModelRef(clip, "CLIP colour model")]
 
 
-@register_reward("geneval", models=_geneval_models)
+@register_reward("geneval", models=_geneval_models, train_only=("jpeg_quality",))
 def geneval(
     backend: str = "auto",
     url: str | None = None,
@@ -67,6 +67,8 @@ def geneval(
     device: str | None = None,
     batch_size: int = 8,
     signal: str = "score",
+    jpeg_quality: int | None = None,
+    partial_credit: str | None = None,
     threshold: float | None = None,
     counting_threshold: float | None = None,
     max_per_class: int | None = None,
@@ -78,18 +80,26 @@ def geneval(
     """GenEval: detector-checked objects, counts, colours, positions (partial credit; verdicts in details).
 
     ``backend``: ``"local"`` (Mask2Former + CLIP in this process), ``"server"`` (``url`` of
-    ``python -m rewards.geneval_server``) or ``"auto"`` (server when ``url`` is set).
+    ``python -m rewards.geneval_server``) or ``"auto"`` (server when ``url`` is set). ``jpeg_quality``: JPEG-
+    compress each image at this quality before scoring, as Flow-GRPO's training reward does (75; training only:
+    eval drops it). ``partial_credit``: the training score's rule, ``"reward_server"`` (default, what the
+    published experts train on) or ``"clipped"`` (rewards.geneval_rules); on a server it is the server's flag.
     """
     from rewards.geneval import GenEvalReward
-    from rewards.geneval_rules import COUNTING_THRESHOLD, MAX_OBJECTS, THRESHOLD
+    from rewards.geneval_rules import COUNTING_THRESHOLD, MAX_OBJECTS, PARTIAL_CREDITS, THRESHOLD
+
+    if partial_credit is not None and partial_credit not in PARTIAL_CREDITS:
+        raise RewardError(f"geneval: partial_credit must be one of {PARTIAL_CREDITS}, got {partial_credit!r}")
 
     if backend == "auto":
         backend = "server" if url else "local"
     if backend == "server":
         if not url:
             raise RewardError("geneval: backend='server' needs url='http://HOST:PORT' (see rewards.geneval_server)")
-        if threshold is not None or counting_threshold is not None or max_per_class is not None:
-            raise RewardError("geneval: thresholds are set on the server (python -m rewards.geneval_server --help)")
+        if (threshold is not None or counting_threshold is not None or max_per_class is not None
+                or partial_credit is not None):
+            raise RewardError("geneval: thresholds and partial_credit are set on the server "
+                              "(python -m rewards.geneval_server --help)")
         from rewards.geneval_client import GenEvalClient
 
         scorer = GenEvalClient(url, timeout=timeout, retries=retries, backoff=backoff, batch_size=batch_size)
@@ -104,10 +114,11 @@ def geneval(
             threshold=THRESHOLD if threshold is None else threshold,
             counting_threshold=COUNTING_THRESHOLD if counting_threshold is None else counting_threshold,
             max_per_class=MAX_OBJECTS if max_per_class is None else max_per_class, cache_dir=cache_dir,
+            partial_credit=partial_credit or "reward_server",
         )
     else:
         raise RewardError(f"geneval: backend must be 'local', 'server' or 'auto', got {backend!r}")
-    return GenEvalReward(scorer, signal=signal)
+    return GenEvalReward(scorer, signal=signal, jpeg_quality=jpeg_quality)
 
 
 @register_reward("jpeg_compressibility")

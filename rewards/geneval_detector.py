@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rewards.geneval_rules import (
-    COLORS, COUNTING_THRESHOLD, MAX_OBJECTS, THRESHOLD, Detection, GenEvalResult, canonical_class, evaluate,
-    select_detections, validate_metadata,
+    COLORS, COUNTING_THRESHOLD, MAX_OBJECTS, PARTIAL_CREDITS, THRESHOLD, Detection, GenEvalResult, canonical_class,
+    evaluate, select_detections, validate_metadata,
 )
 
 COLOUR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
@@ -167,7 +167,11 @@ class GenEvalScorer:
     """Detector + colour classifier + the GenEval rules: images and metadata in, :class:`GenEvalResult` out."""
 
     def __init__(self, detector: Detector, colours: ColourClassifier, threshold: float = THRESHOLD,
-                 counting_threshold: float = COUNTING_THRESHOLD, max_per_class: int = MAX_OBJECTS) -> None:
+                 counting_threshold: float = COUNTING_THRESHOLD, max_per_class: int = MAX_OBJECTS,
+                 partial_credit: str = "reward_server") -> None:
+        if partial_credit not in PARTIAL_CREDITS:
+            raise ValueError(f"geneval: partial_credit must be one of {PARTIAL_CREDITS}, got {partial_credit!r}")
+        self.partial_credit = partial_credit
         self.detector = detector
         self.colours = colours
         self.threshold = float(threshold)
@@ -182,13 +186,14 @@ class GenEvalScorer:
         for image, meta, detections in zip(images, metadata, all_detections):
             kept = select_detections(detections, meta.get("tag"), self.threshold, self.counting_threshold,
                                      self.max_per_class)
-            results.append(evaluate(kept, meta, lambda name, dets, im=image: self.colours.classify(im, name, dets)))
+            results.append(evaluate(kept, meta, lambda name, dets, im=image: self.colours.classify(im, name, dets),
+                                    partial_credit=self.partial_credit))
         return results
 
 
 def load_scorer(detector: str, clip: str, device: str, batch_size: int = 8, threshold: float = THRESHOLD,
                 counting_threshold: float = COUNTING_THRESHOLD, max_per_class: int = MAX_OBJECTS,
-                cache_dir: str | None = None) -> GenEvalScorer:
+                cache_dir: str | None = None, partial_credit: str = "reward_server") -> GenEvalScorer:
     """Load the Mask2Former detector and the CLIP colour model into a scorer.
 
     ``detector`` and ``clip`` are what ``rewards.hub.resolve_model`` returned (its callers resolve before
@@ -205,4 +210,5 @@ def load_scorer(detector: str, clip: str, device: str, batch_size: int = 8, thre
                             batch_size=batch_size),
         ClipColourClassifier(clip_model, clip_processor, device),
         threshold=threshold, counting_threshold=counting_threshold, max_per_class=max_per_class,
+        partial_credit=partial_credit,
     )

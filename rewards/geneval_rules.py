@@ -6,17 +6,26 @@ detections and reused unchanged by the in-process scorer, the scoring server and
 Per image and metadata line ``{"tag", "include": [{"class", "count", "color"?, "position"?: [relation, i]}],
 "exclude"?: [{"class", "count"}]}``:
 
-- detections are kept when ``score >= 0.3`` (``>= 0.9`` for the ``counting`` tag), at most 16 per class, most
-  confident first (:func:`select_detections`);
+- detections are kept when ``score > 0.3`` (``> 0.9`` for the ``counting`` tag; strict, as GenEval's
+  ``evaluate_images.py``), at most 16 per class, most confident first with ties in the order
+  ``np.argsort(scores)[::-1]`` gives (:func:`select_detections`);
 - ``correct`` (the official GenEval rule): every include clause finds at least ``count`` objects; colour
   clauses need the ``count`` most confident of them to be classified as the colour; position clauses need every
   one of them to stand in the relation to every object of include clause ``i`` (which must itself be matched);
   no exclude clause reaches its count;
 - ``strict_correct``: the same with exact counts (``n == count``);
-- ``score``: partial credit for training, the mean over credits: per include clause ``max(0, 1 - |n - k|/k)``,
-  per colour clause ``m / k`` (m right-coloured among the top min(n, k)), per position clause 1 if all pairs
-  hold (0 if either side found nothing), per exclude clause on a class no include clause counts 1 if respected
-  else 0 (an exclude on an included class is already priced by that clause's exact-count credit).
+- ``score``: the partial-credit training reward, the mean of a list of credits. Default
+  ``partial_credit="reward_server"`` is what Flow-GRPO and MapReduce-LoRA train on (reward-server's
+  ``evaluate_reward``), clause by clause: append ``1 - |n - k|/k`` (not clipped: negative when far too many
+  objects are found); if ``n != k`` append one 0 when the clause has a colour or a position, and stop there;
+  else a colour clause appends ``1 - |k - m|/k`` (m of the n objects classified as the colour), and a position
+  clause is scored only if the clause is still matched (no colour failure): 0 when its target clause did not
+  match, else every object is checked against every target object and a failed pair appends 0 *and then 1*
+  (the published code appends 1 after its loop whether or not the check failed; reproduced on purpose, so a
+  failed position is worth 1/2, not 0), a passing check appends 1. Exclude clauses give no credit.
+  ``partial_credit="clipped"`` (our own, off by default): per include clause ``max(0, 1 - |n - k|/k)``, per colour
+  clause ``m / k`` (m right-coloured among the top min(n, k)), per position clause 1 if all pairs hold (0 if
+  either side found nothing), per exclude clause on a class no include clause counts 1 if respected else 0.
 
 Position (:func:`relative_position`): offset of box centres, each component shrunk towards 0 by
 0.1 x (sum of the two boxes' sizes on that axis), divided by the length of the raw offset; a component below
@@ -37,6 +46,7 @@ THRESHOLD = 0.3
 COUNTING_THRESHOLD = 0.9
 MAX_OBJECTS = 16
 POSITION_THRESHOLD = 0.1
+PARTIAL_CREDITS = ("reward_server", "clipped")
 
 # The 80 COCO instance classes in COCO order, spelled as GenEval metadata spells them.
 COCO_CLASSES = (
@@ -149,16 +159,23 @@ def select_detections(
     counting_threshold: float = COUNTING_THRESHOLD,
     max_per_class: int = MAX_OBJECTS,
 ) -> dict[str, list[Detection]]:
-    """Keep confident detections (``score >= threshold``, or ``counting_threshold`` for the counting tag),
-    at most ``max_per_class`` per class, each class's list most confident first."""
+    """Keep confident detections (``score > threshold``, or ``counting_threshold`` for the counting tag),
+    at most ``max_per_class`` per class, each class's list most confident first.
+
+    As GenEval: per class, in detector order, ``np.argsort(scores)[::-1]`` orders them (so equal scores come
+    out as numpy's sort leaves them, reversed), then the strict threshold, then the cap.
+    """
     cut = counting_threshold if tag == "counting" else threshold
     by_class: dict[str, list[Detection]] = {}
     for det in detections:
-        if det.score >= cut:
-            by_class.setdefault(det.class_name, []).append(det)
-    return {
-        name: sorted(dets, key=lambda d: -d.score)[:max_per_class] for name, dets in by_class.items()
-    }
+        by_class.setdefault(det.class_name, []).append(det)
+    kept = {}
+    for name, dets in by_class.items():
+        order = np.argsort(np.array([d.score for d in dets], dtype=np.float64))[::-1]
+        chosen = [dets[i] for i in order if dets[i].score > cut][:max_per_class]
+        if chosen:
+            kept[name] = chosen
+    return kept
 
 
 def relative_position(box_a: Sequence[float], box_b: Sequence[float]) -> set[str]:
@@ -190,12 +207,16 @@ def _position_ok(objs: list[Detection], targets: list[Detection], relation: str)
     return all(relation in relative_position(o.box, t.box) for o in objs for t in targets)
 
 
-def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours_of: ColourFn) -> GenEvalResult:
+def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours_of: ColourFn,
+             partial_credit: str = "reward_server") -> GenEvalResult:
     """Apply the GenEval rules to the kept detections of one image.
 
     ``colours_of(class_name, detections)`` returns one colour name per detection; it is called only for colour
     clauses, on the most confident min(n, count) detections (the expensive CLIP step runs only when needed).
+    ``partial_credit`` picks the training score's rule (module docstring).
     """
+    if partial_credit not in PARTIAL_CREDITS:
+        raise ValueError(f"partial_credit must be one of {PARTIAL_CREDITS}, got {partial_credit!r}")
     validate_metadata(metadata)
     correct = strict = True
     reasons: list[str] = []
@@ -203,6 +224,7 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours_of: Co
     official_groups: list[list[Detection] | None] = []
     strict_groups: list[list[Detection] | None] = []
     top_groups: list[list[Detection]] = []
+    clause_colours: list[list[str] | None] = []
 
     for clause in metadata["include"]:
         name, k = clause["class"], clause["count"]
@@ -215,6 +237,7 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours_of: Co
             reasons.append(f"expected {name}>={k}, found {n}")
         elif not strict_ok:
             reasons.append(f"expected exactly {k} {name}, found {n}")
+        got = None
         if "color" in clause:
             colour = clause["color"]
             got = list(colours_of(name, top)) if top else []
@@ -224,6 +247,7 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours_of: Co
                 if ok:
                     reasons.append(f"expected {colour} {name}>={k}, found {m} {colour} (colours: {', '.join(got)})")
                 ok = strict_ok = False
+        clause_colours.append(got)
         if "position" in clause:
             relation, index = clause["position"]
             targets = top_groups[index]
@@ -251,7 +275,47 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours_of: Co
         if name not in included:
             credits.append(0.0 if n >= k else 1.0)
 
-    score = float(np.mean(credits))  # never empty: validate_metadata requires an include clause
+    if partial_credit == "reward_server":
+        score = reward_server_credit(objects, metadata, clause_colours)
+    else:
+        score = float(np.mean(credits))  # never empty: validate_metadata requires an include clause
     counts = {name: len(dets) for name, dets in objects.items()}
     return GenEvalResult(correct=bool(correct), strict_correct=bool(strict), score=score, reasons=tuple(reasons),
                          counts=counts)
+
+
+def reward_server_credit(objects: dict[str, list[Detection]], metadata: dict,
+                         clause_colours: Sequence[list[str] | None]) -> float:
+    """reward-server's ``evaluate_reward`` score (what the published GenEval experts train on), quirks included.
+
+    ``clause_colours[i]`` is the colour of each of include clause i's top ``count`` objects (``None`` without a
+    colour clause); it is only read when exactly ``count`` objects were found, when those are all of them.
+    """
+    credits: list[float] = []
+    matched_groups: list[list[Detection] | None] = []
+    for clause, colours in zip(metadata["include"], clause_colours):
+        name, k = clause["class"], clause["count"]
+        found = objects.get(name, [])
+        credits.append(1.0 - abs(k - len(found)) / k)  # not clipped: too many objects go below 0
+        matched = len(found) == k
+        if not matched:
+            if "color" in clause or "position" in clause:
+                credits.append(0.0)
+        else:
+            if "color" in clause:
+                right = list(colours or []).count(clause["color"])
+                credits.append(1.0 - abs(k - right) / k)
+                matched = right == k
+            if "position" in clause and matched:  # skipped after a colour failure
+                relation, index = clause["position"]
+                targets = matched_groups[index]
+                if targets is None:
+                    matched = False
+                    credits.append(0.0)
+                else:
+                    if not all(relation in relative_position(o.box, t.box) for o in found for t in targets):
+                        matched = False
+                        credits.append(0.0)
+                    credits.append(1.0)  # appended after the check even when it failed, as published
+        matched_groups.append(found if matched else None)
+    return sum(credits) / len(credits) if credits else 0.0

@@ -93,7 +93,7 @@ def make_server(scorer, host: str = "127.0.0.1", port: int = DEFAULT_PORT, descr
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rewards.geneval_rules import COUNTING_THRESHOLD, THRESHOLD
+    from rewards.geneval_rules import COUNTING_THRESHOLD, PARTIAL_CREDITS, THRESHOLD
 
     parser = argparse.ArgumentParser(prog="python -m rewards.geneval_server", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 to serve other nodes)")
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help="detection score threshold")
     parser.add_argument("--counting-threshold", type=float, default=COUNTING_THRESHOLD,
                         help="detection score threshold for counting prompts")
+    parser.add_argument("--partial-credit", default="reward_server", choices=PARTIAL_CREDITS,
+                        help="training score rule: reward_server (as published) or clipped (see rewards.geneval_rules)")
     parser.add_argument("--cache-dir", default=None, help="Hugging Face cache dir holding prefetched models")
     args = parser.parse_args(argv)
     from rewards.base import RewardError
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
         scorer = load_scorer(detector, clip, resolve_device(args.device), batch_size=args.batch_size,
                              threshold=args.threshold, counting_threshold=args.counting_threshold,
-                             cache_dir=args.cache_dir)
+                             cache_dir=args.cache_dir, partial_credit=args.partial_credit)
         server = make_server(scorer, args.host, args.port, description=f"detector={detector} clip={clip}")
     except OSError as exc:  # e.g. the port is taken
         raise RewardError(f"cannot start the GenEval server on {args.host}:{args.port}: {exc}") from exc

@@ -29,8 +29,8 @@ def det(name, box=(0, 0, 10, 10), score=0.99):
     return Detection(name, score, box)
 
 
-def run(objects, meta, colours=None):
-    return evaluate(select_detections(objects, meta.get("tag")), meta, colours or Colours())
+def run(objects, meta, colours=None, partial_credit="reward_server"):
+    return evaluate(select_detections(objects, meta.get("tag")), meta, colours or Colours(), partial_credit)
 
 
 def row(n, name="dog", y=0, score=0.99):
@@ -88,12 +88,13 @@ COUNT3 = {"tag": "counting", "include": [{"class": "cup", "count": 3}], "exclude
 @pytest.mark.parametrize(
     "n, correct, strict, score",
     [(3, True, True, 1.0), (2, False, False, 2 / 3), (4, False, False, 2 / 3), (0, False, False, 0.0),
-     (6, False, False, 0.0), (9, False, False, 0.0)],
+     (6, False, False, 0.0), (9, False, False, -1.0)],
 )
 def test_counting_exact_with_exclude(n, correct, strict, score):
     r = run(row(n, "cup"), COUNT3)
     assert (r.correct, r.strict_correct) == (correct, strict)
-    assert r.score == pytest.approx(score)
+    assert r.score == pytest.approx(score)  # reward-server: 1 - |n - k| / k, not clipped, exclude ignored
+    assert run(row(n, "cup"), COUNT3, partial_credit="clipped").score == pytest.approx(max(score, 0.0))
 
 
 def test_counting_uses_the_09_threshold():
@@ -111,11 +112,11 @@ def test_counting_without_exclude_is_at_least():
 
 # ---- thresholds and caps ----------------------------------------------------------------------------------------
 
-def test_select_detections_threshold_is_inclusive_sorted_and_capped():
-    dets = [det("dog", (i, 0, i + 1, 1), score=s) for i, s in enumerate([0.3, 0.2999, 0.5, 0.9, 0.31])]
+def test_select_detections_threshold_is_strict_sorted_and_capped():
+    dets = [det("dog", (i, 0, i + 1, 1), score=s) for i, s in enumerate([0.3, 0.2999, 0.5, 0.9, 0.31, 0.91])]
     kept = select_detections(dets, "single_object")
-    assert [d.score for d in kept["dog"]] == [0.9, 0.5, 0.31, 0.3]
-    assert [d.score for d in select_detections(dets, "counting")["dog"]] == [0.9]
+    assert [d.score for d in kept["dog"]] == [0.91, 0.9, 0.5, 0.31]  # GenEval keeps score > 0.3, not >=
+    assert [d.score for d in select_detections(dets, "counting")["dog"]] == [0.91]
     many = [det("dog", (i, 0, i + 1, 1), score=0.4 + i / 100) for i in range(20)]
     capped = select_detections(many, "single_object")["dog"]
     assert len(capped) == 16 and capped[0].score == pytest.approx(0.59) and capped[-1].score == pytest.approx(0.44)
@@ -192,7 +193,10 @@ def test_each_position_relation(relation):
     for other, box in PLACES.items():
         if other != relation:
             wrong = run([det("dog", CENTRE), det("cat", box)], meta)
-            assert not wrong.correct and not wrong.strict_correct and wrong.score == pytest.approx(2 / 3)
+            # reward-server appends 0 and then 1 for a failed position: (1 + 1 + 0 + 1) / 4
+            assert not wrong.correct and not wrong.strict_correct and wrong.score == pytest.approx(3 / 4)
+            clipped = run([det("dog", CENTRE), det("cat", box)], meta, partial_credit="clipped")
+            assert clipped.score == pytest.approx(2 / 3)
 
 
 def test_position_margin_rule():
@@ -232,7 +236,9 @@ def test_exclude_on_other_class():
             "exclude": [{"class": "cat", "count": 1}]}
     assert run(row(1), meta).correct
     r = run(row(1) + row(1, "cat", y=50), meta)
-    assert not r.correct and not r.strict_correct and r.score == pytest.approx(0.5)
+    assert not r.correct and not r.strict_correct
+    assert r.score == 1.0  # reward-server's training score ignores exclude clauses
+    assert run(row(1) + row(1, "cat", y=50), meta, partial_credit="clipped").score == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(
