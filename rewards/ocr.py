@@ -1,9 +1,18 @@
 """OCR reward: does the image show the text the prompt asked for?
 
-Rule (docs/design.md section 7, as in Flow-GRPO): the target is the text between the first pair of double quotes
-in the prompt; the recognised text is every line the OCR engine read, concatenated. Both are normalised
-(all whitespace removed, lower case). The distance d is 0 when the target is a substring of the recognition,
-else the Levenshtein distance, capped at len(target); reward = 1 - d / len(target), so it lies in [0, 1].
+Rule (as in Flow-GRPO's flow_grpo/ocr.py; docs/recipe.md): the target is what follows the first double quote up
+to the next one (``prompt.split('"')[1]``: with an unmatched quote, the rest of the prompt); prompts with only
+typographic quotes (\u201c...\u201d), on which the reference fails, use the text between those. The recognised
+text is every line the OCR engine read, concatenated. Both are normalised: spaces removed (only ' ', as the
+reference; ``whitespace="all"`` removes every whitespace character), lower case. The distance d is 0 when the
+target is a substring of the recognition, else the Levenshtein distance, capped at len(target);
+reward = 1 - d / len(target), so it lies in [0, 1].
+
+Engine input: the reference hands PaddleOCR ``np.array(pil_image)``, an RGB array, where PaddleOCR (like
+OpenCV) reads arrays as BGR; ``engine_input="rgb"`` (default) reproduces that, ``"bgr"`` swaps the channels
+into the order the engine expects. An engine error on one image scores that image 0, as the reference does,
+instead of failing the batch; each such failure is logged and counted (``details["engine_error"]``,
+``OcrReward.engine_errors``).
 
 Backends: ``rapidocr`` runs the PP-OCR detection + recognition ONNX models that ship inside the
 rapidocr-onnxruntime wheel, fully offline on CPU (the default, and what the tests exercise); ``paddleocr``
@@ -15,6 +24,7 @@ engines are not batched); the reward itself takes a batch.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -25,21 +35,28 @@ from rewards.base import Reward, RewardError, RewardOutput
 from rewards.hub import hub_offline
 
 ON_MISSING_POLICIES = ("error", "zero", "skip-nan")
-_QUOTED = re.compile(r"[\"\u201c](.*?)[\"\u201d]", re.DOTALL)
+WHITESPACE_RULES = ("space", "all")
+ENGINE_INPUTS = ("rgb", "bgr")
+_TYPOGRAPHIC = re.compile(r"\u201c(.*?)\u201d", re.DOTALL)
 _WHITESPACE = re.compile(r"\s+")
+log = logging.getLogger(__name__)
 
 
 def extract_target(prompt: str) -> str | None:
-    """Text between the first pair of double quotes (ASCII or typographic), or None if there is none."""
-    match = _QUOTED.search(prompt)
-    if match is None:
-        return None
-    return match.group(1)
+    """The reference's target, ``prompt.split('"')[1]``; else text between typographic quotes; else None."""
+    if '"' in prompt:
+        return prompt.split('"')[1]
+    match = _TYPOGRAPHIC.search(prompt)
+    return None if match is None else match.group(1)
 
 
-def normalise(text: str) -> str:
-    """The comparison form: every whitespace character removed, lower case."""
-    return _WHITESPACE.sub("", text).lower()
+def normalise(text: str, whitespace: str = "space") -> str:
+    """The comparison form, lower case: ``"space"`` removes ' ' only (the reference), ``"all"`` every whitespace."""
+    if whitespace == "space":
+        return text.replace(" ", "").lower()
+    if whitespace == "all":
+        return _WHITESPACE.sub("", text).lower()
+    raise ValueError(f"whitespace must be one of {WHITESPACE_RULES}, got {whitespace!r}")
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -55,9 +72,9 @@ def levenshtein(a: str, b: str) -> int:
     return previous[-1]
 
 
-def ocr_distance(target: str, recognised: str) -> int:
+def ocr_distance(target: str, recognised: str, whitespace: str = "space") -> int:
     """0 if normalised ``target`` occurs in normalised ``recognised``, else Levenshtein capped at len(target)."""
-    t, r = normalise(target), normalise(recognised)
+    t, r = normalise(target, whitespace), normalise(recognised, whitespace)
     if not t:
         raise ValueError("OCR target is empty after normalisation")
     if t in r:
@@ -65,9 +82,9 @@ def ocr_distance(target: str, recognised: str) -> int:
     return min(levenshtein(t, r), len(t))
 
 
-def ocr_score(target: str, recognised: str) -> float:
+def ocr_score(target: str, recognised: str, whitespace: str = "space") -> float:
     """1 - d / len(target) on normalised text; 1.0 means the target was read exactly."""
-    return 1.0 - ocr_distance(target, recognised) / len(normalise(target))
+    return 1.0 - ocr_distance(target, recognised, whitespace) / len(normalise(target, whitespace))
 
 
 class OcrBackend(Protocol):
@@ -77,8 +94,16 @@ class OcrBackend(Protocol):
         """The recognised text of each image (all lines concatenated, in reading order)."""
 
 
-def _bgr(image) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+def engine_array(image, engine_input: str = "rgb") -> np.ndarray:
+    """The array an engine gets: the RGB array as the reference passes it, or channel-swapped to BGR."""
+    _check_engine_input(engine_input)
+    rgb = np.asarray(image.convert("RGB"))
+    return np.ascontiguousarray(rgb if engine_input == "rgb" else rgb[:, :, ::-1])
+
+
+def _check_engine_input(engine_input: str) -> None:
+    if engine_input not in ENGINE_INPUTS:
+        raise RewardError(f"ocr: engine_input must be one of {ENGINE_INPUTS}, got {engine_input!r}")
 
 
 class RapidOcrBackend:
@@ -86,7 +111,9 @@ class RapidOcrBackend:
 
     name = "rapidocr"
 
-    def __init__(self, min_confidence: float = 0.0, **engine_kwargs) -> None:
+    def __init__(self, min_confidence: float = 0.0, engine_input: str = "rgb", **engine_kwargs) -> None:
+        _check_engine_input(engine_input)
+        self.engine_input = engine_input
         try:
             from rapidocr_onnxruntime import RapidOCR
         except ImportError as exc:
@@ -99,7 +126,8 @@ class RapidOcrBackend:
     def read(self, images: Sequence) -> list[str]:
         texts = []
         for image in images:
-            result, _ = self._engine(_bgr(image), use_det=True, use_cls=False, use_rec=True)
+            result, _ = self._engine(engine_array(image, self.engine_input), use_det=True, use_cls=False,
+                                     use_rec=True)
             lines = [text for _box, text, conf in (result or []) if float(conf) > self.min_confidence]
             texts.append(" ".join(lines))
         return texts
@@ -114,7 +142,10 @@ class PaddleOcrBackend:
 
     name = "paddleocr"
 
-    def __init__(self, min_confidence: float = 0.0, use_gpu: bool = False, **paddle_kwargs) -> None:
+    def __init__(self, min_confidence: float = 0.0, use_gpu: bool = False, engine_input: str = "rgb",
+                 **paddle_kwargs) -> None:
+        _check_engine_input(engine_input)
+        self.engine_input = engine_input
         try:
             from paddleocr import PaddleOCR
         except ImportError as exc:
@@ -130,14 +161,15 @@ class PaddleOcrBackend:
     def read(self, images: Sequence) -> list[str]:
         texts = []
         for image in images:
-            result = self._engine.ocr(_bgr(image), cls=False)
+            result = self._engine.ocr(engine_array(image, self.engine_input), cls=False)
             page = result[0] if result else None
             lines = [text for _box, (text, conf) in (page or []) if float(conf) > self.min_confidence]
             texts.append(" ".join(lines))
         return texts
 
 
-def make_backend(backend: str = "auto", min_confidence: float = 0.0, paddle_kwargs: dict | None = None):
+def make_backend(backend: str = "auto", min_confidence: float = 0.0, paddle_kwargs: dict | None = None,
+                 engine_input: str = "rgb"):
     """Build an OCR backend by name: ``rapidocr``, ``paddleocr`` or ``auto``."""
     paddle_kwargs = dict(paddle_kwargs or {})
     if backend == "auto":
@@ -146,9 +178,9 @@ def make_backend(backend: str = "auto", min_confidence: float = 0.0, paddle_kwar
         )
         backend = "paddleocr" if paddle_usable else "rapidocr"
     if backend == "rapidocr":
-        return RapidOcrBackend(min_confidence=min_confidence)
+        return RapidOcrBackend(min_confidence=min_confidence, engine_input=engine_input)
     if backend == "paddleocr":
-        return PaddleOcrBackend(min_confidence=min_confidence, **paddle_kwargs)
+        return PaddleOcrBackend(min_confidence=min_confidence, engine_input=engine_input, **paddle_kwargs)
     raise RewardError(f"unknown OCR backend {backend!r}; choose 'rapidocr', 'paddleocr' or 'auto'")
 
 
@@ -163,25 +195,31 @@ class OcrReward(Reward):
 
     ``on_missing`` decides what happens to a prompt without quoted text: ``"error"`` (default) raises before
     any OCR runs, ``"zero"`` scores it 0, ``"skip-nan"`` scores it NaN (excluded from means by the caller).
-    Details: ``distance`` (capped, NaN when skipped), ``target_length`` (normalised characters, 0 when none),
-    ``exact`` (1.0 when the target was read exactly).
+    ``whitespace``: ``"space"`` (reference) or ``"all"`` (module docstring). Details: ``distance`` (capped, NaN when
+    skipped or when the engine failed), ``target_length`` (normalised characters, 0 when none), ``exact`` (1.0 when
+    the target was read exactly), ``engine_error`` (1.0 where the OCR engine raised; that image scores 0).
     """
 
     name = "ocr"
     higher_is_better = True
 
-    def __init__(self, backend: OcrBackend, on_missing: str = "error", batch_size: int = 8) -> None:
+    def __init__(self, backend: OcrBackend, on_missing: str = "error", batch_size: int = 8,
+                 whitespace: str = "space") -> None:
         if on_missing not in ON_MISSING_POLICIES:
             raise RewardError(f"ocr: on_missing must be one of {ON_MISSING_POLICIES}, got {on_missing!r}")
+        if whitespace not in WHITESPACE_RULES:
+            raise RewardError(f"ocr: whitespace must be one of {WHITESPACE_RULES}, got {whitespace!r}")
         self.backend = backend
         self.on_missing = on_missing
         self.batch_size = max(1, int(batch_size))
+        self.whitespace = whitespace
+        self.engine_errors = 0  # images whose OCR raised, over this reward's lifetime
 
     def _targets(self, prompts: list[str]) -> list[_Target | None]:
         targets: list[_Target | None] = []
         for i, prompt in enumerate(prompts):
             raw = extract_target(prompt)
-            if raw is None or not normalise(raw):
+            if raw is None or not normalise(raw, self.whitespace):
                 if self.on_missing == "error":
                     raise RewardError(
                         f"ocr: prompt {i} has no text between double quotes ({prompt[:80]!r}); the OCR reward "
@@ -199,17 +237,41 @@ class OcrReward(Reward):
         scores = np.full(n, np.nan if self.on_missing == "skip-nan" else 0.0, dtype=np.float32)
         distance = np.full(n, np.nan, dtype=np.float32)
         length = np.zeros(n, dtype=np.float32)
+        failed = np.zeros(n, dtype=np.float32)
         todo = [t for t in targets if t is not None]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            texts = self.backend.read([images[t.index] for t in chunk])
+            texts = self._read([images[t.index] for t in chunk], [t.index for t in chunk])
             for target, text in zip(chunk, texts):
-                d = ocr_distance(target.text, text)
-                length[target.index] = len(normalise(target.text))
+                length[target.index] = len(normalise(target.text, self.whitespace))
+                if text is None:  # the engine raised on this image: score 0, as the reference does
+                    failed[target.index] = 1.0
+                    scores[target.index] = 0.0
+                    continue
+                d = ocr_distance(target.text, text, self.whitespace)
                 distance[target.index] = d
                 scores[target.index] = 1.0 - d / length[target.index]
         exact = np.where(np.isnan(distance), np.nan, (distance == 0).astype(np.float32))
-        return RewardOutput(scores=scores, details={"distance": distance, "target_length": length, "exact": exact})
+        details = {"distance": distance, "target_length": length, "exact": exact, "engine_error": failed}
+        return RewardOutput(scores=scores, details=details)
+
+    def _read(self, batch: list, indices: list[int]) -> list[str | None]:
+        """The engine's text per image; None for an image the engine raised on (logged and counted)."""
+        try:
+            return list(self.backend.read(batch))
+        except Exception:  # find the image(s) at fault, so one bad image does not take the batch with it
+            pass
+        texts: list[str | None] = []
+        for image, index in zip(batch, indices):
+            try:
+                texts.extend(self.backend.read([image]))
+            except Exception as exc:
+                self.engine_errors += 1
+                log.warning("ocr: the %s engine failed on image %d of the batch (%s: %s); it scores 0 "
+                            "(%d such failures so far)", self.backend.name, index, type(exc).__name__, exc,
+                            self.engine_errors)
+                texts.append(None)
+        return texts
 
 
 def build_ocr(
@@ -219,15 +281,22 @@ def build_ocr(
     min_confidence: float = 0.0,
     paddle_kwargs: dict | None = None,
     device: str | None = None,
+    whitespace: str = "space",
+    engine_input: str = "rgb",
 ) -> OcrReward:
     """OCR: 1 - capped edit distance / len(quoted target) between the prompt's quoted text and what is read.
 
     ``backend``: ``"rapidocr"`` (offline PP-OCR ONNX), ``"paddleocr"`` or ``"auto"``; ``on_missing``:
-    ``"error"`` | ``"zero"`` | ``"skip-nan"`` for prompts without quoted text. ``device`` is accepted for config
-    symmetry (PaddleOCR uses the GPU when it is cuda). Registered as the ``ocr`` reward by rewards.builtin.
+    ``"error"`` | ``"zero"`` | ``"skip-nan"`` for prompts without quoted text. ``whitespace``: ``"space"``
+    (reference) | ``"all"``; ``engine_input``: ``"rgb"`` (reference) | ``"bgr"`` (module docstring). ``device`` is
+    accepted for config symmetry (PaddleOCR uses the GPU when it is cuda). Registered as the ``ocr`` reward by
+    rewards.builtin.
     """
+    if whitespace not in WHITESPACE_RULES:
+        raise RewardError(f"ocr: whitespace must be one of {WHITESPACE_RULES}, got {whitespace!r}")
     if backend == "paddleocr" or backend == "auto":
         paddle_kwargs = dict(paddle_kwargs or {})
         if device is not None:
             paddle_kwargs.setdefault("use_gpu", str(device).startswith("cuda"))
-    return OcrReward(make_backend(backend, min_confidence, paddle_kwargs), on_missing=on_missing, batch_size=batch_size)
+    return OcrReward(make_backend(backend, min_confidence, paddle_kwargs, engine_input), on_missing=on_missing,
+                     batch_size=batch_size, whitespace=whitespace)
