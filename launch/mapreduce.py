@@ -22,7 +22,7 @@ from launch import runs, slurm
 from launch.plan import MERGE, RATE, PlanError, build_plan, format_plan, safe_name, submission_dependencies
 from launch.profiles import ClusterProfile, ProfileError, default_profile, load_profile
 from launch.runs import LaunchError
-from mrlora.config import (ConfigError, apply_overrides, config_from_dict, config_to_dict, format_config, load_config,
+from mrlora.config import (ConfigError, apply_overrides, config_from_dict, config_sources, config_to_dict, format_config, load_config,
                            validate)
 from mrlora.memory_plan import format_plan_memory
 from mrlora.runstore import LeaseInfo, RunDir, RunStoreError, is_run_ts, new_run_ts
@@ -254,9 +254,10 @@ def new_run(args, out_root: Path) -> int:
     if args.adopt:
         raise LaunchError("--adopt only makes sense with --resume")
     check_reward_names(args.rewards or [])
-    cfg = load_config(args.model, shortcut_overrides(args) + list(args.overrides))
+    overrides = shortcut_overrides(args) + list(args.overrides)
+    cfg = load_config(args.model, overrides)
     if args.print_config:
-        print(format_config(cfg))
+        print(format_config(cfg, config_sources(overrides)))
         return 0
     profile = load_profile(args.cluster) if args.cluster else default_profile()
     executor = resolve_executor(args.executor, profile, dry_run=args.dry_run)

@@ -16,11 +16,15 @@ import difflib
 import importlib
 import importlib.util
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterable
 
 import ml_collections
+from mrlora.cli import UserError
+
+log = logging.getLogger(__name__)
 
 PRESETS = ("sd35m", "flux", "tiny-sd3", "tiny-flux")
 # Maps keyed by reward name: a user adding a reward may create new keys here.
@@ -34,7 +38,7 @@ KL_FORMS = ("published", "transition")  # mrlora.grpo.kl_std: what the KL term d
 RESERVED_REWARD_NAMES = ("merged", "rate", "logs")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem the user can fix; the message names the key and what to do."""
 
 
@@ -251,15 +255,60 @@ def parse_override(item: str) -> tuple[str, str]:
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
     """Apply ``key=value`` overrides in order. Naming the rewards without naming weights means equal weights
-    (one per reward), as ``--rewards`` does."""
+    (one per reward), as ``--rewards`` does.
+
+    Precedence, lowest first: the preset, the preset's ``per_reward`` values, the user's overrides in the order
+    given. So a user's ``train.lr=1e-4`` applies to every expert: it also replaces a preset's per-reward
+    ``train.lr`` (logged), and only the user's own ``per_reward.<reward>.train.lr`` is more specific.
+    """
     keys = []
     for item in overrides:
         key, raw = parse_override(item)
         set_value(cfg, key, raw)
         keys.append(key)
+        if key.split(".")[0] not in OPEN_MAPS:
+            for reward, old in _drop_per_reward(cfg, key):
+                log.warning("%s also replaces the per-reward value of %s (%r); to keep a value for one "
+                            "reward, also set per_reward.%s.%s", item, reward, old, reward, key)
     if "rewards" in keys and "weights" not in keys:
         cfg.weights = [1.0] * len(cfg.rewards)
     return cfg
+
+
+def _drop_per_reward(cfg: ml_collections.ConfigDict, key: str) -> list[tuple[str, Any]]:
+    """Remove ``key`` (and anything under it) from every ``per_reward`` entry; return (reward, old value)."""
+    dropped = []
+    for reward in list(cfg.per_reward.keys()):
+        node = cfg.per_reward[reward]
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, (dict, ml_collections.ConfigDict)) else None
+            if node is None:
+                break
+        if node is None or not isinstance(node, (dict, ml_collections.ConfigDict)) or leaf not in node:
+            continue
+        old = node[leaf]
+        if isinstance(node, ml_collections.ConfigDict):
+            with node.unlocked():
+                del node[leaf]
+        else:
+            del node[leaf]
+        dropped.append((reward, old.to_dict() if isinstance(old, ml_collections.ConfigDict) else old))
+    return dropped
+
+
+def config_sources(overrides: Iterable[str]) -> dict[str, str]:
+    """Which keys the user's overrides set, for ``--print-config``: ``{key: "command line"}``.
+
+    A key under one of these is the command line's too; every other key is the preset's (:func:`format_config`).
+    """
+    named = [parse_override(item)[0] for item in overrides]
+    sources: dict[str, str] = {}
+    for key in named:
+        sources[key] = "command line"
+    if "rewards" in named and "weights" not in named:
+        sources["weights"] = "command line (equal weights for --rewards)"
+    return sources
 
 
 def load_config(preset: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
@@ -322,7 +371,8 @@ def normalised_weights(weights: Iterable[float], allow_negative: bool = False) -
     if not allow_negative and any(w < 0 for w in weights):
         raise ConfigError(
             f"negative merge weight in {weights}. Weights must be >= 0; for task-arithmetic style negation "
-            "pass --allow-negative-weights (mapreduce.allow_negative_weights=True)."
+            "set mapreduce.allow_negative_weights=True (python -m launch.mapreduce: --set "
+            "mapreduce.allow_negative_weights=True; python -m mrlora.merge: --allow-negative-weights)."
         )
     total = sum(abs(w) for w in weights) if allow_negative else sum(weights)
     if total == 0:
@@ -443,16 +493,32 @@ def _known_rewards() -> set[str] | None:
     return set(available_rewards())
 
 
-def format_config(cfg: ml_collections.ConfigDict) -> str:
-    """Every key with its value, one per line, for ``--print-config``."""
+def format_config(cfg: ml_collections.ConfigDict, sources: dict[str, str] | None = None) -> str:
+    """Every key with its value, one per line, for ``--print-config``.
+
+    With ``sources`` (:func:`config_sources`) each line also says where the value came from: the preset, the
+    command line, or, under ``per_reward``, the preset's per-reward value that the expert of that reward gets
+    instead of the top-level one.
+    """
     lines = []
+
+    def origin(path: str) -> str:
+        if sources is None:
+            return ""
+        parts = path.split(".")
+        for i in range(len(parts), 0, -1):
+            if ".".join(parts[:i]) in sources:
+                return f"  # {sources['.'.join(parts[:i])]}"
+        if parts[0] == "per_reward" and len(parts) > 2:
+            return f"  # preset, per-reward: the {parts[1]} expert uses this instead of {'.'.join(parts[2:])}"
+        return "  # preset"
 
     def walk(node, prefix):
         for key, value in node.items():
             if isinstance(value, ml_collections.ConfigDict):
                 walk(value, f"{prefix}{key}.")
             else:
-                lines.append(f"{prefix}{key} = {value!r}")
+                lines.append(f"{prefix}{key} = {value!r}{origin(prefix + key)}")
 
     walk(cfg, "")
     return "\n".join(lines)
