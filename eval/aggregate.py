@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from mrlora.cli import run_cli
+from mrlora.cli import add_version_flag, run_cli
 from eval.errors import EvalError
 from eval.plan import EvalDir, Shard
 from eval.results import Results, read_results, write_results
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.aggregate", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="the eval's output directory (the --out of eval.run)")
     parser.add_argument("--force", action="store_true", help="aggregate again even if DONE.json exists")
+    add_version_flag(parser)
     args = parser.parse_args(argv)
     summary = aggregate(EvalDir(args.out), force=args.force)
     print(f"{args.out}: {summary['images']} images; " + ", ".join(

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrlora.cli import run_cli
+from mrlora.cli import add_version_flag, run_cli
 from eval.errors import EvalError
 from eval.pareto import hypervolume, pareto_front
 from eval import rate as rate_mix
@@ -415,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", nargs="+", required=True, help="aggregated eval directories")
     parser.add_argument("--out", required=True, help="report directory (report.md, report.html, plots)")
     parser.add_argument("--top", type=int, default=4, help="best/worst images shown per reward and eval")
+    add_version_flag(parser)
     args = parser.parse_args(argv)
     if args.top < 1:
         raise EvalError(f"--top must be >= 1, got {args.top}")

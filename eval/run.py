@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from eval.checkpoint import FORMS_HINT, resolve_checkpoint
-from mrlora.cli import run_cli
+from mrlora.cli import add_version_flag, run_cli
 from eval.errors import EvalError
 from eval.plan import EvalDir, Shard
 from eval.prompts import load_prompts
@@ -119,7 +119,9 @@ def out_complete(out: EvalDir, settings: EvalSettings) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    add_version_flag(parser)
+    args = parser.parse_args(argv)
     settings, ckpt, cfg, prompts, shard = prepare(args)
     mix = RateMix.from_dict(settings.rate) if settings.rate is not None else None
     if mix is not None:

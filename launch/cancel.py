@@ -26,6 +26,7 @@ from launch.mapreduce import find_run, out_root_of
 from launch.runs import LaunchError, resume_command
 from mrlora.claim import Claim, process_start, read_holder
 from mrlora.runstore import RunDir, RunStoreError, is_run_ts, pid_alive
+from mrlora.cli import add_version_flag
 
 
 def local_workers(run: RunDir) -> list[Claim]:
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="the run's model directory (to stop a local run)")
     p.add_argument("--wait", type=float, default=120.0, metavar="S",
                    help="seconds to wait for a local run to checkpoint and exit (default 120)")
+    add_version_flag(p)
     args = p.parse_args(argv)
     if not is_run_ts(args.run_ts):
         print(f"error: {args.run_ts!r} is not a run id (YYYYmmdd_HHMMSS, optionally followed by _<suffix>)",

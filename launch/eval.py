@@ -28,7 +28,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from mrlora.cli import UserError, run_cli
+from mrlora.cli import UserError, add_version_flag, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO_ROOT / "slurm_templates"
@@ -224,7 +224,9 @@ def sbatch(script: Path, extra: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    add_version_flag(parser)
+    args = parser.parse_args(argv)
     from eval.errors import EvalError
     from eval.plan import EvalDir
     from eval.run import build_parser as eval_parser

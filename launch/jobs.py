@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from mrlora.cli import EXIT_INTERRUPTED, setup_logging
+from mrlora.cli import EXIT_INTERRUPTED, add_version_flag, setup_logging
 
 ENTRYPOINTS_ENV = "MRLORA_JOB_ENTRYPOINTS"
 # set by the local executor: the launcher's pid, so a worker stops (checkpoints) when its launcher dies
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("run_root")
     r.add_argument("cycle", type=int)
     r.add_argument("reward")
+    add_version_flag(parser)
     args = parser.parse_args(argv)
     setup_logging()  # the job's log gets every library logger's lines (the merge logs what it merged)
     if os.environ.get(LAUNCHER_PID_ENV):

@@ -14,16 +14,16 @@ import datetime as _dt
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from launch import slurm
 from launch.journal import JobRecord, latest_by_unit, read_records
-from launch.local import LOCAL_LOG_DIR, metrics_tail, reward_keys
+from launch.local import metrics_tail, reward_keys
+from launch.logs import local_log
 from launch.mapreduce import find_run, out_root_of
-from launch.plan import MERGE, RATE, rate_unit, safe_name
+from launch.plan import MERGE, RATE, rate_unit
 from launch.runs import rate_cycles_of, rate_is_done
 from mrlora.config import config_for_reward, config_from_dict
-from mrlora.cli import run_cli
+from mrlora.cli import add_version_flag, run_cli
 from mrlora.runstore import RunDir, pid_alive
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -88,18 +88,6 @@ def _reward_mean(metrics: dict) -> str:
     return f"r={metrics[keys[0]]:.3g}" if keys else ""
 
 
-def _local_log(run: RunDir, cycle: int, unit: str) -> Path | None:
-    folder = run.logs_dir / LOCAL_LOG_DIR
-    names = (f"c{cycle:04d}-{unit}.log", f"c{cycle:04d}-experts-{unit}.log")
-    if unit.startswith(f"{RATE}:"):
-        reward = unit.split(":", 1)[1]
-        names = (f"c{cycle:04d}-{RATE}-{safe_name(reward)}.log", f"c{cycle:04d}-{RATE}-{reward}.log")
-    for name in names:
-        if (folder / name).exists():
-            return folder / name
-    return None
-
-
 def _fill_state(cell: Cell, run: RunDir, launcher_alive: bool | None, rec: JobRecord | None, c: int, unit: str,
                 done: bool, queue: dict, acct: dict) -> None:
     """The state of one unit (an expert, a merge or a RaTE token "rate:<reward>"): marker first, then Slurm.
@@ -127,7 +115,7 @@ def _fill_state(cell: Cell, run: RunDir, launcher_alive: bool | None, rec: JobRe
     elif done:
         cell.state = "DONE"
     elif launcher_alive is not None:
-        log = _local_log(run, c, unit)
+        log = local_log(run, c, unit)
         if log is not None:
             cell.state = "STARTED"
             if not launcher_alive:
@@ -267,6 +255,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 10) until the run finishes or nothing is queued")
     p.add_argument("--no-slurm", action="store_true", help="do not ask Slurm; show the run directory only")
+    add_version_flag(p)
     args = p.parse_args(argv)
     run = find_run(out_root_of(args), args.model, args.run_ts)
     while True:

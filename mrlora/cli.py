@@ -11,11 +11,15 @@ Torch-free and stdlib-only: the login-node commands import it.
 
 from __future__ import annotations
 
+import argparse
+import functools
 import logging
 import os
 import signal
+import subprocess
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, NoReturn
 
 EXIT_OK = 0
@@ -35,6 +39,41 @@ _QUIET_WARNINGS = (
     r".*`resume_download` is deprecated.*",
     r".*torch.utils._pytree._register_pytree_node is deprecated.*",
 )
+
+
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """``<package version>+g<git sha>`` of the code that runs (just the version outside a git checkout).
+
+    Recorded in run.json and printed by every command's ``--version``, so a result can be traced to its code.
+    """
+    from mrlora import __version__ as version
+
+    try:
+        sha = subprocess.run(["git", "-C", str(CODE_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        sha = ""
+    return f"{version}+g{sha}" if sha else str(version)
+
+
+class _VersionAction(argparse.Action):
+    """``--version`` that asks git only when it is used, so other invocations pay nothing for it."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} (mrlora) {code_version()}")
+        parser.exit()
+
+
+def add_version_flag(parser: argparse.ArgumentParser) -> None:
+    """Give a command ``--version`` (the same line on every command)."""
+    parser.add_argument("--version", action=_VersionAction, help="print mrlora's version and exit")
 
 
 class UserError(Exception):

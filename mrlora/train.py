@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mrlora.cli import EXIT_INTERRUPTED, run_cli
+from mrlora.cli import EXIT_INTERRUPTED, add_version_flag, run_cli
 from mrlora.training.errors import Preempted, TrainError
 
 __all__ = ["Preempted", "TrainError", "train_expert_in_run", "train_expert_standalone", "main"]
@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    add_version_flag(parser)
+    args = parser.parse_args(argv)
     try:
         if args.run:
             if args.cycle is None:

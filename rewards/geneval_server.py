@@ -16,7 +16,7 @@ import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from mrlora.cli import main_entry
+from mrlora.cli import add_version_flag, main_entry
 from rewards.geneval_rules import GenEvalMetadataError
 from rewards.geneval_wire import WireError, decode_request, encode_error, encode_response
 
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partial-credit", default="reward_server", choices=PARTIAL_CREDITS,
                         help="training score rule: reward_server (as published) or clipped (see rewards.geneval_rules)")
     parser.add_argument("--cache-dir", default=None, help="Hugging Face cache dir holding prefetched models")
+    add_version_flag(parser)
     args = parser.parse_args(argv)
     from rewards.base import RewardError
     from rewards.builtin import DEFAULT_GENEVAL_CLIP, DEFAULT_GENEVAL_DETECTOR

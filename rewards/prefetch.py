@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from mrlora.cli import main_entry
+from mrlora.cli import add_version_flag, main_entry
 from rewards.base import RewardError, get_reward_spec
 from rewards.hub import ModelRef
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="REWARD.KEY=VALUE",
                         help="override a reward kwarg that names a model (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the models that would be downloaded")
+    add_version_flag(parser)
     args = parser.parse_args(argv)
     plan = models_to_fetch(args.rewards, _parse_overrides(args.overrides))
     if not plan:

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mrlora.cli import main_entry
+from mrlora.cli import add_version_flag, main_entry
 from mrlora.runstore import atomic_write_text
 from rewards.base import RewardError
 from rewards.geneval_rules import GenEvalMetadataError, validate_metadata
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, required=True, help="number of prompts")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (use different seeds for train/test)")
     parser.add_argument("--out", required=True, help="output file (.jsonl for geneval, .txt otherwise)")
+    add_version_flag(parser)
     args = parser.parse_args(argv)
     out = Path(args.out)
     as_jsonl = args.kind == "geneval"

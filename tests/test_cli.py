@@ -94,3 +94,46 @@ def test_every_package_error_base_is_a_user_error():
     for base in (EvalError, TemplateError, PlanError, ProfileError, LaunchError, SlurmError, ConfigError, ModelError,
                  RateError, RunStoreError, TrainError, RewardError):
         assert issubclass(base, UserError), base
+
+
+COMMAND_MODULES = ["launch.mapreduce", "launch.status", "launch.logs", "launch.cancel", "launch.eval", "launch.jobs",
+                   "eval.run", "eval.report", "eval.aggregate", "mrlora.train", "mrlora.reduce.cli",
+                   "mrlora.rate.cli", "mrlora.models.tiny", "mrlora.models.real_shapes", "rewards.prefetch",
+                   "rewards.prompts", "rewards.geneval_server"]
+
+
+def test_every_command_prints_the_same_version_line():
+    code = ("import importlib, io, contextlib, sys\n"
+            f"for name in {COMMAND_MODULES!r}:\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        try:\n"
+            "            importlib.import_module(name).main(['--version'])\n"
+            "        except SystemExit as exc:\n"
+            "            assert exc.code in (0, None), (name, exc.code)\n"
+            "        else:\n"
+            "            raise AssertionError(name + ' has no --version')\n"
+            "    print(name, '|', out.getvalue().strip())\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from mrlora.cli import code_version
+
+    lines = dict(line.split(" | ", 1) for line in proc.stdout.splitlines() if " | " in line)
+    assert set(lines) == set(COMMAND_MODULES)
+    for name, line in lines.items():
+        assert line.endswith(f"(mrlora) {code_version()}"), (name, line)
+
+
+def test_the_mrlora_command_runs_each_tool_by_name():
+    from mrlora.commands import COMMANDS
+
+    assert {module for module, _ in COMMANDS.values()} <= set(COMMAND_MODULES)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mrlora.commands", *a], cwd=REPO, capture_output=True,
+                                    text=True, timeout=120)
+    listing = run()
+    assert listing.returncode == 0 and all(name in listing.stdout for name in COMMANDS)
+    assert run("status", "--version").stdout.startswith("python -m launch.status (mrlora) ")
+    wrong = run("prompts", "--kind", "simple", "--n", "2", "--out", "x.jsonl")
+    assert wrong.returncode == 2 and "rename --out" in wrong.stderr and "Traceback" not in wrong.stderr
+    unknown = run("statsu")
+    assert unknown.returncode == 2 and "unknown command 'statsu'" in unknown.stderr

@@ -38,6 +38,7 @@ from typing import Any, Iterator
 
 from mrlora.models.errors import ModelError, TinyBuildError
 from mrlora.models.real_configs import PIPELINES, real_components
+from mrlora.cli import add_version_flag
 
 MARKER = "REAL_SHAPES_COMPLETE.json"
 TEXT_LAYERS = {"clip": 2, "t5": 1}  # CLIP: two, so the penultimate hidden state SD3 reads is a real layer's
@@ -319,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-layers", type=int, help="flux: single-stream blocks (default 38)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="weight dtype on disk")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    add_version_flag(parser)
     args = parser.parse_args(argv)
     try:
         path = build_real_shapes(args.arch, args.out, seed=args.seed, dtype=args.dtype, layers=args.layers,

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from mrlora.cli import main_entry
+from mrlora.cli import add_version_flag, main_entry
 from mrlora.models.errors import TinyBuildError, UnknownArchError
 from mrlora.runstore import pid_alive
 
@@ -459,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", required=True, choices=TINY_ARCHS, help="which pipeline to build")
     parser.add_argument("--out", required=True, help="output model directory (created atomically)")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    add_version_flag(parser)
     args = parser.parse_args(argv)
     print(build_tiny(args.arch, args.out, seed=args.seed))
     return 0

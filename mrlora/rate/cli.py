@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mrlora.cli import EXIT_INTERRUPTED, run_cli
+from mrlora.cli import EXIT_INTERRUPTED, add_version_flag, run_cli
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    add_version_flag(parser)
+    args = parser.parse_args(argv)
     from mrlora.training.errors import Preempted
 
     try:

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from mrlora.cli import EXIT_USER_ERROR, error_line, run_cli, setup_logging
+from mrlora.cli import EXIT_USER_ERROR, add_version_flag, error_line, run_cli, setup_logging
 
 
 def _merge_parser() -> argparse.ArgumentParser:
@@ -63,6 +63,7 @@ def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     exporting = bool(argv) and argv[0] == "export"
     parser = _export_parser() if exporting else _merge_parser()
+    add_version_flag(parser)
     args = parser.parse_args(argv[1:] if exporting else argv)
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
     if exporting and args.run and args.cycle is None:
