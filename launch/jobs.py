@@ -164,17 +164,35 @@ class MergeTask(_Rerunnable):
         from mrlora.runstore import RunDir
 
         run = RunDir(self.run_root)
-        cycles = int(config_from_dict(run.read_run_json()["config"]).mapreduce.cycles)
+        meta = run.read_run_json()
+        cycles = int(config_from_dict(meta["config"]).mapreduce.cycles)
         if self.cycle < cycles:
-            from launch.submit import extend_chain
-
-            extend_chain(self.run_root, self.owner_id)
+            self._extend(run, meta)
             return marker
         lease = run.read_lease()
         if lease is not None and lease.owner_id == self.owner_id:
             run.release_lease(lease)
             _log("last cycle merged; released the run's lease")
         return marker
+
+    def _extend(self, run, meta: dict) -> None:
+        """Submit the next window unless the profile leaves that to the login node; never fail the merge.
+
+        The next cycle's experts, when already queued, wait for this job with ``afterok``: a failure here after
+        a complete merge (sbatch refused on compute nodes, Slurm briefly not answering) must not cancel them.
+        """
+        from launch.runs import profile_of, resume_command
+        from launch.submit import extend_chain
+
+        if profile_of(meta).chain_extension == "login-node":
+            _log(f"cycle {self.cycle} merged; the profile extends the chain from the login node: "
+                 f"{resume_command(run)} --adopt")
+            return
+        try:
+            extend_chain(self.run_root, self.owner_id)
+        except Exception as exc:  # noqa: BLE001 - see the docstring; the message says what to do
+            _log(f"cycle {self.cycle} merged, but submitting the next cycles failed ({type(exc).__name__}: {exc}); "
+                 f"continue from the login node with: {resume_command(run)} --adopt")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,11 +21,13 @@ from pathlib import Path
 from launch import runs, slurm
 from launch.plan import MERGE, RATE, PlanError, build_plan, format_plan, safe_name, submission_dependencies
 from launch.profiles import ClusterProfile, ProfileError, default_profile, load_profile
+from launch.preflight import absolute_paths, preflight
 from launch.runs import LaunchError
 from mrlora.config import (ConfigError, apply_overrides, config_from_dict, config_sources, config_to_dict, format_config, load_config,
                            validate)
 from mrlora.memory_plan import format_plan_memory
-from mrlora.runstore import LeaseInfo, RunDir, RunStoreError, is_run_ts, new_run_ts
+from mrlora.runstore import RUN_NAME_RE, LeaseInfo, RunDir, RunStoreError, is_run_ts, new_run_ts
+from mrlora.cli import add_version_flag
 
 DEFAULT_OUT_ROOT = "runs"
 EXIT_USAGE = 2
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the experts of cycle C, distil each of them into a RaTE token (one job per reward, "
                         "beside the chain: nothing waits for it); repeatable cycles, e.g. --rate-after-cycle 10 80. "
                         "On --resume, adds to the run's cycles (mapreduce.rate_after_cycles)")
+    p.add_argument("--name", metavar="NAME",
+                   help="part of a new run's id (RUN_TS becomes <start time>_NAME; letters, digits, '_', '.'); "
+                        "default: a short random suffix")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable); on --resume, the way to "
                         "change the frozen config (recorded in run.json history)")
@@ -189,6 +194,16 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
         run.release_lease(lease)
         print(f"run {run.run_ts}: all {plan.cycles} cycles are merged; nothing to do ({run.root})")
         return 0
+    if executor == "slurm" and not plan.window(0):
+        # --adopt of a run whose whole window is queued: at most one window is ever queued ahead, and the
+        # window's last merge submits the next one (it reads the run's cycle count when it has finished)
+        run.update_lease(lease)
+        print(f"run directory: {run.root}")
+        print(f"nothing new to submit: the queued jobs ({', '.join(lease.job_ids)}) cover the current window; "
+              f"their last merge submits cycles up to {plan.cycles}")
+        print("watch it:")
+        print(_watch_hint(run, out_root), end="")
+        return 0
     if executor == "slurm":
         from launch.submit import submit_window
 
@@ -248,30 +263,50 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
     return 0 if rc == 0 else 1
 
 
+def check_allocation(cfg, model_arg: str, cluster_given: bool, executor: str) -> None:
+    """A model that needs GPUs, submitted to Slurm without ``--cluster``, would get the built-in profile's
+    allocation (no GPU, one CPU): refuse instead of queueing a job that cannot train."""
+    if executor == "slurm" and not cluster_given and not str(cfg.model.pretrained).startswith("tiny:"):
+        raise LaunchError(
+            f"--model {model_arg} trains on GPUs, but no --cluster was given: the built-in profile would ask Slurm "
+            f"for 0 GPUs and 1 CPU per job. Pass --cluster example-gpu (or your own profile: a name in "
+            f"configs/clusters/ or a .toml path), or --executor local to run here"
+        )
+
+
 def new_run(args, out_root: Path) -> int:
     if not args.model:
         raise LaunchError("--model is required for a new run (e.g. --model tiny-sd3); use --resume to continue one")
     if args.adopt:
         raise LaunchError("--adopt only makes sense with --resume")
     check_reward_names(args.rewards or [])
+    if args.name is not None and not RUN_NAME_RE.fullmatch(args.name):
+        raise LaunchError(f"--name {args.name!r}: use letters, digits, '_' and '.' (it becomes part of the run id "
+                          f"and of Slurm job names), e.g. --name lr3e4_seed1")
     overrides = shortcut_overrides(args) + list(args.overrides)
     cfg = load_config(args.model, overrides)
+    absolute_paths(cfg)  # run.json means the same files from any directory
     if args.print_config:
         print(format_config(cfg, config_sources(overrides)))
         return 0
     profile = load_profile(args.cluster) if args.cluster else default_profile()
     executor = resolve_executor(args.executor, profile, dry_run=args.dry_run)
+    check_allocation(cfg, args.model, bool(args.cluster), executor)
+    preflight(cfg)
     runs.check_out_root(out_root)
     model_dir = _model_dir_name(cfg, args.model)
-    run_ts = new_run_ts()
+    run_ts = new_run_ts(name=args.name)
     plan = build_plan(run_ts=run_ts, rewards=list(cfg.rewards), cycles=cfg.mapreduce.cycles, profile=profile,
                       mode=cfg.mapreduce.mode, rate_after_cycles=runs.rate_cycles_of(cfg))
     if args.dry_run:
         print_dry_run(plan, profile, out_root / model_dir / run_ts, executor)
         print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
         return 0
-    run = RunDir.create(out_root, model_dir, run_ts)
+    run = RunDir.create(out_root, model_dir, run_ts if args.name is not None else None)  # a taken random id is redrawn
     try:
+        if run.run_ts != run_ts:
+            plan = build_plan(run_ts=run.run_ts, rewards=list(cfg.rewards), cycles=cfg.mapreduce.cycles,
+                              profile=profile, mode=cfg.mapreduce.mode, rate_after_cycles=runs.rate_cycles_of(cfg))
         run.write_run_json(runs.new_run_json(run, model_dir, config_to_dict(cfg), profile, executor))
         lease = run.acquire_lease(LeaseInfo.new(executor, runs.command_line()), runs.lease_is_stale(run.run_ts))
     except BaseException:
@@ -305,6 +340,8 @@ def find_run(out_root: Path, model: str | None, run_ts: str | None) -> RunDir:
 def resume_run(args, out_root: Path) -> int:
     given = [flag for flag, value in (("--cycles", args.cycles), ("--rewards", args.rewards), ("--weights", args.weights),
                                       ("--merge-steps", args.merge_steps), ("--mode", args.mode)) if value]
+    if args.name is not None:
+        given.append("--name")
     if given:
         raise LaunchError(
             f"{', '.join(given)} cannot be used with --resume: the run's frozen config is reused. Change a value "
@@ -317,9 +354,10 @@ def resume_run(args, out_root: Path) -> int:
     apply_overrides(cfg, args.overrides)
     add_rate_cycles(cfg, args.rate_after_cycles)
     validate(cfg)
+    absolute_paths(cfg, only=set(runs.config_changes(old, config_to_dict(cfg))))  # the values given now
     new = config_to_dict(cfg)
     changes = runs.config_changes(old, new)
-    runs.check_resume_changes(changes)
+    runs.check_resume_changes(changes, run, list(old["rewards"]))
     profile = runs.profile_of(meta)
     if args.cluster:
         chosen = load_profile(args.cluster)
@@ -345,6 +383,8 @@ def resume_run(args, out_root: Path) -> int:
     plan = build_plan(run_ts=run.run_ts, rewards=rewards, cycles=cfg.mapreduce.cycles, profile=profile,
                       mode=cfg.mapreduce.mode, progress=runs.progress_of(run, rewards, live),
                       rate_after_cycles=runs.rate_cycles_of(cfg))
+    if not plan.complete:
+        preflight(cfg)  # what the remaining jobs read, e.g. a model path just fixed with --set model.pretrained=
     if args.dry_run:
         if changes:
             print(f"changes to the frozen config: {changes}")
@@ -375,7 +415,9 @@ def resume_run(args, out_root: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    add_version_flag(parser)
+    args = parser.parse_args(argv)
     out_root = out_root_of(args)
     try:
         if args.resume is not None:

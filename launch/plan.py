@@ -178,11 +178,6 @@ def build_plan(
     if window < 1:
         raise PlanError(f"window_cycles must be >= 1, got {window}")
     first = progress.last_merged + 1
-    # Windows count from the first cycle that still needs a merge submitted: cycles whose merge is already
-    # queued (adopted) are covered, so window 0 never comes out empty while later cycles wait for a submitter.
-    start = first
-    while start <= cycles and (start, MERGE) in progress.live:
-        start += 1
     plan = Plan(run_ts=run_ts, mode=mode, rewards=rewards, cycles=cycles, first_cycle=first,
                 window_cycles=window, jobs=[], rate_after_cycles=rate_cycles)
 
@@ -205,8 +200,8 @@ def build_plan(
     prev_key: tuple[str, ...] = ()
     prev_ids: tuple[str, ...] = ()
     for cycle in range(first, cycles + 1):
-        win = max(0, cycle - start) // window
-        last_of_window = cycle == cycles or (cycle >= start and (cycle - start + 1) % window == 0)
+        win = (cycle - first) // window
+        last_of_window = cycle == cycles or (cycle - first + 1) % window == 0
         todo = [r for r in rewards if (cycle, r) not in progress.done and (cycle, r) not in progress.live]
         live_ids = tuple(dict.fromkeys(progress.live[(cycle, r)] for r in rewards if (cycle, r) in progress.live))
 

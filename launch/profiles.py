@@ -9,7 +9,9 @@ jobs. ``[rewards.<name>]`` tables override the expert keys for one reward (GenEv
 Unknown keys are errors naming the key and the file: a misspelt ``expert_time_min`` silently falling back to a
 default would cost a user a day of queue time. Optional launcher keys (not in the example files):
 ``signal_delay_s`` (USR2 this long before the time limit, default 120), ``max_requeues`` (default 20),
-``executor`` ("auto" | "slurm" | "local") and ``description``.
+``executor`` ("auto" | "slurm" | "local"), ``chain_extension`` ("compute-node": a window's last merge submits
+the next window; "login-node": for sites that forbid sbatch on compute nodes, the user or a scrontab line runs
+``python -m launch.mapreduce --resume RUN --adopt``) and ``description``.
 
 The validated profile is stored in ``run.json`` (``to_dict``), so resume and the chain's window extension use
 exactly the resources the run started with. Login-node module: stdlib + tomli only.
@@ -27,6 +29,9 @@ from mrlora.cli import UserError
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "configs" / "clusters"
 EXECUTORS = ("auto", "slurm", "local")
+# Who submits the next window of cycles: the window's last merge job, from its compute node (needs sbatch
+# there), or the user / a scrontab line on the login node (python -m launch.mapreduce --resume RUN --adopt).
+CHAIN_EXTENSIONS = ("compute-node", "login-node")
 
 # key -> (type, default); default None = required
 EXPERT_KEYS: dict[str, tuple[type, Any]] = {
@@ -56,6 +61,7 @@ TOP_KEYS: dict[str, tuple[type, Any]] = {
     "executor": (str, "auto"),
     "signal_delay_s": (int, 120),
     "max_requeues": (int, 20),
+    "chain_extension": (str, "compute-node"),
 }
 POSITIVE = ("expert_time_min", "nodes_per_expert", "cpus_per_gpu", "merge_time_min", "merge_cpus", "window_cycles")
 NON_NEGATIVE = ("gpus_per_node", "mem_per_gpu_gb", "merge_mem_gb", "signal_delay_s", "max_requeues")
@@ -201,6 +207,9 @@ def profile_from_dict(data: dict, name: str = "", where: str = "cluster profile"
             raise ProfileError(f"{where}: [env] {k} must be a string or number, got {v!r}")
     if values["executor"] not in EXECUTORS:
         raise ProfileError(f"{where}: executor must be one of {EXECUTORS}, got {values['executor']!r}")
+    if values["chain_extension"] not in CHAIN_EXTENSIONS:
+        raise ProfileError(f"{where}: chain_extension must be one of {CHAIN_EXTENSIONS}, got "
+                           f"{values['chain_extension']!r} (login-node where compute nodes may not call sbatch)")
     _check_ranges(where, values)
     if values["expert_time_min"] * 60 <= values["signal_delay_s"]:
         raise ProfileError(f"{where}: signal_delay_s ({values['signal_delay_s']}) must be shorter than "

@@ -147,16 +147,16 @@ def test_adopt_of_a_live_merge_continues_after_it():
     assert p.jobs[0].after_ids == ("501",)
 
 
-def test_adopting_a_queued_last_merge_after_raising_cycles_submits_the_next_cycles_now():
-    """Cycles 1-2 queued (window 2) when the user raises the run to 5 cycles and adopts: window 0 is cycles 3-4
-    after the queued merge of cycle 2, and the merge of cycle 4 submits cycle 5."""
+def test_adopting_a_fully_queued_window_submits_nothing_and_keeps_the_queue_one_window_deep():
+    """Cycles 1-2 queued (window 2) when the user raises the run to 5 cycles and adopts: nothing is submitted
+    now (at most one window is ever queued ahead); the queued merge of cycle 2 extends the chain with cycles
+    3-4 when it has finished (it reads the new cycle count then), and the merge of cycle 4 with cycle 5."""
     live = {(c, r): f"{c}00" for c in (1, 2) for r in REWARDS} | {(1, "merge"): "101", (2, "merge"): "201"}
     p = plan(cycles=5, progress=Progress(live=live), window=2)
-    assert keys(p.window(0)) == ["c0003-experts", "c0003-merge", "c0004-experts", "c0004-merge"]
-    assert p.window(0)[0].after_ids == ("201",)
-    assert keys(p.window(1)) == ["c0005-experts", "c0005-merge"]
-    merges = {j.cycle: j for j in p.jobs if j.kind == "merge"}
-    assert merges[4].extends and not merges[3].extends and merges[5].final
+    assert p.window(0) == [] and not p.complete
+    assert keys(p.window(1)) == ["c0003-experts", "c0003-merge", "c0004-experts", "c0004-merge"]
+    assert p.window(1)[0].after_ids == ("201",)
+    assert keys(p.window(2)) == ["c0005-experts", "c0005-merge"]
 
 
 def test_format_plan_lists_every_job_with_its_dependencies():
