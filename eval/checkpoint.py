@@ -46,8 +46,8 @@ class ResolvedCheckpoint:
     """What ``--checkpoint`` names, resolved against the run directory.
 
     The model is ``pretrained`` (its transformer replaced by the materialised ``base_dir`` when set) with every
-    dir of ``update_dirs`` folded in (in order), then the expert LoRA at ``adapter_dir`` (if any). ``cycle`` is the number of merged cycles in the weights for ``merged``, and the
-    expert's own cycle for ``expert``.
+    dir of ``update_dirs`` folded in (in order), then the expert LoRA at ``adapter_dir`` (if any). ``cycle`` is
+    the number of merged cycles in the weights for ``merged``, and the expert's own cycle for ``expert``.
     """
 
     spec: str
@@ -190,6 +190,7 @@ def _resolve_expert(spec: str, path: Path, preset: str | None, overrides: tuple[
     model = _model(run, cycle, expert=True)
     label = f"{run.run_ts} cycle {cycle} {reward} expert" + (f" step {step}" if step is not None else "")
     return ResolvedCheckpoint(
-        spec, "expert", cfg.model.pretrained, **_model_fields(model), adapter_dir=str(adapter_dir), run_root=str(run.root),
+        spec, "expert", cfg.model.pretrained, **_model_fields(model), adapter_dir=str(adapter_dir),
+        run_root=str(run.root),
         cycle=cycle, reward=reward, step=step, label=label, config=config_to_dict(cfg),
     )

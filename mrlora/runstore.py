@@ -256,7 +256,7 @@ def damaged_files(directory: Path | str, marker: str, verify: str = "size") -> l
     return bad
 
 
-def move_aside(directory: Path | str, why: str = "damaged") -> Path:
+def set_aside_damaged(directory: Path | str, why: str = "damaged") -> Path:
     """Rename ``directory`` to ``<directory>.damaged-<timestamp>`` (never delete what may be a user's data).
 
     Used when a unit (a merge, a materialised base, an expert's result) is provably damaged: the run then sees
@@ -289,11 +289,11 @@ def forget_files(directory: Path | str, marker: str, prefixes: list[str]) -> dic
 
 
 def quarantine(exc: DamagedFileError, next_step: str) -> DamagedFileError:
-    """Move the unit a damaged file belongs to aside (``move_aside``) and return the error to raise: it names
-    the file, where the unit went, and ``next_step`` (what redoes it, e.g. resuming the run)."""
+    """Move the unit a damaged file belongs to aside (``set_aside_damaged``) and return the error to raise: it
+    names the file, where the unit went, and ``next_step`` (what redoes it, e.g. resuming the run)."""
     if exc.unit is None or not exc.unit.exists():
         return exc
-    aside = move_aside(exc.unit)
+    aside = set_aside_damaged(exc.unit)
     return DamagedFileError(f"{exc.path} is damaged (it differs from what its marker recorded); moved "
                             f"{exc.unit.name} aside to {aside}; {next_step}", exc.path, exc.unit)
 
@@ -303,14 +303,14 @@ def reset_incomplete_dir(directory: Path | str, marker: str) -> Path:
 
     Writers call this before filling a directory: leftovers of a killed writer are removed, a completed
     directory is never overwritten. A directory whose marker exists but whose files no longer match it (a
-    truncated file, a lost file) is damaged, not complete: it is moved aside (``move_aside``) so the unit can
-    be redone, and the user can still inspect what was there.
+    truncated file, a lost file) is damaged, not complete: it is moved aside (``set_aside_damaged``) so the unit
+    can be redone, and the user can still inspect what was there.
     """
     directory = Path(directory)
     if read_marker(directory, marker, verify="none") is not None:
         if not damaged_files(directory, marker):
             raise RunStoreError(f"{directory} is already complete ({marker} exists); refusing to overwrite it")
-        move_aside(directory)
+        set_aside_damaged(directory)
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)

@@ -50,9 +50,9 @@ from mrlora.runstore import (
     DONE_MARKER,
     atomic_file,
     complete_checkpoints,
-    move_aside,
     read_marker,
     reset_incomplete_dir,
+    set_aside_damaged,
     write_marker,
 )
 from mrlora.training.checkpoint import KEEP as KEEP_CHECKPOINTS
@@ -325,7 +325,7 @@ def distill_token(
         if group.is_main:
             if read_marker(ckpt, CHECKPOINT_MARKER, verify="sha256") is None:
                 if read_marker(ckpt, CHECKPOINT_MARKER) is not None:
-                    move_aside(ckpt)  # complete but damaged: keep it for inspection, write the step again
+                    set_aside_damaged(ckpt)  # complete but damaged: keep it for inspection, write the step again
                 reset_incomplete_dir(ckpt, CHECKPOINT_MARKER)
                 save_token(make_token(step), ckpt / TOKEN_FILE)
                 with atomic_file(ckpt / STATE_FILE) as tmp:

@@ -3,7 +3,8 @@
 ``distill_in_run(run_root, cycle, reward)`` is what a job wrapper calls after the chosen cycle's expert is
 DONE. The teacher is the expert's final ``adapter/`` on top of the base it was trained from (the model after
 cycle - 1, chosen by ``runstore.map_start`` and loaded by ``mrlora.reduce.load_pipeline_after`` exactly as
-for the Map step), so the token steers exactly that base toward the expert. Output (a seam other packages read; see docs/rate.md)::
+for the Map step), so the token steers exactly that base toward the expert. Output (a seam other packages
+read; see docs/rate.md)::
 
     cycle_XXXX/rate/<reward>/checkpoint-<step>/   token vectors + optimizer state + COMPLETE.json
     cycle_XXXX/rate/<reward>/metrics.jsonl

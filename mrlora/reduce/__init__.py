@@ -3,9 +3,8 @@
 Public entry points (docs/internals.md): ``merge_cycle_in_run`` (the merge job, which also materialises the
 model every ``mapreduce.materialise_every`` cycles), ``export_model`` (a full model of a cycle),
 ``model_after`` (re-exported from ``mrlora.runstore``: the one answer to "the model after cycle c", for Map,
-eval, export, RaTE and status) and ``load_pipeline_after`` (its pipeline), ``map_start`` (the Map step's start: ``model_after`` plus the reference mode's continued
-LoRA), ``apply_updates``,
-``save_expert_adapter`` / ``read_expert_adapter`` (the expert adapter format), and ``merge_experts`` (the
+eval, export, RaTE and status) and ``load_pipeline_after`` (its pipeline), ``map_start`` (the Map step's start:
+``model_after`` plus the reference mode's continued LoRA), ``apply_updates``, ``save_expert_adapter`` / ``read_expert_adapter`` (the expert adapter format), and ``merge_experts`` (the
 function behind ``python -m mrlora.merge``).
 """
 

@@ -30,8 +30,8 @@ from mrlora.reduce.errors import ArchMismatchError, OutputExistsError, ShapeMism
 from mrlora.reduce.safetensors_io import DTYPES, OutEntry, StreamingWriter, TensorReader
 from mrlora.reduce.load_model import BASE_TRANSFORMER
 from mrlora.reduce.store import load_update, read_update_info
-from mrlora.runstore import (BASE_MARKER, RunDir, atomic_file, damaged_files, fsync_dir, model_after, move_aside,
-                             pid_alive, read_marker, write_marker)
+from mrlora.runstore import (BASE_MARKER, RunDir, atomic_file, damaged_files, fsync_dir, model_after, pid_alive,
+                             read_marker, set_aside_damaged, write_marker)
 
 log = logging.getLogger("mrlora.reduce")
 
@@ -166,7 +166,7 @@ def export_model(run_root: str, cycle: int, out: str) -> str:
         # export is retried from an older base or base_0, which gives the same model)
         bad = damaged_files(model.base_dir, BASE_MARKER, verify="sha256")
         if bad:
-            move_aside(model.base_dir)
+            set_aside_damaged(model.base_dir)
             return export_model(run_root, cycle, out)
         transformer_dir = model.base_dir / BASE_TRANSFORMER
     base_dir = resolve_base(cfg.model.pretrained)

@@ -62,14 +62,16 @@ def load_base_transformer(base_dir: Path | str, arch: str, dtype: Any) -> Any:
         for name, tensor in iter_verified(tdir / shard, files.get(rel, {"size": -1}), unit=base_dir):
             state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(dtype).eval()
+    # buffers (built by from_config in fp32) follow the dtype like from_pretrained(dtype=...) casts them;
+    # nn.Module.to, because diffusers' own .to warns about fp32-kept modules these models do not have
+    return torch.nn.Module.to(model, dtype).eval()
 
 
 def load_pipeline_after(model: ModelAfter, spec: str, arch: str, dtype: Any, device: Any = "cpu") -> Any:
     """The diffusers pipeline of ``model`` (base_0 ``spec`` for everything but the transformer).
 
     A damaged file (a checksum or size that differs from its marker) is moved aside with its unit
-    (``runstore.move_aside``: a materialised base, or a cycle's merge) and DamagedFileError is raised, so the
+    (``runstore.quarantine``: a materialised base, or a cycle's merge) and DamagedFileError is raised, so the
     next attempt or ``--resume`` redoes exactly that unit; a partly loaded model is never returned.
     """
     from mrlora.models.loading import load_pipeline, torch_dtype

@@ -40,7 +40,7 @@ from mrlora.reduce.safetensors_io import (DTYPE_NAMES, OutEntry, StreamingWriter
                                           read_header)
 from mrlora.reduce.store import UPDATE_WEIGHTS, update_files
 from mrlora.runstore import (BASE_MARKER, DamagedFileError, ModelAfter, RunDir, atomic_file, atomic_write_json,
-                             model_after, move_aside, reset_incomplete_dir, write_marker)
+                             model_after, reset_incomplete_dir, set_aside_damaged, write_marker)
 
 log = logging.getLogger("mrlora.reduce")
 
@@ -71,7 +71,7 @@ def materialise_if_due(run_root: Path | str, cycle: int, cfg) -> dict | None:
         except DamagedFileError as exc:
             if exc.unit is None or exc.unit.parent.parent != run.root or exc.unit.name != "base":
                 raise  # a damaged update: its merge must be redone (the caller says so)
-            move_aside(exc.unit)
+            set_aside_damaged(exc.unit)
     raise ReduceError(f"could not materialise the model after cycle {cycle}: its bases keep failing their checks")
 
 

@@ -212,7 +212,7 @@ def iter_verified(path: Path | str, expect: dict | None = None, unit: Path | str
             while done < info.nbytes:
                 got = fh.readinto(view[done:])
                 if not got:
-                    raise CorruptSafetensorsError(f"{path} ended while reading tensor {info.name!r}; the file is truncated")
+                    raise CorruptSafetensorsError(f"{path} ended while reading tensor {info.name!r}; it is truncated")
                 done += got
             if digest is not None:
                 digest.update(buf)
