@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 jobs = slurm.run_jobs_in_queue(args.run_ts, set(lease.job_ids) if lease else set())
             except slurm.SlurmError as exc:
                 if not local:
-                    raise
+                    raise slurm.SlurmError(f"{not_found + '; and ' if not_found else ''}Slurm does not answer, so its "
+                                           f"queue cannot be searched for the run's jobs: {exc}") from None
                 print(f"note: Slurm does not answer ({exc}); run {args.run_ts} is local, so nothing of it is queued")
                 jobs = []
             ids = sorted({j.base_id for j in jobs})

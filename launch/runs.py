@@ -172,10 +172,37 @@ def config_changes(old: dict, new: dict) -> dict:
 FROZEN_ON_RESUME = ("rewards", "model.", "lora.")
 
 
-def check_resume_changes(changes: dict) -> None:
-    for key in changes:
-        if key == "rewards" or any(key.startswith(p) for p in FROZEN_ON_RESUME if p.endswith(".")):
+def trained_work(run: RunDir, rewards: list[str]) -> str | None:
+    """The first merge, finished expert or checkpoint in the run (work that depends on its model, LoRA and
+    rewards), or None when nothing was trained yet."""
+    for c, cs in sorted(run.scan(rewards).cycles.items()):
+        if cs.merged:
+            return f"the merge of cycle {c}"
+        for r, es in cs.experts.items():
+            if es.done:
+                return f"expert {r} of cycle {c}"
+            if es.checkpoint_step is not None:
+                return f"checkpoint {es.checkpoint_step} of expert {r} in cycle {c}"
+    return None
+
+
+def check_resume_changes(changes: dict, run: RunDir, rewards: list[str]) -> None:
+    """Refuse changes that finished work contradicts: a frozen key once anything was trained (until then, e.g.
+    a model path fixed after the first job could not load it, it may change), fewer cycles than are merged."""
+    frozen = [k for k in changes if k == "rewards" or any(k.startswith(p) for p in FROZEN_ON_RESUME if p.endswith("."))]
+    work = trained_work(run, rewards) if frozen else None
+    if work is not None:
+        key = frozen[0]
+        raise LaunchError(
+            f"--set {key} cannot change on resume: {work} was trained with {changes[key][0]!r}. Start a new run "
+            f"to use {changes[key][1]!r}."
+        )
+    if "mapreduce.cycles" in changes:
+        merged = run.scan(rewards).last_complete_cycle
+        wanted = changes["mapreduce.cycles"][1]
+        if isinstance(wanted, int) and wanted < merged:
             raise LaunchError(
-                f"--set {key} cannot change on resume: the finished cycles were trained with "
-                f"{changes[key][0]!r}. Start a new run to use {changes[key][1]!r}."
+                f"--set mapreduce.cycles={wanted}: run {run.run_ts} has already merged {merged} cycles, so it "
+                f"cannot have fewer. Keep mapreduce.cycles >= {merged}; to use the model of cycle {wanted}, evaluate "
+                f"or export it (python -m eval.run --checkpoint {run.root}:{wanted})."
             )

@@ -433,13 +433,27 @@ class RunState:
         return self.last_complete_cycle + 1
 
 
-def new_run_ts(now: _dt.datetime | None = None) -> str:
-    return (now or _dt.datetime.now()).strftime(RUN_TS_FORMAT)
+# A run id is its start time, then ``_`` and a name or a short random suffix. Only letters, digits, "_" and "."
+# follow: the id prefixes Slurm job names (mrlora-<id>-...), and no id may be another's prefix up to a "-".
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]{0,62}")
+_RUN_ID_RE = re.compile(rf"(\d{{8}}_\d{{6}})(?:_({RUN_NAME_RE.pattern}))?")
+
+
+def new_run_ts(now: _dt.datetime | None = None, name: str | None = None) -> str:
+    """A new run id: the start time and ``name`` or a random suffix, so launches in the same second (a sweep)
+    never collide, and ids still sort by start time."""
+    stamp = (now or _dt.datetime.now()).strftime(RUN_TS_FORMAT)
+    return f"{stamp}_{name if name is not None else uuid.uuid4().hex[:6]}"
 
 
 def is_run_ts(name: str) -> bool:
+    """A run id: ``20261123_101500_3fa9c1`` or ``20261123_101500_<name>`` (letters, digits, "_", "."), or an
+    older run's id, the start time alone (``20261123_101500``)."""
+    m = _RUN_ID_RE.fullmatch(name)
+    if m is None:
+        return False
     try:
-        _dt.datetime.strptime(name, RUN_TS_FORMAT)
+        _dt.datetime.strptime(m.group(1), RUN_TS_FORMAT)
     except ValueError:
         return False
     return True
@@ -461,18 +475,19 @@ class RunDir:
 
     @classmethod
     def create(cls, out_root: Path | str, model: str, run_ts: str | None = None) -> "RunDir":
-        """Create a new, empty run directory; the timestamp is the run's identity, so never reuse one."""
+        """Create a new, empty run directory named ``run_ts`` (default: a fresh ``new_run_ts()``); the id is
+        the run's identity, so never reuse one. A fresh id that exists already is drawn again (no waiting)."""
         parent = Path(out_root) / model
         parent.mkdir(parents=True, exist_ok=True)
         stamp = run_ts or new_run_ts()
-        for _ in range(120):
+        for _ in range(20):
             try:
                 (parent / stamp).mkdir()
                 return cls(parent / stamp)
             except FileExistsError:
                 if run_ts:
-                    raise RunStoreError(f"run {parent / stamp} already exists; resume it with --resume {stamp}")
-                time.sleep(1.0)
+                    raise RunStoreError(f"run {parent / stamp} already exists: choose another --name, or continue "
+                                        f"that run with --resume {stamp}") from None
                 stamp = new_run_ts()
         raise RunStoreError(f"could not create a fresh run directory under {parent}")
 

@@ -179,9 +179,11 @@ def test_cancel_stops_a_local_run_where_squeue_exists_but_slurm_does_not_answer(
 
 
 def test_cancel_of_an_unknown_run_says_where_it_looked(tmp_path):
+    no_slurm = tmp_path / "bin"
+    no_slurm.mkdir()
     done = subprocess.run([sys.executable, "-m", "launch.cancel", "20260101_000000", "--out-root", str(tmp_path)],
-                          cwd=REPO, env=_env({"PATH": "/usr/bin:/bin"}), capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "no run 20260101_000000" in done.stderr
+                          cwd=REPO, env=_env({"PATH": str(no_slurm)}), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"no run 20260101_000000 under {tmp_path}" in done.stderr, done.stderr
 
 
 # ------------------------------------------------------------------------------------------------ real training

@@ -50,7 +50,7 @@ def test_dry_run_lists_the_rate_jobs_after_their_cycle(tmp_path):
     proc = run_cli([*TINY, "--cycles", "2", "--rate-after-cycle", "1", "--executor", "slurm", "--dry-run",
                     "--cluster", "local", "--out-root", str(tmp_path / "out")], env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    names = re.findall(r"mrlora-\d{8}_\d{6}-(c\d{4}-[a-z]+)\s", proc.stdout)
+    names = re.findall(r"mrlora-\d{8}_\d{6}(?:_[A-Za-z0-9_.]+)?-(c\d{4}-[a-z]+)\s", proc.stdout)
     assert names[:5] == ["c0001-experts", "c0001-merge", "c0001-rate", "c0002-experts", "c0002-merge"], proc.stdout
     assert "RaTE brightness,colourfulness" in proc.stdout and "RaTE tokens after cycle(s) 1" in proc.stdout
     assert "# ---- c0001-rate" in proc.stdout, "the RaTE sbatch file is shown"
