@@ -44,9 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.resolution = 512
     c.sample.noise_level = 0.7    # a in std_dev_t = a * sqrt(sigma / (1 - sigma))
     c.sample.group_size = 16      # images per prompt (G)
-    c.sample.prompts_per_step = 8  # prompts per optimizer step, over all processes
+    # prompts per optimizer step, over all processes: published 32-GPU configs sample 48 prompts x 24 images per
+    # epoch and take 2 optimizer steps on them (config/grpo.py), i.e. 24 prompts per step
+    c.sample.prompts_per_step = 24
     c.sample.batch_size = 8       # images per sampling forward pass on one process
-    c.sample.max_sequence_length = 256
+    c.sample.max_sequence_length = 128  # T5 tokens; train_sd3.py encodes prompts (and "") with 128
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100           # optimizer steps per expert per cycle (= merge_steps)
@@ -82,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ema = True
     c.train.ema_decay = 0.9
     c.train.ema_every = 8
+    # "published": Flow-GRPO's cadence, two updates after steps 7, 15, ... with decay min(0.9, (1+s)/(10+s));
+    # "per_update": one update after steps 8, 16, ..., warm-up by the number of EMA updates (mrlora.ema)
+    c.train.ema_schedule = "published"
     c.train.checkpoint_every = 20
     c.train.deepspeed = ""        # "" | "zero2": DeepSpeed ZeRO-2 through accelerate for the large model
 

@@ -35,6 +35,7 @@ MODES = ("parallel", "sequential")
 MERGE_MODES = ("exact", "reference")
 ADV_STD = ("group", "batch")
 KL_FORMS = ("published", "transition")  # mrlora.grpo.kl_std: what the KL term divides by
+EMA_SCHEDULES = ("published", "per_update")  # mrlora.ema.LoraEMA: when and how the EMA updates
 RESERVED_REWARD_NAMES = ("merged", "rate", "logs")
 
 
@@ -411,6 +412,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(cfg.train.ema_every >= 1, "train.ema_every", "must be >= 1")
     need(0 <= cfg.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     need(cfg.train.adv_std in ADV_STD, "train.adv_std", f"must be one of {ADV_STD}")
+    need(cfg.train.ema_schedule in EMA_SCHEDULES, "train.ema_schedule",
+         f"must be one of {EMA_SCHEDULES} ('published': Flow-GRPO's cadence, see docs/recipe.md), "
+         f"got {cfg.train.ema_schedule!r}")
     need(cfg.train.kl_form in KL_FORMS, "train.kl_form",
          f"must be one of {KL_FORMS} ('published': Flow-GRPO's form, see docs/recipe.md), got {cfg.train.kl_form!r}")
     need(cfg.train.deepspeed in ("", "zero2"), "train.deepspeed", "must be '' or 'zero2'")

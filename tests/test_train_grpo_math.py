@@ -181,6 +181,25 @@ def test_presets_follow_each_architectures_published_recipe():
     sd3, flux = load_config("sd35m"), load_config("flux")
     for cfg in (sd3, flux):
         assert (cfg.train.adv_std, cfg.train.kl_form, cfg.train.cfg_detach_uncond) == ("batch", "published", True)
+        assert (cfg.train.ema_schedule, cfg.train.ema_decay, cfg.train.ema_every) == ("published", 0.9, 8)
     assert sd3.train.drop_zero_advantage and not flux.train.drop_zero_advantage
     assert [config_for_reward(flux, r).train.beta for r in ("geneval", "pickscore", "ocr")] == [0.04, 0.0, 0.04]
     assert [config_for_reward(sd3, r).train.beta for r in ("geneval", "pickscore", "ocr")] == [0.04, 0.01, 0.04]
+
+
+def test_published_ema_cadence_updates_twice_after_steps_7_15_with_step_warm_up():
+    # Flow-GRPO: ema.step after each of the two sampling batches of an optimizer step, updating when
+    # (step + 1) % 8 == 0 with decay min(0.9, (1 + step) / (10 + step)). By hand, weights 1 from step 1 on:
+    # after step 7 the EMA is 1 - (8/17)^2; after step 15 it is 1 - (8/17 * 16/25)^2.
+    p = torch.nn.Parameter(torch.zeros(1))
+    ema = LoraEMA([("w", p)], decay=0.9, every=8, schedule="published")
+    with torch.no_grad():
+        p.fill_(1.0)
+    assert [ema.step(s) for s in range(1, 8)] == [False] * 6 + [True]
+    torch.testing.assert_close(ema.shadow["w"], torch.tensor([1 - (8 / 17) ** 2]))
+    assert not ema.step(8)
+    for s in range(9, 16):
+        ema.step(s)
+    torch.testing.assert_close(ema.shadow["w"], torch.tensor([1 - (8 / 17 * 16 / 25) ** 2]))
+    with pytest.raises(ValueError, match="schedule"):
+        LoraEMA([("w", p)], decay=0.9, every=8, schedule="nightly")

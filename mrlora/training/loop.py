@@ -171,7 +171,9 @@ def train_expert(job: ExpertJob) -> dict:
     if cfg.train.ema:
         from mrlora.ema import LoraEMA
 
-        ema = LoraEMA(params.items(), cfg.train.ema_decay, cfg.train.ema_every)
+        # run.json of older runs lacks ema_schedule: they continue with the schedule they started with
+        ema = LoraEMA(params.items(), cfg.train.ema_decay, cfg.train.ema_every,
+                      cfg.train.get("ema_schedule", "per_update"))
     reward_cfg = cfg.reward_models.get(job.reward)
     reward_kwargs = reward_cfg.to_dict() if hasattr(reward_cfg, "to_dict") else dict(reward_cfg or {})
     reward_fn = rewards_pkg.build_reward(job.reward, **reward_kwargs)
