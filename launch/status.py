@@ -24,7 +24,7 @@ from launch.plan import MERGE, RATE, rate_unit
 from launch.runs import rate_cycles_of, rate_is_done
 from mrlora.config import config_for_reward, config_from_dict
 from mrlora.cli import add_version_flag, run_cli
-from mrlora.runstore import RunDir, pid_alive
+from mrlora.runstore import RunDir, pid_alive, storage_summary
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -51,6 +51,7 @@ class RunStatus:
     eta_s: float | None = None
     queued: int = 0
     slurm_note: str = ""
+    storage: str = ""  # runstore.storage_summary: what the next Map start reads, and the run's disk use
 
     @property
     def all_merged(self) -> bool:
@@ -198,6 +199,7 @@ def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
     elif durations:
         recent = durations[-5:]
         status.eta_s = sum(recent) / len(recent) * (status.cycles - status.last_merged)
+    status.storage = storage_summary(run.root, status.last_merged)
     return status
 
 
@@ -209,6 +211,8 @@ def render(status: RunStatus) -> str:
         f"cycles merged: {status.last_merged}/{status.cycles}   elapsed {_fmt_duration(status.elapsed_s)}   "
         f"estimated time left {_fmt_duration(status.eta_s)}   jobs in queue: {status.queued}",
     ]
+    if status.storage:
+        lines.append(status.storage)
     if status.slurm_note:
         lines.append(status.slurm_note)
     lines.append("cycle " + "".join(f"{u:<{width}}" for u in units))

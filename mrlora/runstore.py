@@ -773,3 +773,33 @@ def map_start(run_dir: Path | str, cycle: int) -> MapStart:
         trimmed = ModelAfter(cycle - 1, model.base_dir, model.update_dirs[:-1], model.chain[:-1])
         return MapStart(base=trimmed, init_adapter=run.merged_dir(cycle - 1) / CONTINUE_ADAPTER)
     return MapStart(base=model, init_adapter=None)
+
+
+def disk_usage(run_dir: Path | str) -> dict[str, int]:
+    """Bytes on disk per kind of entry of a run: ``bases``, ``updates``, ``experts`` (adapters, step
+    checkpoints, metrics), ``rate``, ``set_aside`` (``*.damaged-*``) and ``other`` (run.json, logs)."""
+    run = RunDir(run_dir)
+    usage = dict.fromkeys(("bases", "updates", "experts", "rate", "set_aside", "other"), 0)
+    for dirpath, _, names in os.walk(run.root):
+        rel = Path(dirpath).relative_to(run.root).parts
+        if any(DAMAGED_INFIX in part for part in rel):
+            kind = "set_aside"
+        elif len(rel) >= 2 and _CYCLE_RE.match(rel[0]):
+            kind = {"base": "bases", "merged": "updates", "rate": "rate"}.get(rel[1], "experts")
+        else:
+            kind = "other"
+        for name in names:
+            with contextlib.suppress(OSError):
+                usage[kind] += os.lstat(os.path.join(dirpath, name)).st_size
+    return usage
+
+
+def storage_summary(run_dir: Path | str, cycle: int) -> str:
+    """One line for ``launch.status``: what the model after ``cycle`` is read from, and the run's disk use."""
+    usage = disk_usage(run_dir)
+    parts = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.1f}" for k, v in usage.items() if v)
+    try:
+        model = model_after(run_dir, cycle).describe()
+    except RunStoreError:
+        model = "not readable (a merge is missing; resume the run)"
+    return f"model after cycle {cycle}: {model}   disk {sum(usage.values()) / 1e9:.1f} GB ({parts})"

@@ -166,6 +166,12 @@ def test_deleting_the_newest_base_changes_no_weights(tiny_sd3_dir, tmp_path):
     assert all(torch.equal(with_base[k], v) for k, v in without.items())
     finish_cycle(run, 3, shapes)
     assert model_after(run.root, 3).base_dir == run.base_dir(3)
+    # what launch.status prints: where the next Map start reads from, and where the disk goes
+    from mrlora.runstore import storage_summary
+
+    line = storage_summary(run.root, 3)
+    assert line.startswith("model after cycle 3: cycle 3's materialised base + 0 update(s)   disk ")
+    assert "bases " in line and "updates " in line and "experts " in line
 
 
 def test_merge_prunes_finished_experts_step_checkpoints_and_they_stay_done(tiny_sd3_dir, tmp_path):
