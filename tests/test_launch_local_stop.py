@@ -240,3 +240,24 @@ def test_an_expert_job_started_twice_stops_the_second_before_it_writes(tmp_path,
         if first.poll() is None:
             first.kill()
         first.communicate()
+
+
+def test_cancel_stops_a_worker_whose_launcher_is_gone(tmp_path, tiny_sd3_dir):
+    """Real training: a worker found through its claim (no launcher, no lease) is stopped at a checkpoint."""
+    from train_helpers import tiny_run
+
+    run = tiny_run(tmp_path, tiny_sd3_dir, ["rewards=['brightness']", "weights=[1.0]", "train.steps=40"])
+    worker = subprocess.Popen([sys.executable, "-m", "launch.jobs", "expert", str(run.root), "1", "brightness"],
+                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        wait_for_steps(run, 1, worker, timeout=300)
+        done = _cancel(run, run.root.parent.parent)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"expert brightness pid {worker.pid}" in done.stdout
+        assert worker.wait(timeout=60) == 3  # checkpointed and stopped
+        assert_stopped_cleanly(run, worker.pid)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.communicate()
