@@ -118,6 +118,16 @@ def out_complete(out: EvalDir, settings: EvalSettings) -> bool:
     return out.done() is not None
 
 
+def _track(run_root: str, cycle: int, headline: dict) -> None:
+    """Put an eval of a run's cycle on the run's tracker curves (best-effort: the eval's files are the result)."""
+    from mrlora.tracking import log_eval
+
+    try:
+        log_eval(run_root, cycle, {k: v for k, v in headline.items() if v is not None})
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not log the eval to the run's trackers: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     add_version_flag(parser)
@@ -152,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = aggregate(out)
         print(f"{out.root}: {summary['images']} images; " + ", ".join(
             f"{k}={v:.4g}" for k, v in summary["headline"].items() if v is not None))
+        if ckpt.kind == "merged" and ckpt.run_root is not None and ckpt.cycle is not None and mix is None:
+            _track(ckpt.run_root, ckpt.cycle, summary["headline"])
     else:
         print(f"shard {shard} of {out.root} complete; when all {shard.count} are, run "
               f"`python -m eval.aggregate --out {out.root}`")

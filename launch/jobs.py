@@ -158,6 +158,12 @@ class MergeTask(_Rerunnable):
         _log(f"cycle {self.cycle} merge: starting in {self.run_root}")
         marker = merge(self.run_root, self.cycle)
         _log(f"cycle {self.cycle} merge: done")
+        try:
+            from mrlora.tracking import log_merge
+
+            log_merge(self.run_root, self.cycle)
+        except Exception as exc:  # noqa: BLE001 - tracking is best-effort; the merge is done
+            _log(f"cycle {self.cycle} merge: could not log it to the trackers ({type(exc).__name__}: {exc})")
         if int(os.environ.get("SLURM_PROCID", "0")) != 0 or slurm_task_id() is None:
             return marker
         from mrlora.config import config_from_dict

@@ -522,6 +522,11 @@ class RunDir:
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def tracking_dir(self) -> Path:
+        """``tracking/``: TensorBoard / W&B files of the whole run, one curve per expert lineage (mrlora.tracking)."""
+        return self.root / "tracking"
+
     def cycle_dir(self, cycle: int) -> Path:
         if cycle < 1:
             raise ValueError(f"cycles count from 1, got {cycle}")

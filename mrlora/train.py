@@ -37,10 +37,11 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     base without that merge's update (``mrlora.reduce.map_start``). The config is run.json's with
     ``per_reward[reward]`` applied. Continues from the newest complete checkpoint; returns at once if DONE exists.
     """
-    from mrlora.config import run_reward_config
+    from mrlora.config import config_from_dict, run_reward_config
     from mrlora.reduce import map_start
     from mrlora.runstore import RunDir
     from mrlora.training.data import salt_for
+    from mrlora.tracking import expert_lineage
     from mrlora.training.loop import ExpertJob, train_expert
 
     run = RunDir(run_root)
@@ -48,7 +49,8 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     done = run.expert_done(cycle, reward)
     if done is not None:
         return done
-    cfg = run_reward_config(run.read_run_json()["config"], reward)
+    run_config = run.read_run_json()["config"]
+    cfg = run_reward_config(run_config, reward)
     start = map_start(run.root, cycle)
     extra = {"cycle": cycle, "run": run.run_ts}
     if start.init_adapter is not None:
@@ -58,6 +60,7 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
         base_id=cfg.model.pretrained, prior_updates=list(start.update_dirs), start_base=start.base.base_dir,
         init_adapter=start.init_adapter,
         seed_salt=salt_for(reward, cycle), extra_done=extra,
+        tracking=expert_lineage(run.root, cycle, reward, config_from_dict(run_config)),
     )
     return train_expert(job)
 

@@ -31,25 +31,3 @@ def test_disabled_log_writes_nothing(tmp_path):
     log.log({"step": 1})
     log.close()
     assert not (tmp_path / "metrics.jsonl").exists()
-
-
-def test_a_tracker_that_is_not_installed_names_the_extra_to_install(tmp_path, capsys, monkeypatch):
-    import builtins
-
-    from ml_collections import ConfigDict
-
-    real_import = builtins.__import__
-
-    def no_trackers(name, *args, **kwargs):
-        if name in ("wandb", "torch.utils.tensorboard"):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_trackers)
-    cfg = ConfigDict({"tensorboard": True, "wandb": True, "project": "p"})
-    log = MetricsLog(tmp_path / "metrics.jsonl", resume_step=0, enabled=True, logging_cfg=cfg, run_name="r")
-    log.log({"step": 1, "loss": 0.5})  # training goes on without the trackers
-    log.close()
-    err = capsys.readouterr().err
-    assert "pip install 'mrlora[tensorboard]'" in err and "pip install 'mrlora[wandb]'" in err
-    assert _steps(tmp_path / "metrics.jsonl") == [1]

@@ -1,6 +1,6 @@
 """One Flow-GRPO expert, from the effective base to a saved EMA adapter, resumable at any round.
 
-Per sampling round (DESIGN.md section 5): every process samples its share of ``updates_per_round x
+Per sampling round (docs/design.md section 5): every process samples its share of ``updates_per_round x
 prompts_per_step x group_size`` images with the SDE sampler (no grad) and scores them; the rewards of all
 processes are gathered so each prompt's group is normalised as a whole. The round's samples are then shuffled
 (seeded by the round) and split into ``updates_per_round`` equal chunks, each one optimizer step: for every
@@ -37,6 +37,7 @@ from mrlora.training.data import PromptSchedule, sample_seed
 from mrlora.training.errors import Preempted, TrainError
 from mrlora.training.lora import add_lora, lora_state, load_lora_state, write_expert_adapter
 from mrlora.training.metrics import MetricsLog
+from mrlora.tracking import Lineage, open_tracker, standalone_lineage
 from mrlora.training.signals import StopFlag
 
 ADAPTER_DIR = "adapter"
@@ -58,6 +59,8 @@ class ExpertJob:
     # reference merge mode: start the LoRA from this adapter (the previous averaged merge) instead of fresh
     init_adapter: Path | None = None
     seed_salt: int = 0  # distinguishes experts (reward, cycle) so they do not share prompts and noise
+    # the curve across the run this expert's metrics continue (mrlora.tracking); standalone: next to out_dir
+    tracking: Lineage | None = None
     progress: bool = True
     extra_done: dict = field(default_factory=dict)
 
@@ -192,7 +195,8 @@ def train_expert(job: ExpertJob) -> dict:
     if start % per_round:
         raise TrainError(f"{out_dir} has a checkpoint at step {start}, inside a sampling round of "
                          f"train.updates_per_round={per_round}; resume with the updates_per_round it was written with")
-    metrics = MetricsLog(out_dir / METRICS_FILE, start, is_main, cfg.logging, f"{out_dir.parent.name}/{job.reward}")
+    tracker = open_tracker(cfg.logging, job.tracking or standalone_lineage(out_dir, job.reward)) if is_main else None
+    metrics = MetricsLog(out_dir / METRICS_FILE, start, is_main, tracker)
     sample_kw = dict(num_steps=int(cfg.sample.num_steps), guidance_scale=float(cfg.sample.guidance_scale),
                      resolution=int(cfg.sample.resolution), noise_level=float(cfg.sample.noise_level),
                      batch_size=int(cfg.sample.batch_size), max_sequence_length=int(cfg.sample.max_sequence_length))
