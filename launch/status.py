@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from launch import slurm
 from launch.journal import JobRecord, latest_by_unit, read_records
@@ -24,7 +26,7 @@ from launch.plan import MERGE, RATE, rate_unit
 from launch.runs import rate_cycles_of, rate_is_done
 from mrlora.config import config_for_reward, config_from_dict
 from mrlora.cli import add_version_flag, run_cli
-from mrlora.runstore import RunDir, pid_alive, storage_summary
+from mrlora.runstore import RunDir, RunStoreError, disk_usage, is_run_ts, pid_alive, storage_summary
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -35,6 +37,8 @@ class Cell:
     steps: str = ""
     rewards: str = ""
     failure: str = ""          # "<state>: read <log>" when it failed
+    job_id: str = ""           # the Slurm task that runs / ran it (<array>_<task> in an array)
+    log: str = ""              # where its output goes (python -m launch.logs prints it)
 
 
 @dataclass
@@ -98,6 +102,8 @@ def _fill_state(cell: Cell, run: RunDir, launcher_alive: bool | None, rec: JobRe
     reward = None if unit == MERGE else unit.split(":", 1)[1] if unit.startswith(f"{RATE}:") else unit
     if rec is not None:
         task = rec.task_id(reward) if reward is not None else rec.job_id
+        cell.job_id = task
+        cell.log = str(rec.log_paths(reward)[0])
         q = queue.get(task) or next((v for k, v in queue.items() if v.base_id == rec.job_id and "[" in k), None)
         a = acct.get(task) or next((v for k, v in acct.items() if v.base_id == rec.job_id and "[" in k), None)
         if q is not None and not done:
@@ -118,6 +124,7 @@ def _fill_state(cell: Cell, run: RunDir, launcher_alive: bool | None, rec: JobRe
     elif launcher_alive is not None:
         log = local_log(run, c, unit)
         if log is not None:
+            cell.log = str(log)
             cell.state = "STARTED"
             if not launcher_alive:
                 cell.state = "STOPPED"
@@ -203,6 +210,62 @@ def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
     return status
 
 
+def to_json(status: RunStatus) -> dict:
+    """The status as plain data (``--json``): what scripts and dashboards read instead of the table."""
+    def cells(rows: dict[int, dict[str, Cell]]) -> dict[str, dict[str, dict]]:
+        return {str(c): {u: asdict(cell) for u, cell in row.items()} for c, row in rows.items()}
+
+    return {
+        "run": status.run.run_ts, "path": str(status.run.root), "model": status.model,
+        "executor": status.executor, "rewards": status.rewards, "cycles": status.cycles,
+        "last_merged": status.last_merged, "finished": status.finished, "elapsed_s": round(status.elapsed_s, 1),
+        "eta_s": None if status.eta_s is None else round(status.eta_s, 1), "queued": status.queued,
+        "slurm_note": status.slurm_note, "storage": status.storage, "disk_bytes": disk_usage(status.run.root),
+        "rows": cells(status.rows), "rate_rows": cells(status.rate_rows),
+    }
+
+
+def list_runs(out_root: Path) -> list[dict]:
+    """Every run under ``out_root`` (``--all``): id, model, cycles merged of total, executor, disk use."""
+    runs = []
+    for path in sorted(out_root.glob("*/*")) if out_root.is_dir() else []:
+        if not (is_run_ts(path.name) and (path / "run.json").is_file()):
+            continue
+        run = RunDir(path)
+        try:
+            meta = run.read_run_json()
+            cfg = config_from_dict(meta["config"])
+            merged = run.scan(list(cfg.rewards)).last_complete_cycle
+        except (OSError, ValueError, KeyError, RunStoreError) as exc:
+            runs.append({"run": path.name, "model": path.parent.name, "path": str(path), "error": str(exc)})
+            continue
+        lease = run.read_lease()
+        runs.append({"run": path.name, "model": path.parent.name, "path": str(path), "created": meta.get("created", ""),
+                     "executor": meta.get("executor", "?"), "last_merged": merged,
+                     "cycles": int(cfg.mapreduce.cycles), "owned": lease is not None,
+                     "disk_bytes": sum(disk_usage(path).values())})
+    return runs
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def render_runs(runs: list[dict], out_root: Path) -> str:
+    if not runs:
+        return f"no runs under {out_root}; start one with python -m launch.mapreduce --model ..."
+    rows = [("run", "model", "cycles", "executor", "disk", "state")]
+    for r in runs:
+        if "error" in r:
+            rows.append((r["run"], r["model"], "?", "?", "?", f"unreadable: {r['error']}"))
+            continue
+        state = "finished" if r["last_merged"] >= r["cycles"] else ("active" if r["owned"] else "stopped")
+        rows.append((r["run"], r["model"], f"{r['last_merged']}/{r['cycles']}", r["executor"],
+                     _size(r["disk_bytes"]), state))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(f"{v:<{w}}" for v, w in zip(row, widths)).rstrip() for row in rows)
+
+
 def render(status: RunStatus) -> str:
     units = [*status.rewards, MERGE]
     width = max(26, *(len(u) + 2 for u in units))
@@ -259,12 +322,18 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 10) until the run finishes or nothing is queued")
     p.add_argument("--no-slurm", action="store_true", help="do not ask Slurm; show the run directory only")
+    p.add_argument("--json", action="store_true", help="print the status (or with --all the runs) as JSON")
+    p.add_argument("--all", action="store_true", help="list every run under --out-root with progress and disk use")
     add_version_flag(p)
     args = p.parse_args(argv)
+    if args.all:
+        runs = [r for r in list_runs(out_root_of(args)) if not args.model or r["model"] == args.model]
+        print(json.dumps(runs, indent=1) if args.json else render_runs(runs, out_root_of(args)))
+        return 0
     run = find_run(out_root_of(args), args.model, args.run_ts)
     while True:
         status = collect(run, use_slurm=not args.no_slurm)
-        text = render(status)
+        text = json.dumps(to_json(status), indent=1) if args.json else render(status)
         if args.watch and sys.stdout.isatty():
             sys.stdout.write("\033[2J\033[H")
         print(text, flush=True)
