@@ -66,19 +66,9 @@ class ExpertJob:
 
 
 def _accelerator(cfg, n_backward: int, use_cpu: bool):
-    from accelerate import Accelerator
+    from mrlora.training.accelerator import build_accelerator  # DDP or ZeRO-2, GPU or CPU (gloo)
 
-    kwargs = {}
-    if cfg.train.deepspeed == "zero2":
-        if use_cpu:
-            raise TrainError("train.deepspeed='zero2' needs GPUs; on CPU set train.deepspeed=''")
-        from accelerate.utils import DeepSpeedPlugin
-
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
-            zero_stage=2, gradient_accumulation_steps=n_backward, gradient_clipping=cfg.train.max_grad_norm,
-        )
-    # cpu=True is required for torchrun on CPU: a plain Accelerator() silently does not distribute (DESIGN.md 10)
-    return Accelerator(cpu=use_cpu, gradient_accumulation_steps=n_backward, mixed_precision="no", **kwargs)
+    return build_accelerator(cfg, n_backward, use_cpu)
 
 
 def _load_start_pipeline(job: "ExpertJob", device):
@@ -387,7 +377,9 @@ def _restore(job: ExpertJob, accelerator, params, optimizer, ema, per_step: int)
         restored = ckpt.load_step(path, step)
     load_lora_state(params, restored.adapter)
     if job.cfg.train.deepspeed == "zero2":
-        accelerator.load_state(str(path / "deepspeed"))
+        from mrlora.training.accelerator import DEEPSPEED_STATE_DIR, load_sharded_state
+
+        load_sharded_state(accelerator, path / DEEPSPEED_STATE_DIR)
     else:
         optimizer.load_state_dict(restored.state["optimizer"])
     if ema is not None:
@@ -419,7 +411,9 @@ def _save(job: ExpertJob, accelerator, params, optimizer, ema, step: int, data_p
         if accelerator.is_main_process:
             ckpt.prepare_dir(path)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(path / "deepspeed"))
+        from mrlora.training.accelerator import DEEPSPEED_STATE_DIR, save_sharded_state
+
+        save_sharded_state(accelerator, path / DEEPSPEED_STATE_DIR)
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
