@@ -300,4 +300,9 @@ def format_plan(plan: Plan, profile: ClusterProfile) -> str:
     lines.append(header)
     lines.append("-" * len(header))
     lines.extend(fmt.format(*row) for row in rows)
+    window_h = sum(j.resources.gpu_hours for j in plan.window(0))
+    total_h = sum(j.resources.gpu_hours for j in plan.jobs)
+    if total_h:
+        lines.append(f"GPU-hours at the time limits (an upper bound): {window_h:,.0f} for the jobs submitted now, "
+                     f"{total_h:,.0f} for the rest of the run (cycles {plan.first_cycle}..{plan.cycles})")
     return "\n".join(lines)

@@ -62,9 +62,13 @@ TOP_KEYS: dict[str, tuple[type, Any]] = {
     "signal_delay_s": (int, 120),
     "max_requeues": (int, 20),
     "chain_extension": (str, "compute-node"),
+    # what one node can give a job (GB of host memory); 0 = unknown, not checked. Catches a per-GPU memory that
+    # multiplies out to more than a node has, which Slurm would otherwise leave pending forever.
+    "max_mem_per_node_gb": (float, 0.0),
 }
 POSITIVE = ("expert_time_min", "nodes_per_expert", "cpus_per_gpu", "merge_time_min", "merge_cpus", "window_cycles")
-NON_NEGATIVE = ("gpus_per_node", "mem_per_gpu_gb", "merge_mem_gb", "signal_delay_s", "max_requeues")
+NON_NEGATIVE = ("gpus_per_node", "mem_per_gpu_gb", "merge_mem_gb", "signal_delay_s", "max_requeues",
+                "max_mem_per_node_gb")
 
 
 class ProfileError(UserError, ValueError):
@@ -98,9 +102,19 @@ class Resources:
         return (self.nodes, self.gpus_per_node, self.gres_gpu, self.cpus_per_task, self.mem_gb, self.time_min,
                 self.partition, self.account, self.qos)
 
+    @property
+    def gpu_hours(self) -> float:
+        """GPU-hours this job may use: nodes x GPUs x its time limit (an upper bound: jobs may end earlier)."""
+        return self.nodes * self.gpus_per_node * self.time_min / 60
+
     def describe(self) -> str:
-        gpu = f"x{self.gpus_per_node}gpu" if self.gpus_per_node else ""
-        return f"{self.nodes}n{gpu} {self.procs}p {self.time_min}min @{self.partition or 'default'}"
+        """``2 nodes x 8 GPU, 8 CPU/task, 768 GB/node, 240 min @gpu``: everything sbatch is asked for."""
+        size = f"{self.nodes} node{'s' if self.nodes != 1 else ''}"
+        if self.gpus_per_node:
+            size += f" x {self.gpus_per_node} GPU"
+        mem = f"{self.mem_gb:g} GB/node" if self.mem_gb else "default mem"
+        return (f"{size}, {self.procs} proc, {self.cpus_per_task} CPU/proc, {mem}, {self.time_min} min "
+                f"@{self.partition or 'default'}")
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,20 @@ def _check_ranges(where: str, values: dict) -> None:
             raise ProfileError(f"{where}: {key} must be >= 0, got {values[key]}")
 
 
+def _check_node_memory(where: str, expert: dict, top: dict) -> None:
+    """Per-node memory an expert asks for (``mem_per_gpu_gb`` x ``gpus_per_node``) against the node's capacity."""
+    cap = float(top.get("max_mem_per_node_gb") or 0)
+    if not cap:
+        return
+    asked = float(expert["mem_per_gpu_gb"]) * max(1, int(expert["gpus_per_node"]))
+    if asked > cap:
+        raise ProfileError(f"{where}: mem_per_gpu_gb {expert['mem_per_gpu_gb']:g} x gpus_per_node "
+                           f"{expert['gpus_per_node']} = {asked:g} GB per node, more than max_mem_per_node_gb "
+                           f"{cap:g}; lower mem_per_gpu_gb to at most {cap / max(1, int(expert['gpus_per_node'])):g}")
+    if float(top["merge_mem_gb"]) > cap:
+        raise ProfileError(f"{where}: merge_mem_gb {top['merge_mem_gb']:g} is more than max_mem_per_node_gb {cap:g}")
+
+
 def profile_from_dict(data: dict, name: str = "", where: str = "cluster profile") -> ClusterProfile:
     """Validate a profile given as a dict (a parsed TOML file, or the copy stored in run.json)."""
     data = dict(data)
@@ -211,6 +239,7 @@ def profile_from_dict(data: dict, name: str = "", where: str = "cluster profile"
         raise ProfileError(f"{where}: chain_extension must be one of {CHAIN_EXTENSIONS}, got "
                            f"{values['chain_extension']!r} (login-node where compute nodes may not call sbatch)")
     _check_ranges(where, values)
+    _check_node_memory(where, values, values)
     if values["expert_time_min"] * 60 <= values["signal_delay_s"]:
         raise ProfileError(f"{where}: signal_delay_s ({values['signal_delay_s']}) must be shorter than "
                            f"expert_time_min ({values['expert_time_min']} min), or jobs are signalled at once")
@@ -225,6 +254,7 @@ def profile_from_dict(data: dict, name: str = "", where: str = "cluster profile"
                 raise _unknown(key, EXPERT_KEYS, rwhere + " (per-reward tables override expert keys only)")
             checked[key] = _typed(rwhere, key, value, EXPERT_KEYS[key][0])
         _check_ranges(rwhere, checked)
+        _check_node_memory(rwhere, {**values, **checked}, values)
         overrides[reward] = checked
     values["rewards"] = {}
     return ClusterProfile(name=values["name"], values=values, reward_overrides=overrides, path=str(path))

@@ -83,3 +83,22 @@ def test_bad_profiles_name_the_key_and_the_file(tmp_path, text, message):
 def test_unknown_profile_name_lists_known_ones():
     with pytest.raises(ProfileError, match="unknown cluster profile 'locall'.*Did you mean 'local'"):
         load_profile("locall")
+
+
+def test_memory_a_node_cannot_hold_is_refused_before_anything_queues(tmp_path):
+    capped = VALID.replace("window_cycles = 3", "window_cycles = 3\nmax_mem_per_node_gb = 600")
+    assert load_profile(write(tmp_path, capped)).expert.mem_gb == 512  # 64 GB x 8 GPUs fits
+    too_much = capped.replace("[rewards.geneval]", "[rewards.geneval]\nmem_per_gpu_gb = 128")
+    with pytest.raises(ProfileError, match=r"rewards.geneval.*1024 GB per node.*max_mem_per_node_gb 600.*at most 75"):
+        load_profile(write(tmp_path, too_much))
+
+
+def test_the_plan_table_shows_cpus_memory_and_gpu_hours():
+    from launch.plan import build_plan, format_plan
+
+    profile = load_profile("example-gpu")
+    plan = build_plan(run_ts="20260101_000000", rewards=["geneval", "pickscore", "ocr"], cycles=8, profile=profile)
+    text = format_plan(plan, profile)
+    assert "4 nodes x 8 GPU, 32 proc, 8 CPU/proc, 768 GB/node, 360 min @gpu" in text  # GenEval's own resources
+    # per cycle: 32 GPUs x (6 h GenEval + 4 h + 4 h) = 448; 4 cycles in the first window, 8 in all
+    assert "1,792 for the jobs submitted now, 3,584 for the rest of the run (cycles 1..8)" in text
