@@ -263,6 +263,19 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
     return 0 if rc == 0 else 1
 
 
+def check_inputs(cfg, profile: ClusterProfile, executor: str, dry_run: bool) -> str:
+    """``launch.preflight`` in the jobs' environment (on Slurm the profile's ``[env]``, e.g. ``HF_HUB_OFFLINE=1``;
+    local tasks inherit ours). A problem stops a launch; a dry run shows the plan and returns the problem as a
+    warning to print after it (the machine planning may not be the one that will launch)."""
+    try:
+        preflight(cfg, dict(profile.values["env"]) if executor == "slurm" else None)
+    except LaunchError as exc:
+        if not dry_run:
+            raise
+        return f"\nwarning: launching this for real would stop here: {exc}\n"
+    return ""
+
+
 def check_allocation(cfg, model_arg: str, cluster_given: bool, executor: str) -> None:
     """A model that needs GPUs, submitted to Slurm without ``--cluster``, would get the built-in profile's
     allocation (no GPU, one CPU): refuse instead of queueing a job that cannot train."""
@@ -292,7 +305,7 @@ def new_run(args, out_root: Path) -> int:
     profile = load_profile(args.cluster) if args.cluster else default_profile()
     executor = resolve_executor(args.executor, profile, dry_run=args.dry_run)
     check_allocation(cfg, args.model, bool(args.cluster), executor)
-    preflight(cfg)
+    problem = check_inputs(cfg, profile, executor, args.dry_run)
     runs.check_out_root(out_root)
     model_dir = _model_dir_name(cfg, args.model)
     run_ts = new_run_ts(name=args.name)
@@ -301,6 +314,7 @@ def new_run(args, out_root: Path) -> int:
     if args.dry_run:
         print_dry_run(plan, profile, out_root / model_dir / run_ts, executor)
         print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
+        print(problem, end="")
         return 0
     run = RunDir.create(out_root, model_dir, run_ts if args.name is not None else None)  # a taken random id is redrawn
     try:
@@ -383,13 +397,14 @@ def resume_run(args, out_root: Path) -> int:
     plan = build_plan(run_ts=run.run_ts, rewards=rewards, cycles=cfg.mapreduce.cycles, profile=profile,
                       mode=cfg.mapreduce.mode, progress=runs.progress_of(run, rewards, live),
                       rate_after_cycles=runs.rate_cycles_of(cfg))
-    if not plan.complete:
-        preflight(cfg)  # what the remaining jobs read, e.g. a model path just fixed with --set model.pretrained=
+    # what the remaining jobs read, e.g. a model path just fixed with --set model.pretrained=...
+    problem = check_inputs(cfg, profile, executor, args.dry_run) if not plan.complete else ""
     if args.dry_run:
         if changes:
             print(f"changes to the frozen config: {changes}")
         print_dry_run(plan, profile, run.root, executor)
         print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
+        print(problem, end="")
         return 0
 
     info = LeaseInfo.new(executor, runs.command_line())

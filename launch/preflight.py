@@ -4,8 +4,10 @@ Why: a missing model directory, an empty prompt file or a reward model missing f
 otherwise found inside the job, on Slurm after queueing for the GPUs. Everything here is cheap and torch-free:
 paths are looked at, prompt sources are read with the loader the jobs use (``rewards.prompts``), hub models
 are looked up in the local Hugging Face cache only when the jobs cannot download (``HF_HUB_OFFLINE=1``), with
-the helpers the jobs resolve them with (``rewards.hub``). Each problem is one ``LaunchError`` naming the thing
-and the fix; nothing has been written when it is raised.
+the helpers the jobs resolve them with (``rewards.hub``). "The jobs" means their environment: a cluster
+profile's ``[env]`` (typically ``HF_HUB_OFFLINE=1`` and a shared ``HF_HOME``) applies to the checks as it will to
+the jobs, so a login node with internet still finds what the offline compute nodes would miss. Each problem is
+one ``LaunchError`` naming the thing and the fix; nothing has been written when it is raised.
 
 ``absolute_paths`` also rewrites relative prompt files and model directories as absolute paths, so run.json
 means the same files whichever directory a resume or a job starts from.
@@ -13,13 +15,40 @@ means the same files whichever directory a resume or a job starts from.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator, Mapping
 
 from launch.runs import LaunchError
 
 # model.pretrained values that are built or named, not paths
 _BUILT_PREFIX = "tiny:"
+# the jobs' variables that decide where and whether Hugging Face models are found
+HF_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
+
+
+@contextlib.contextmanager
+def job_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """This process's HF variables as the jobs will have them (``env``: a profile's ``[env]``), then restored."""
+    saved = {k: os.environ.get(k) for k in HF_ENV}
+    os.environ.update({k: str(v) for k, v in env.items() if k in HF_ENV})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def hub_cache_dir() -> str:
+    """The hub cache the environment names (huggingface_hub fixes its default when first imported)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
 
 
 def _is_generated(prompt_spec: str) -> bool:
@@ -69,11 +98,11 @@ def check_model(spec: str) -> None:
         return  # the job downloads it
     from huggingface_hub import try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(spec, "model_index.json"), str):
-        raise LaunchError(f"model.pretrained: hub model {spec!r} is not in the local Hugging Face cache and "
-                          f"HF_HUB_OFFLINE=1 forbids downloading it. On a node with internet run "
-                          f"`hf download {spec}` into the shared cache (HF_HOME), or set model.pretrained to a local "
-                          f"directory")
+    cache = hub_cache_dir()
+    if not isinstance(try_to_load_from_cache(spec, "model_index.json", cache_dir=cache), str):
+        raise LaunchError(f"model.pretrained: hub model {spec!r} is not in the Hugging Face cache {cache} and "
+                          f"HF_HUB_OFFLINE=1 forbids the jobs to download it. On a node with internet run "
+                          f"`HF_HUB_CACHE={cache} hf download {spec}`, or set model.pretrained to a local directory")
 
 
 def check_prompts(cfg) -> None:
@@ -105,14 +134,17 @@ def check_reward_models(cfg) -> None:
         try:
             spec = get_reward_spec(reward)
             for ref in (spec.models(**kwargs) if spec.models else []):
-                resolve_model(ref.repo_id, reward=reward, purpose=ref.purpose, cache_dir=kwargs.get("cache_dir"))
+                resolve_model(ref.repo_id, reward=reward, purpose=ref.purpose,
+                              cache_dir=kwargs.get("cache_dir") or hub_cache_dir())
         except RewardError as exc:
             raise LaunchError(str(exc)) from None
 
 
-def preflight(cfg) -> None:
-    """All checks, in the order a user would fix them."""
-    if cfg.model.pretrained:
-        check_model(str(cfg.model.pretrained))
-    check_prompts(cfg)
-    check_reward_models(cfg)
+def preflight(cfg, job_env: Mapping[str, str] | None = None) -> None:
+    """All checks, in the order a user would fix them; ``job_env``: what the jobs' environment adds to ours (a
+    Slurm profile's ``[env]``)."""
+    with job_environment(job_env or {}):
+        if cfg.model.pretrained:
+            check_model(str(cfg.model.pretrained))
+        check_prompts(cfg)
+        check_reward_models(cfg)

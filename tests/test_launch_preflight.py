@@ -78,11 +78,26 @@ def test_a_reward_model_missing_from_the_offline_cache_is_reported_before_anythi
     assert nothing_written(out)
 
 
-def test_a_hub_model_missing_from_the_offline_cache_is_reported_even_for_a_dry_run(tmp_path):
+def test_a_hub_model_missing_from_the_offline_cache_is_reported_before_anything_is_written(tmp_path):
+    out = tmp_path / "runs"
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
-    proc = launch(["--model", "sd35m", "--executor", "local", "--dry-run"], tmp_path / "runs", offline)
-    refused(proc, "hub model 'stabilityai/stable-diffusion-3.5-medium' is not in the local Hugging Face cache")
+    proc = launch(["--model", "sd35m", "--executor", "local"], out, offline)
+    refused(proc, "hub model 'stabilityai/stable-diffusion-3.5-medium' is not in the Hugging Face cache "
+                  f"{tmp_path / 'empty-hf-home' / 'hub'}")
     assert "hf download stabilityai/stable-diffusion-3.5-medium" in proc.stderr
+    assert nothing_written(out)
+
+
+def test_a_dry_run_checks_in_the_jobs_environment_and_warns_after_the_plan(tmp_path):
+    """example-gpu's [env] makes the jobs offline with HF_HOME=/shared/cache/huggingface: that cache is checked,
+    not this machine's, and a dry run still shows the plan."""
+    proc = launch(["--model", "sd35m", "--executor", "slurm", "--cluster", "example-gpu", "--dry-run"],
+                  tmp_path / "runs", {"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "c0001-merge" in proc.stdout
+    assert "warning: launching this for real would stop here: model.pretrained: hub model " \
+           "'stabilityai/stable-diffusion-3.5-medium' is not in the Hugging Face cache /shared/cache/huggingface/hub" \
+        in proc.stdout
 
 
 def test_a_gpu_preset_submitted_without_a_cluster_profile_is_refused(tmp_path):
