@@ -26,7 +26,7 @@ from launch.mapreduce import find_run, out_root_of
 from launch.runs import LaunchError, resume_command
 from mrlora.claim import Claim, process_start, read_holder
 from mrlora.runstore import RunDir, RunStoreError, is_run_ts, pid_alive
-from mrlora.cli import add_version_flag
+from mrlora.cli import add_version_flag, run_cli
 
 
 def local_workers(run: RunDir) -> list[Claim]:
@@ -138,7 +138,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(run_cli(main, prog="launch.cancel"))  # Ctrl-C: 130, like every command
