@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "squeue answers, else local")
     p.add_argument("--out-root", metavar="DIR",
                    help=f"where runs live: DIR/<model>/<RUN_TS>/ (default: $MRLORA_OUT_ROOT or ./{DEFAULT_OUT_ROOT})")
+    p.add_argument("--write-sbatch", metavar="DIR",
+                   help="write one plain sbatch script per job (the real job command, no pickles) and a submit.sh to "
+                        "DIR instead of submitting; with --dry-run only the scripts are written")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and the sbatch text of each distinct job; submit and write nothing")
     p.add_argument("--print-config", action="store_true",
@@ -303,7 +306,8 @@ def new_run(args, out_root: Path) -> int:
         print(format_config(cfg, config_sources(overrides)))
         return 0
     profile = load_profile(args.cluster) if args.cluster else default_profile()
-    executor = resolve_executor(args.executor, profile, dry_run=args.dry_run)
+    # --write-sbatch: Slurm scripts the user submits by hand, whether or not this machine reaches Slurm
+    executor = "slurm" if args.write_sbatch else resolve_executor(args.executor, profile, dry_run=args.dry_run)
     check_allocation(cfg, args.model, bool(args.cluster), executor)
     problem = check_inputs(cfg, profile, executor, args.dry_run)
     runs.check_out_root(out_root)
@@ -315,6 +319,8 @@ def new_run(args, out_root: Path) -> int:
         print_dry_run(plan, profile, out_root / model_dir / run_ts, executor)
         print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
         print(problem, end="")
+        if args.write_sbatch:
+            _write_sbatch(plan, profile, out_root / model_dir / run_ts, Path(args.write_sbatch), created=False)
         return 0
     run = RunDir.create(out_root, model_dir, run_ts if args.name is not None else None)  # a taken random id is redrawn
     try:
@@ -328,7 +334,25 @@ def new_run(args, out_root: Path) -> int:
 
         shutil.rmtree(run.root, ignore_errors=True)
         raise
+    if args.write_sbatch:
+        _write_sbatch(plan, profile, run.root, Path(args.write_sbatch), created=True)
+        run.release_lease(lease)  # the user's own submissions own the run; --resume works as for any run
+        return 0
     return _execute(run, plan, profile, executor, lease, cfg, out_root, fresh=True)
+
+
+def _write_sbatch(plan, profile: ClusterProfile, run_root: Path, out: Path, created: bool) -> None:
+    """``--write-sbatch DIR``: one readable sbatch script per job plus ``submit.sh``, instead of submitting."""
+    from launch.submit import write_sbatch_scripts
+
+    paths = write_sbatch_scripts(plan, profile, run_root, out)
+    print(f"wrote {len(paths) - 1} sbatch script(s) and submit.sh to {out}")
+    if created:
+        print(f"run directory: {run_root}\nsubmit them all (in dependency order) with: bash {out / 'submit.sh'}\n"
+              f"or one by one with sbatch; each script says which jobs it waits for")
+    else:
+        print(f"(dry run: they refer to {run_root}, which was not created; drop --dry-run to create the run and "
+              f"submit the scripts by hand)")
 
 
 def find_run(out_root: Path, model: str | None, run_ts: str | None) -> RunDir:

@@ -84,6 +84,86 @@ def render_sbatch(job: Job, run_ts: str, profile: ClusterProfile, dependencies: 
     return submitit_slurm._make_sbatch_string(command=submit_command(folder, python), folder=folder, **params)
 
 
+
+
+def job_script(job: Job, run_ts: str, run_root: Path | str, profile: ClusterProfile, after: list[str]) -> str:
+    """A plain sbatch script for ``job`` that a user can read and submit by hand (``--write-sbatch``).
+
+    It asks Slurm for what the submitit path asks (``sbatch_parameters``: same resources, name, comment,
+    kill-on-invalid-dep, requeue, pre-timeout signal), runs the profile's setup lines, then the job's real
+    command: ``python -m launch.jobs expert|merge|rate RUN_ROOT CYCLE [REWARD]`` under ``srun`` (an array task
+    picks its reward from ``SLURM_ARRAY_TASK_ID``). No pickles. ``after`` names the jobs it waits for; their ids
+    exist only once those are submitted, so they are given on the command line (``submit.sh`` does it).
+    """
+    params = sbatch_parameters(job, run_ts, profile, [])
+    logs = Path(run_root) / "logs" / "sbatch"
+    pattern = "%x_%A_%a" if job.array else "%x_%j"
+    lines = ["#!/bin/bash", f"# mrlora run {run_ts}: cycle {job.cycle} {job.role} "
+             f"({'array: task i runs REWARDS[i]' if job.array else 'one job'})"]
+    if after:
+        lines.append(f"# waits for: afterok:{':'.join(f'<job of {k}>' for k in after)}  (submit with "
+                     f"sbatch --dependency=afterok:<ids> {job.key}.sbatch; submit.sh does this)")
+    flags = {
+        "job-name": params["job_name"], "comment": params["comment"], "wckey": params["wckey"],
+        "nodes": params["nodes"], "ntasks-per-node": params["ntasks_per_node"],
+        "cpus-per-task": params["cpus_per_task"], "time": params["time"],
+    }
+    if "gres" in params:
+        flags["gres"] = params["gres"]
+    if "gpus_per_node" in params:
+        flags["gpus-per-node"] = params["gpus_per_node"]
+    for key in ("mem", "partition", "account", "qos"):
+        if key in params:
+            flags[key] = params[key]
+    if job.array:
+        flags["array"] = f"0-{len(job.rewards) - 1}"
+    flags.update({"kill-on-invalid-dep": "yes", "signal": f"USR2@{profile.signal_delay_s}",
+                  "output": f"{logs}/{pattern}.out", "error": f"{logs}/{pattern}.err", "open-mode": "append"})
+    lines += [f"#SBATCH --{k}={v}" for k, v in flags.items()]
+    lines += ["#SBATCH --requeue", "", "set -eo pipefail", *profile.setup_lines,
+              'PYTHON="${MRLORA_PYTHON:-python}"  # the environment the setup lines activated']
+    root = shlex.quote(str(run_root))
+    if job.kind == MERGE:
+        command = f'"$PYTHON" -u -m launch.jobs merge {root} {job.cycle}'
+    else:
+        verb = "rate" if job.kind == RATE else "expert"
+        rewards = " ".join(shlex.quote(r) for r in job.rewards)
+        lines.append(f"REWARDS=({rewards})")
+        index = "${SLURM_ARRAY_TASK_ID:-0}" if job.array else "0"
+        command = f'"$PYTHON" -u -m launch.jobs {verb} {root} {job.cycle} "${{REWARDS[{index}]}}"'
+    lines.append(f"srun --unbuffered {command}")
+    return "\n".join(lines) + "\n"
+
+
+def write_sbatch_scripts(plan: Plan, profile: ClusterProfile, run_root: Path | str, out_dir: Path | str) -> list[Path]:
+    """Write one sbatch script per job of ``plan`` plus ``submit.sh``, which submits them all in dependency
+    order (each with ``--dependency=afterok:`` the ids sbatch returned for its parents). Returns the paths."""
+    from mrlora.runstore import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if Path(run_root).is_dir():  # Slurm opens the log files before the job starts: the folder must exist
+        (Path(run_root) / "logs" / "sbatch").mkdir(parents=True, exist_ok=True)
+    written = []
+    submit = ["#!/bin/bash", f"# Submit every job of run {plan.run_ts} ({len(plan.jobs)} jobs, cycles "
+              f"{plan.first_cycle}..{plan.cycles}) in dependency order; prints each job id.",
+              "set -euo pipefail", 'cd "$(dirname "${BASH_SOURCE[0]}")"', "declare -A ID",
+              'submit() { local key=$1; shift; ID[$key]=$(sbatch --parsable "$@" "$key.sbatch" | cut -d";" -f1); '
+              'echo "$key ${ID[$key]}"; }']
+    for job in plan.jobs:
+        after = list(job.after)
+        path = out / f"{job.key}.sbatch"
+        atomic_write_text(path, job_script(job, plan.run_ts, run_root, profile, after))
+        written.append(path)
+        deps = [f"${{ID[{k}]}}" for k in after] + list(job.after_ids)
+        dep = f" --dependency=afterok:{':'.join(deps)}" if deps else ""
+        submit.append(f"submit {job.key}{dep}")
+    atomic_write_text(out / "submit.sh", "\n".join(submit) + "\n")
+    (out / "submit.sh").chmod(0o755)
+    written.append(out / "submit.sh")
+    return written
+
+
 def job_callables(job: Job, run_root: str, owner_id: str, profile: ClusterProfile) -> list:
     """What each submission runs: one ExpertTask / RateTask per array task, or one MergeTask."""
     from launch.jobs import ExpertTask, MergeTask, RateTask

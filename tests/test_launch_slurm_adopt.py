@@ -49,7 +49,7 @@ def test_sites_without_sbatch_on_compute_nodes_extend_the_chain_from_the_login_n
     monkeypatch.setenv("MRLORA_JOB_ENTRYPOINTS", "test_launch_fake_entrypoints")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
     profile = Path(profile_path(tmp_path, window=1, gpus=0))
-    profile.write_text(profile.read_text() + '\nchain_extension = "login-node"\n')
+    profile.write_text(profile.read_text().replace("window_cycles = ", 'chain_extension = "login-node"\nwindow_cycles = ', 1))
     tmp_path.mkdir(exist_ok=True)
     out = str(tmp_path / "out")
     proc = cli("launch.mapreduce", "--model", "tiny-sd3", "--rewards", *REWARDS, "--cluster", str(profile),
