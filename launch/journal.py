@@ -63,7 +63,7 @@ def new_record(**kwargs) -> JobRecord:
 
 def read_records(run: RunDir) -> list[JobRecord]:
     """Every job ever submitted for the run, oldest submission first."""
-    records = []
+    records: list[JobRecord] = []
     folder = journal_dir(run)
     if not folder.is_dir():
         return records

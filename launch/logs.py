@@ -27,7 +27,7 @@ from mrlora.runstore import RunDir
 def local_log(run: RunDir, cycle: int, unit: str) -> Path | None:
     """The local executor's log of ``unit`` ("<reward>", "merge" or "rate:<reward>") in ``cycle``, if written."""
     folder = run.logs_dir / LOCAL_LOG_DIR
-    names = (f"c{cycle:04d}-{unit}.log", f"c{cycle:04d}-experts-{unit}.log", f"c{cycle:04d}-{safe_name(unit)}.log",
+    names: tuple[str, ...] = (f"c{cycle:04d}-{unit}.log", f"c{cycle:04d}-experts-{unit}.log", f"c{cycle:04d}-{safe_name(unit)}.log",
              f"c{cycle:04d}-experts-{safe_name(unit)}.log")
     if unit.startswith(f"{RATE}:"):
         reward = unit.split(":", 1)[1]

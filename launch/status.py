@@ -227,7 +227,7 @@ def to_json(status: RunStatus) -> dict:
 
 def list_runs(out_root: Path) -> list[dict]:
     """Every run under ``out_root`` (``--all``): id, model, cycles merged of total, executor, disk use."""
-    runs = []
+    runs: list[dict] = []
     for path in sorted(out_root.glob("*/*")) if out_root.is_dir() else []:
         if not (is_run_ts(path.name) and (path / "run.json").is_file()):
             continue

@@ -49,6 +49,8 @@ def _preset_module(preset: str):
         if not path.is_file():
             raise ConfigError(f"config file {preset} does not exist")
         spec = importlib.util.spec_from_file_location(f"mrlora_user_config_{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"config file {preset} cannot be loaded as a Python module")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

@@ -181,7 +181,7 @@ def write_marker(directory: Path | str, name: str, extra: dict | None = None, ch
     files = {}
     for p in _payload_files(directory):
         rel = p.relative_to(directory).as_posix()
-        entry = {"size": p.stat().st_size}
+        entry: dict[str, int | str] = {"size": p.stat().st_size}
         if checksums:
             entry["sha256"] = (digests or {}).get(rel) or file_digest(p)
         files[rel] = entry
@@ -459,14 +459,14 @@ def is_run_ts(name: str) -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RunDir:
     """Paths and completion checks of one run: ``OUT_ROOT/<model>/<RUN_TS>/``."""
 
     root: Path
 
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
+    def __init__(self, root: Path | str) -> None:
+        object.__setattr__(self, "root", Path(root))
 
     # -- identity
     @property

@@ -142,7 +142,7 @@ class _Wandb:
         self.run = wandb.init(
             project=project, group=lineage.group, name=f"{lineage.group}/{lineage.name}",
             id=wandb_run_id(lineage), resume="allow", dir=str(lineage.root),
-            mode=os.environ.get("WANDB_MODE", "offline"),
+            mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]  # wandb checks the value
             settings=wandb.Settings(silent=True, console="off"),
         )
 
