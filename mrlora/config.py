@@ -188,6 +188,9 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
     """Check ``value`` against the type of ``current``; return the value to store."""
     if current is None or isinstance(current, ml_collections.ConfigDict):
         return value
+    if isinstance(value, str) and isinstance(current, (bool, int, float)):
+        # typed on the command line into an open map (per_reward.<r>.train.ema=false): parse it as the field's type
+        return _parse_scalar(key, value, current)
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value

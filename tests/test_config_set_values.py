@@ -47,3 +47,14 @@ def test_numbers_keep_their_types():
     assert cfg.train.lr == 1e-3 and cfg.train.steps == 12 and type(cfg.train.steps) is int
     assert list(cfg.weights) == [1.0, 2.0, 3.0] and all(type(w) is float for w in cfg.weights)
     assert type(cfg.train.clip_range) is float
+
+
+def test_per_reward_values_typed_on_the_command_line_take_the_fields_types():
+    from mrlora.config import config_for_reward
+
+    cfg = load_config("tiny-sd3", ["per_reward.brightness.train.ema=false", "per_reward.brightness.train.steps=3",
+                                   "per_reward.brightness.lora.target_modules=[to_q,to_k]"])
+    expert = config_for_reward(cfg, "brightness")
+    assert expert.train.ema is False and expert.train.steps == 3 and list(expert.lora.target_modules) == ["to_q", "to_k"]
+    with pytest.raises(ConfigError, match="per_reward.brightness: config key 'train.ema' expects true or false"):
+        load_config("tiny-sd3", ["per_reward.brightness.train.ema=maybe"])
