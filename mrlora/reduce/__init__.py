@@ -14,14 +14,15 @@ from mrlora.reduce.errors import (AdapterError, ArchMismatchError, CorruptSafete
 from mrlora.reduce.exact import ReducedUpdate, reduce_exact, reduce_reference
 from mrlora.reduce.export import export_model, export_with_updates
 from mrlora.reduce.job import merge_cycle_in_run, merge_experts
-from mrlora.reduce.load_model import load_pipeline_after
+from mrlora.reduce.load_model import load_pipeline_after, load_transformer_after
 from mrlora.reduce.store import apply_updates, load_update
 from mrlora.runstore import MapStart, ModelAfter, map_start, model_after, updates_after
 
 __all__ = [
     "AdapterError", "ArchMismatchError", "CorruptSafetensorsError", "ExpertAdapter", "LoraPair", "MapStart",
     "ModelAfter", "OutputExistsError", "ReduceError", "ReducedUpdate", "ShapeMismatchError", "WeightsError",
-    "apply_updates", "export_model", "export_with_updates", "load_pipeline_after", "load_update", "map_start",
+    "apply_updates", "export_model", "export_with_updates", "load_pipeline_after", "load_transformer_after",
+    "load_update", "map_start",
     "merge_cycle_in_run", "merge_experts", "model_after",
     "read_expert_adapter", "reduce_exact", "reduce_reference", "save_expert_adapter", "updates_after",
 ]
