@@ -39,6 +39,10 @@ from mrlora.runstore import (
 )
 
 TORN_AGE_S = 10.0  # an unreadable claim older than this was torn by a killed writer, not being written now
+# A holder's Slurm job in one of these states is ending (its processes are being killed, e.g. after scancel and
+# a quick --resume): wait up to ENDING_WAIT_S for it to leave the queue instead of failing the new job.
+ENDING_STATES = ("COMPLETING", "SIGNALING", "STAGE_OUT")
+ENDING_WAIT_S = 180.0
 
 
 class ClaimHeldError(RunStoreError):
@@ -135,7 +139,12 @@ def owner_gone(holder: Claim) -> bool:
         from launch.slurm import ACTIVE_STATES, SlurmError, job_state
 
         try:
-            return job_state(holder.slurm_job) not in ACTIVE_STATES
+            state = job_state(holder.slurm_job)
+            deadline = time.monotonic() + ENDING_WAIT_S
+            while state in ENDING_STATES and time.monotonic() < deadline:  # e.g. just scancelled: wait it out
+                time.sleep(2.0)
+                state = job_state(holder.slurm_job)
+            return state not in ACTIVE_STATES
         except SlurmError as exc:
             raise ClaimHeldError(
                 f"{holder.path} says {holder.describe()} writes this unit, and Slurm cannot be asked whether that "
