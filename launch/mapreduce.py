@@ -19,18 +19,17 @@ import sys
 from pathlib import Path
 
 from launch import runs, slurm
-from launch.plan import MERGE, RATE, PlanError, build_plan, format_plan, safe_name, submission_dependencies
-from launch.profiles import ClusterProfile, ProfileError, default_profile, load_profile
+from launch.plan import MERGE, RATE, build_plan, format_plan, safe_name, submission_dependencies
+from launch.profiles import ClusterProfile, default_profile, load_profile
 from launch.preflight import absolute_paths, preflight
 from launch.runs import LaunchError
-from mrlora.config import (ConfigError, apply_overrides, config_from_dict, config_sources, config_to_dict, format_config, load_config,
+from mrlora.config import (apply_overrides, config_from_dict, config_sources, config_to_dict, format_config, load_config,
                            validate)
 from mrlora.memory_plan import format_plan_memory
-from mrlora.runstore import RUN_NAME_RE, LeaseInfo, RunDir, RunStoreError, is_run_ts, new_run_ts
-from mrlora.cli import add_version_flag
+from mrlora.runstore import RUN_NAME_RE, LeaseInfo, RunDir, is_run_ts, new_run_ts
+from mrlora.cli import add_version_flag, run_cli
 
 DEFAULT_OUT_ROOT = "runs"
-EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,23 +453,19 @@ def resume_run(args, out_root: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 on success, 2 with one error line for anything the user can fix (nothing is written),
+    130 / 143 when interrupted (a local run's workers checkpoint first), 1 when a local job failed."""
+    return run_cli(_main, argv, prog="launch.mapreduce")
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     add_version_flag(parser)
     args = parser.parse_args(argv)
     out_root = out_root_of(args)
-    try:
-        if args.resume is not None:
-            return resume_run(args, out_root)
-        return new_run(args, out_root)
-    except (ConfigError, ProfileError, PlanError, LaunchError, RunStoreError, slurm.SlurmError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into head & co: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    if args.resume is not None:
+        return resume_run(args, out_root)
+    return new_run(args, out_root)
 
 
 if __name__ == "__main__":
