@@ -11,18 +11,19 @@ unless set), so only the first run on a machine pays it.
 from __future__ import annotations
 
 import json
-import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import read_metrics, subprocess_env
 
+from mrlora.models.tiny import TINY_VERSION
 from mrlora.training.accelerator import cache_extensions
-from train_helpers import kill_after_checkpoint, read_metrics, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -38,14 +39,11 @@ def _cmd(base: str, out: Path, deepspeed: str, port: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def env(mrlora_cache) -> Iterator[dict]:
-    # The session's mrlora cache is a temporary dir: keep DeepSpeed's compiled op in the user's persistent one
-    # (set in os.environ too: kill_after_checkpoint starts its process with subprocess_env()).
-    previous = os.environ.get("TORCH_EXTENSIONS_DIR")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mrlora" / "torch_extensions"))
-    yield {**subprocess_env(), "OMP_NUM_THREADS": "1"}
-    if previous is None:
-        os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+def env(mrlora_cache) -> dict:
+    # The session's mrlora cache is a temporary dir: keep DeepSpeed's compiled op in the user's persistent one.
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mrlora" / "torch_extensions"))
+    return env
 
 
 def _run(cmd: list[str], env: dict) -> None:
@@ -54,9 +52,13 @@ def _run(cmd: list[str], env: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def zero2_run(tiny_flux_dir, tmp_path_factory, env) -> Path:
-    out = tmp_path_factory.mktemp("zero2") / "expert"
-    _run(_cmd(tiny_flux_dir, out, "zero2", 29641), env)
+def zero2_run(tmp_path_factory, env) -> Path:
+    """The uninterrupted run, on ``tiny:flux`` in an empty cache: both ranks ask for the model, rank 0 builds it."""
+    root = tmp_path_factory.mktemp("zero2")
+    out = root / "expert"
+    _run(_cmd("tiny:flux", out, "zero2", 29641), {**env, "MRLORA_CACHE": str(root / "cache")})
+    # transformers writes weights only on rank 0 of a process group: a build by rank 1 would have none
+    assert (root / "cache" / f"tiny-flux-v{TINY_VERSION}" / "text_encoder" / "model.safetensors").is_file()
     return out
 
 
@@ -73,11 +75,41 @@ def test_zero2_shards_the_optimizer_over_both_ranks(zero2_run):
     assert json.loads((zero2_run / "DONE.json").read_text())["processes"] == 2
 
 
+def _kill_job_after_checkpoint(cmd: list[str], out: Path, env: dict, step: int, timeout: float = 900) -> None:
+    """SIGKILL torchrun *and its workers* (one process group) once ``checkpoint-<step>`` is complete.
+
+    Killing only the launcher would orphan the workers (torchrun starts them in their own process groups), which
+    would go on and finish the run themselves; so the workers are found by pid and killed first.
+    """
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = out / f"checkpoint-{step}" / "COMPLETE.json"
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"training exited ({proc.returncode}) before checkpoint-{step}: {proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"no checkpoint-{step} within {timeout:.0f} s"
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    psutil.wait_procs(workers, timeout=30)
+    assert not (out / "DONE.json").exists(), "the run finished before it could be killed; the test proved nothing"
+
+
 def test_zero2_resume_is_bit_identical(zero2_run, tiny_flux_dir, tmp_path, env):
     out = tmp_path / "expert"
     cmd = _cmd(tiny_flux_dir, out, "zero2", 29643)
-    kill_after_checkpoint(cmd, out, step=2, timeout=900)
+    _kill_job_after_checkpoint(cmd, out, env, step=2)
+    assert not (out / f"checkpoint-{STEPS}").exists()
+    before = read_metrics(out)[:2]
     _run(cmd, env)
+    # it continued from checkpoint-2 (a restart from scratch would end identical too, but rewrite steps 1-2)
+    assert read_metrics(out)[:2] == before
     for rel in (f"checkpoint-{STEPS}/adapter_model.safetensors", f"checkpoint-{STEPS}/ema.safetensors",
                 "adapter/adapter_model.safetensors"):
         a, b = load_file(str(zero2_run / rel)), load_file(str(out / rel))

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mrlora.models.errors import ModelNotFoundError, UnknownArchError
-from mrlora.models.tiny import TINY_ARCHS, TINY_VERSION, build_tiny, read_marker
+from mrlora.models.errors import ModelNotFoundError, TinyBuildError, UnknownArchError
+from mrlora.models.tiny import TINY_ARCHS, TINY_VERSION, build_tiny, process_group_rank, read_marker
 
 MODEL_PRESETS: dict[str, str] = {
     "sd35m": "stabilityai/stable-diffusion-3.5-medium",
@@ -143,17 +143,21 @@ def ensure_tiny(arch: str, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.with_name(out.name + ".lock")
     deadline = time.monotonic() + _TINY_LOCK_TIMEOUT_S
+    builder = process_group_rank() == 0  # in a process group only rank 0 can write a complete build
     while True:
-        if _try_lock(lock):
+        if builder and _try_lock(lock):
             try:
                 return build_tiny(arch, out, seed=seed, replace_incomplete=True)
             finally:
                 lock.unlink(missing_ok=True)
         if read_marker(out) is not None:
             return build_tiny(arch, out, seed=seed)
-        if _lock_is_stale(lock):
+        if builder and _lock_is_stale(lock):
             _break_lock(lock)  # its holder died: take over (retry the O_EXCL create at once)
             continue
+        if time.monotonic() > deadline and not builder:
+            raise TinyBuildError(f"waited {_TINY_LOCK_TIMEOUT_S:.0f} s for rank 0 to build {out}; is rank 0 "
+                                 f"loading the same tiny:{arch} model?")
         if time.monotonic() > deadline:
             # The holder is alive but hung: building anyway is safe, the atomic rename decides the winner.
             return build_tiny(arch, out, seed=seed, replace_incomplete=True)

@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from mrlora.cli import add_version_flag
 from mrlora.models.errors import ModelError, TinyBuildError
 from mrlora.models.real_configs import PIPELINES, real_components
-from mrlora.cli import add_version_flag
 
 MARKER = "REAL_SHAPES_COMPLETE.json"
 TEXT_LAYERS = {"clip": 2, "t5": 1}  # CLIP: two, so the penultimate hidden state SD3 reads is a real layer's
@@ -268,9 +268,12 @@ def build_real_shapes(arch: str, out: str | os.PathLike[str], seed: int = 0, dty
     """Build the real-shape ``arch`` model into ``out`` (atomically); a complete identical build is reused."""
     import diffusers
 
-    from mrlora.models.tiny import _partial_path, check_arch
+    from mrlora.models.tiny import _partial_path, check_arch, process_group_rank
 
     check_arch(arch)
+    if process_group_rank() != 0:
+        raise TinyBuildError("build real-shape models before starting a distributed job: on a rank other than 0 "
+                             "transformers writes no text-encoder weights")
     config = transformer_config(arch, layers, double_layers, single_layers)
     out = Path(out).expanduser().absolute()
     wanted = {"arch": arch, "seed": seed, "dtype": dtype, "transformer": config}

@@ -38,6 +38,7 @@ import os
 import secrets
 import shutil
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,6 +67,19 @@ class TinyMarker:
     diffusers: str
     transformers: str
     created: float
+
+
+def process_group_rank() -> int:
+    """This process's rank when a torch.distributed process group is up, else 0 (never imports torch itself).
+
+    Why builds care: transformers' ``save_pretrained`` writes weights only on rank 0 of an initialised group, so a
+    build on another rank would end "complete" with text encoders that have no weights.
+    """
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return 0
 
 
 def check_arch(arch: str) -> str:
@@ -404,6 +418,11 @@ def build_tiny(arch: str, out: str | os.PathLike[str], seed: int = 0, replace_in
     marker = read_marker(out)
     if marker is not None:
         return _check_existing(out, marker, arch, seed)
+    rank = process_group_rank()
+    if rank != 0:
+        raise TinyBuildError(f"cannot build the tiny {arch} model on rank {rank} of a process group (transformers "
+                             f"writes weights only on rank 0); build it before starting the job "
+                             f"(python -m mrlora.models.tiny --arch {arch} --out DIR) or let rank 0 build it")
     if out.exists():
         if not out.is_dir():
             raise TinyBuildError(f"{out} exists and is not a directory; choose another output path")
