@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from launch.jobs import EXIT_INTERRUPTED, LAUNCHER_PID_ENV
 from launch.plan import MERGE, RATE, Plan
@@ -194,7 +194,7 @@ class Supervisor:
         self.signum: int | None = None
         self.forced = False
         self.worker: subprocess.Popen | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # what signal.signal returned: a handler, SIG_DFL or SIG_IGN
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is None:
@@ -242,7 +242,7 @@ def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: Tex
 
 
 def _stopped(run: RunDir, supervisor: Supervisor, out: TextIO, prefix: str = "") -> int:
-    name = signal.Signals(supervisor.signum).name
+    name = signal.Signals(supervisor.signum or 0).name
     out.write(f"\n{prefix + ': ' if prefix else ''}stopped by {name}"
               f"{' (killed: the round in progress is lost, the last checkpoint is kept)' if supervisor.forced else ''}"
               f". Continue with: {resume_command(run)}\n")
@@ -283,7 +283,7 @@ def _run_tasks(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO, p
                                   f"and stop (signal again to kill it at once)...\n")
                         out.flush()
                     continue
-                if task.kind != MERGE:
+                if task.kind != MERGE and task.reward is not None:
                     done, metrics = metrics_tail(run, task.cycle, task.reward, task.kind)
                     total = (rate_steps_of if task.kind == RATE else steps_of).get(task.reward, "?")
                     shown = (done, reward_summary(metrics) if task.kind != RATE else "")
@@ -299,11 +299,11 @@ def _run_tasks(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO, p
         elapsed = time.monotonic() - t0
         status = "done" if rc == 0 else ("interrupted (checkpointed)" if rc == EXIT_INTERRUPTED else f"FAILED (exit {rc})")
         extra = ""
-        if task.kind == "expert" and rc == 0:
+        if task.kind == "expert" and rc == 0 and task.reward is not None:
             done, _ = metrics_tail(run, task.cycle, task.reward)
             trend = reward_trend(run, task.cycle, task.reward)
             extra = f", {done} steps" + (f", reward_mean {trend[0]:.4g} -> {trend[1]:.4g}" if trend else "")
-        elif task.kind == RATE and rc == 0:
+        elif task.kind == RATE and rc == 0 and task.reward is not None:
             extra = f", token {rate_dir(run, task.cycle, task.reward) / 'token.safetensors'}"
         out.write(f"{chr(13) + chr(27) + '[K' if tty else ''}{prefix}: {status} in {elapsed:.1f} s{extra}\n")
         out.flush()
