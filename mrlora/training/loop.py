@@ -191,9 +191,10 @@ def train_expert(job: ExpertJob) -> dict:
                      resolution=int(cfg.sample.resolution), noise_level=float(cfg.sample.noise_level),
                      batch_size=int(cfg.sample.batch_size), max_sequence_length=int(cfg.sample.max_sequence_length))
     train_guidance = float(cfg.sample.guidance_scale)
-    from tqdm.auto import tqdm
+    from mrlora.progress import progress
 
-    bar = tqdm(total=total, initial=start, disable=not (is_main and job.progress), desc=f"expert {job.reward}")
+    # a bar on a terminal; one log line per step (at most every 10 s) in a job's log file
+    bar = progress(total, start, f"expert {job.reward}", enabled=is_main and job.progress)
     last_record: dict = metrics.records[-1] if metrics.records else {}
     try:
         with StopFlag() as stop:
@@ -256,8 +257,8 @@ def train_expert(job: ExpertJob) -> dict:
                     }
                     metrics.log(record)
                     last_record = record
-                    bar.update(1)
                     bar.set_postfix(reward=f"{record['reward_mean']:.4f}", kl=f"{record['kl']:.2e}")
+                    bar.update(1)
                 # only at round ends: a checkpoint inside a round would need the round's samples to resume
                 stopping = distributed.any_rank(stop.requested, accelerator)
                 if done_steps % int(cfg.train.checkpoint_every) == 0 or done_steps == total or stopping:
