@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# A project document is named either by its docs/ path or by an upper-case name (README.md, CHANGES.md);
+# A project document is named either by its docs/ path or by an upper-case name like README.md;
 # lower-case bare names like report.md are files the code writes.
 _DOC_REF = re.compile(r"(docs/[\w.-]+\.md|\b[A-Z][A-Z_-]+\.md)\b")
 
