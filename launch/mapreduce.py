@@ -255,11 +255,13 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
         print(f"  status:  python -m launch.status {run.run_ts} --out-root {shlex.quote(str(out_root))} "
               f"--model {run.root.parent.name}")
         suite = ",".join(cfg.rewards)
+        evals = shlex.quote(str(run.evals_dir))
         print(f"  compare the base with the merged cycles on every reward (the trade-off the merge makes):\n"
-              f"    python -m rewards.prompts --kind simple --n 8 --seed 1 --out eval_prompts.txt\n"
+              f"    python -m rewards.prompts --kind simple --n 8 --seed 1 --out {evals}/prompts.txt\n"
               f"    for c in $(seq 0 {plan.cycles}); do python -m eval.run --checkpoint "
-              f"{shlex.quote(str(run.root))}:$c --suite {suite} --prompts eval_prompts.txt --out evals/c$c; done\n"
-              f"    python -m eval.report --inputs evals/c* --out evals/report")
+              f"{shlex.quote(str(run.root))}:$c --suite {suite} --prompts {evals}/prompts.txt --out {evals}/c$c; "
+              f"done\n"
+              f"    python -m eval.report --inputs {evals}/c* --out {evals}/report")
     if rc > 128:  # stopped by a signal (the worker checkpointed): 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
         return rc
     return 0 if rc == 0 else 1

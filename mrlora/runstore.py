@@ -523,6 +523,11 @@ class RunDir:
         return self.root / "logs"
 
     @property
+    def evals_dir(self) -> Path:
+        """``evals/``: where the commands a run suggests write its evals and report (one run, one folder)."""
+        return self.root / "evals"
+
+    @property
     def tracking_dir(self) -> Path:
         """``tracking/``: TensorBoard / W&B files of the whole run, one curve per expert lineage (mrlora.tracking)."""
         return self.root / "tracking"
