@@ -5,11 +5,13 @@ A real run directory on a random transformer with the real tensor names and shap
 
 * three synthetic expert adapters at the preset's rank on the preset's LoRA targets, written with the real
   writer (``save_expert_adapter``) and marked DONE, as the Map step leaves them;
-* the real merge job ``merge_cycle_in_run`` (merge, materialisation when due, retention), called in a forked
-  child of this process so its peak RSS (``ru_maxrss``) and wall time are its own;
+* the real merge job ``merge_cycle_in_run`` (merge, materialisation when due, retention), called in-process:
+  wall time and peak RSS (VmHWM, reset before each call through ``/proc/self/clear_refs``, so each call's
+  own peak; it includes the ~0.5 GB of python + torch + diffusers every job has);
 * the Map start of the next cycle: ``map_start`` + ``load_transformer_after`` (the transformer a Map step,
-  eval or RaTE builds; the text encoders and VAE are the same every cycle and left out), in a forked child:
-  wall time, bytes read (``/proc/self/io`` rchar: every read syscall, page-cache hits included) and peak RSS.
+  eval or RaTE builds; the text encoders and VAE are the same every cycle and left out), in-process, every
+  ``--map-every`` cycles and at cycles 2 and N: wall time, bytes read (``/proc/self/io`` rchar: every read
+  syscall, page-cache hits included) and peak RSS.
 
 The expert adapters of a merged cycle are deleted again (they are synthetic) to keep the disk use to the
 run's own bounded part. The last line per architecture is
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import resource
 import shutil
@@ -62,36 +63,28 @@ def _rchar() -> int:
     return 0
 
 
-def _measured(fn, args, conn) -> None:
-    """Child side of ``_in_child``: run ``fn`` and send back its result with its own costs."""
-    import diffusers
-    import torch
-
-    import mrlora.reduce  # noqa: F401  (imports are not what is measured)
-
-    torch.set_num_threads(1)
-    diffusers.SD3Transformer2DModel, diffusers.FluxTransformer2DModel  # diffusers imports its models lazily
-    t0, r0 = time.perf_counter(), _rchar()
+def _reset_peak_rss() -> bool:
+    """Start a new peak-RSS window for this process (Linux: writing 5 to clear_refs resets VmHWM)."""
     try:
-        out = fn(*args)
-        out.update(wall_s=time.perf_counter() - t0, read_bytes=_rchar() - r0, peak_rss_mb=_peak_rss_mb())
-    except BaseException as exc:  # report it in the parent
-        out = {"error": f"{type(exc).__name__}: {exc}"}
-    conn.send(out)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
-def _in_child(fn, *args) -> dict:
-    """Run ``fn(*args) -> dict`` in a fresh (spawned, not forked: a fork's peak RSS would include this process's
-    pages) child; add its wall time, bytes read and peak RSS. Python and torch start before the clock does."""
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_measured, args=(fn, args, child))
-    proc.start()
-    result = parent.recv()
-    proc.join()
-    if "error" in result:
-        raise RuntimeError(result["error"])
-    return result
+def measured(fn, *args) -> dict:
+    """Run ``fn(*args) -> dict`` in this process; add its wall time, bytes read and peak RSS (of this call
+    alone where the kernel can reset the peak, else of the process so far)."""
+    import gc
+
+    gc.collect()
+    _reset_peak_rss()
+    t0, r0 = time.perf_counter(), _rchar()
+    out = fn(*args)
+    out.update(wall_s=time.perf_counter() - t0, read_bytes=_rchar() - r0, peak_rss_mb=_peak_rss_mb())
+    gc.collect()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ setup
@@ -164,9 +157,11 @@ def _map_start(run_root: str, cycle: int, spec: str, arch: str, dtype: str) -> d
 # ------------------------------------------------------------------------------------------------------ run
 
 def simulate(arch: str, args, work: Path) -> dict:
+    import diffusers
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # what the merge job does; the Map start's read + hash is single-threaded anyway
+    diffusers.SD3Transformer2DModel, diffusers.FluxTransformer2DModel  # lazy imports are not what is measured
     t0 = time.perf_counter()
     run, base, cfg, shapes, summary = build_run(work, arch, args)
     print(f"[{arch}] base: {summary['params'] / 1e9:.2f}B params, {summary['bytes'] / 1e9:.2f} GB bf16, "
@@ -176,23 +171,26 @@ def simulate(arch: str, args, work: Path) -> dict:
     print(f"[{arch}] cycle  merge_s  merge_rss_MB  map_start_s  read_GB  map_rss_MB  starts_from", flush=True)
     for cycle in range(1, args.cycles + 1):
         write_experts(run, cycle, cfg, shapes, args.rank)
-        merge = _in_child(_merge, str(run.root), cycle)
+        merge = measured(_merge, str(run.root), cycle)
         for reward in REWARDS:
             shutil.rmtree(run.expert_dir(cycle, reward))
-        start = _in_child(_map_start, str(run.root), cycle + 1, str(base), cfg.model.arch, cfg.model.dtype)
-        row = {"cycle": cycle + 1, "merge_s": merge["wall_s"], "merge_rss_mb": merge["peak_rss_mb"],
-               "map_s": start["wall_s"], "read_bytes": start["read_bytes"], "map_rss_mb": start["peak_rss_mb"],
-               "base_cycle": start["base_cycle"], "updates": start["updates"]}
+        row = {"cycle": cycle + 1, "merge_s": merge["wall_s"], "merge_rss_mb": merge["peak_rss_mb"]}
+        if cycle + 1 == 2 or cycle == args.cycles or cycle % args.map_every == 0:
+            start = measured(_map_start, str(run.root), cycle + 1, str(base), cfg.model.arch, cfg.model.dtype)
+            row.update(map_s=start["wall_s"], read_bytes=start["read_bytes"], map_rss_mb=start["peak_rss_mb"],
+                       base_cycle=start["base_cycle"], updates=start["updates"])
+            tail = (f"{row['map_s']:11.1f}  {row['read_bytes'] / 1e9:7.2f}  {row['map_rss_mb']:10.0f}  cycle "
+                    f"{row['base_cycle']} base + {row['updates']} update(s)")
+        else:
+            tail = "          -        -           -"
         rows.append(row)
-        print(f"[{arch}] {cycle + 1:5d}  {row['merge_s']:7.1f}  {row['merge_rss_mb']:12.0f}  {row['map_s']:11.1f}  "
-              f"{row['read_bytes'] / 1e9:7.2f}  {row['map_rss_mb']:10.0f}  cycle {row['base_cycle']} base + "
-              f"{row['updates']} update(s)", flush=True)
+        print(f"[{arch}] {cycle + 1:5d}  {row['merge_s']:7.1f}  {row['merge_rss_mb']:12.0f}  {tail}", flush=True)
     from mrlora.runstore import disk_usage
 
     usage = disk_usage(run.root)
     print(f"[{arch}] run directory after {args.cycles} cycles: " +
           ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in usage.items() if v), flush=True)
-    first = next(r for r in rows if r["cycle"] == 2)
+    first = next(r for r in rows if r["cycle"] == 2 and "map_s" in r)
     last = rows[-1]
     result = {"arch": arch, "n": last["cycle"], "time_x": last["map_s"] / first["map_s"],
               "bytes_x": last["read_bytes"] / max(first["read_bytes"], 1),
@@ -209,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--double-layers", type=int, help="FLUX double blocks (default 4 of 19; --quick 1)")
     p.add_argument("--single-layers", type=int, help="FLUX single blocks (default 8 of 38; --quick 2)")
     p.add_argument("--every", type=int, default=1, help="mapreduce.materialise_every (default 1)")
+    p.add_argument("--map-every", type=int, default=1,
+                   help="measure the Map start every N cycles (always at cycles 2 and N; default every cycle)")
     p.add_argument("--quick", action="store_true", help="6 cycles, shallow models, rank 8")
     p.add_argument("--workdir", help="where to build (default: a temporary directory, removed afterwards)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")

@@ -37,14 +37,13 @@ def fold_adapter(transformer: Any, adapter_dir: str | Path) -> int:
 
     from mrlora.reduce.adapters import read_expert_adapter
     from mrlora.reduce.errors import ReduceError
+    from mrlora.runstore import DamagedFileError
 
-    from mrlora.runstore import DamagedFileError, quarantine
-
-    expect, unit = _adapter_marker_entry(Path(adapter_dir))
     try:
-        expert = read_expert_adapter(adapter_dir, expect=expect, unit=unit)
-    except DamagedFileError as exc:
-        raise EvalError(str(quarantine(exc, "resume the run to redo it"))) from None
+        expert = read_expert_adapter(adapter_dir)
+    except DamagedFileError as exc:  # left in place: a merge that used it already checked it intact
+        raise EvalError(f"{exc}; this expert cannot be evaluated (retrain it in a new run, or restore the file "
+                        "from a backup)") from None
     except ReduceError as exc:
         raise EvalError(f"cannot read the expert adapter: {exc}") from None
     modules = dict(transformer.named_modules())
@@ -64,19 +63,6 @@ def fold_adapter(transformer: Any, adapter_dir: str | Path) -> int:
         with torch.no_grad():
             weight.copy_((weight.to(torch.float32) + delta.to(weight.device)).to(weight.dtype))
     return len(expert.modules)
-
-
-def _adapter_marker_entry(adapter_dir: Path) -> tuple[dict | None, Path | None]:
-    """What the expert's DONE.json (or a step checkpoint's COMPLETE.json) recorded for its adapter weights."""
-    from mrlora.reduce.adapters import ADAPTER_WEIGHTS
-    from mrlora.runstore import CHECKPOINT_MARKER, DONE_MARKER, marker_entry
-
-    for unit, marker, rel in ((adapter_dir.parent, DONE_MARKER, f"{adapter_dir.name}/{ADAPTER_WEIGHTS}"),
-                              (adapter_dir, CHECKPOINT_MARKER, ADAPTER_WEIGHTS)):
-        entry = marker_entry(unit, marker, rel)
-        if entry is not None:
-            return entry, unit
-    return None, None
 
 
 def build_pipeline(ckpt: ResolvedCheckpoint, cfg: Any, device: str | None = None) -> Any:

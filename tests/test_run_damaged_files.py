@@ -105,6 +105,10 @@ def test_merge_refuses_an_overwritten_expert_adapter_and_moves_the_expert_aside(
     adapter = run.adapter_dir(1, "brightness") / "adapter_model.safetensors"
     overwrite_tensor_bytes(adapter)
 
+    ckpt = resolve_checkpoint(str(run.expert_dir(1, "brightness")))
+    with pytest.raises(EvalError, match=r"adapter_model.safetensors is damaged.*cannot be evaluated"):
+        build_pipeline(ckpt, config_from_dict(ckpt.config), device="cpu")
+    assert not asides(run.expert_dir(1, "brightness"))  # eval only reads
     with pytest.raises(DamagedFileError, match=r"brightness/adapter/adapter_model.safetensors is damaged.*retrain"):
         merge_cycle_in_run(str(run.root), 1)
     assert run.expert_done(1, "brightness") is None and not run.merged_dir(1).exists()

@@ -35,21 +35,22 @@ def test_cycle_two_continues_the_averaged_lora_of_cycle_one(tiny_sd3_dir, tmp_pa
     merged = read_expert_adapter(run.merged_dir(1) / "adapter")
 
     seen: dict = {}
-    original_init, original_base = loop._load_initial_adapter, loop._apply_prior_updates
+    original_init, original_base = loop._load_initial_adapter, loop._load_start_pipeline
 
     def spy_init(params, path, cfg):
         original_init(params, path, cfg)
         seen.setdefault("lora", []).append(lora_state(params))
 
-    def spy_base(transformer, dirs, dtype, arch):
-        original_base(transformer, dirs, dtype, arch)
-        seen.setdefault("base", []).append({k: v.detach().clone() for k, v in transformer.state_dict().items()})
+    def spy_base(job, device):
+        pipe = original_base(job, device)
+        seen.setdefault("base", []).append({k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()})
+        return pipe
 
-    loop._load_initial_adapter, loop._apply_prior_updates = spy_init, spy_base
+    loop._load_initial_adapter, loop._load_start_pipeline = spy_init, spy_base
     try:
         second = train_expert_in_run(str(run.root), 2, REWARDS[0])
     finally:
-        loop._load_initial_adapter, loop._apply_prior_updates = original_init, original_base
+        loop._load_initial_adapter, loop._load_start_pipeline = original_init, original_base
 
     assert second["init_adapter"] == "cycle_0001/merged/adapter"
     (initial,) = seen["lora"]

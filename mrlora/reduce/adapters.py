@@ -132,14 +132,31 @@ def _check_config(path: Path, config: dict) -> None:
         raise AdapterError(f"{path}: lora_bias=true is not supported by the exact merge (plain LoRA only)")
 
 
-def read_expert_adapter(path: Path | str, expect: dict | None = None, unit: Path | str | None = None) -> ExpertAdapter:
+def adapter_marker_entry(path: Path) -> tuple[dict | None, Path | None]:
+    """What the marker completing an adapter directory in a run recorded for its weights file, and the
+    directory that marker completes: an expert's ``adapter/`` (``DONE.json``), a step checkpoint
+    (``COMPLETE.json``), a reference merge's ``merged/adapter`` (``MERGE_DONE.json``). ``(None, None)`` for an
+    adapter outside a run (nothing to check against)."""
+    from mrlora.runstore import CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER, marker_entry
+
+    inside = f"{path.name}/{ADAPTER_WEIGHTS}"
+    for unit, marker, rel in ((path, CHECKPOINT_MARKER, ADAPTER_WEIGHTS), (path.parent, DONE_MARKER, inside),
+                              (path.parent, MERGE_MARKER, inside)):
+        entry = marker_entry(unit, marker, rel)
+        if entry is not None:
+            return entry, unit
+    return None, None
+
+
+def read_expert_adapter(path: Path | str) -> ExpertAdapter:
     """Load and validate an expert adapter directory (see the module docstring for the checks).
 
-    ``expect``: the marker entry (size, sha256) of its ``adapter_model.safetensors`` (in a run: the expert's
-    ``DONE.json``); the file is then checked during its one read and DamagedFileError names it, with ``unit``
-    (the directory the marker completes) as what must be redone.
+    Inside a run its weights file is also checked against the marker that completes it
+    (``adapter_marker_entry``: size and sha256, hashed during the one read); DamagedFileError names a damaged
+    file, with the directory that marker completes as what must be redone.
     """
     path = Path(path)
+    expect, unit = adapter_marker_entry(path)
     if not path.is_dir():
         raise AdapterError(f"expert adapter {path} does not exist or is not a directory")
     config = _load_json(path / ADAPTER_CONFIG, "the peft LoraConfig")

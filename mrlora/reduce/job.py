@@ -17,13 +17,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from mrlora.reduce.adapters import ADAPTER_WEIGHTS, read_expert_adapter, save_expert_adapter
+from mrlora.reduce.adapters import read_expert_adapter, save_expert_adapter
 from mrlora.reduce.base import BaseTransformer, open_base, resolve_base
 from mrlora.reduce.errors import OutputExistsError, ReduceError
 from mrlora.reduce.exact import MODES, check_experts, check_weights, reduce_experts
 from mrlora.reduce.store import CONTINUE_ADAPTER, FORMAT_VERSION, UPDATE_JSON, UPDATE_WEIGHTS, write_update
-from mrlora.runstore import (DONE_MARKER, MERGE_MARKER, DamagedFileError, RunDir, continues_reference_merge,
-                             damaged_files, marker_entry, quarantine, read_marker, reset_incomplete_dir, write_marker)
+from mrlora.runstore import (MERGE_MARKER, DamagedFileError, RunDir, continues_reference_merge, damaged_files,
+                             quarantine, read_marker, reset_incomplete_dir, write_marker)
 
 log = logging.getLogger("mrlora.reduce")
 
@@ -72,24 +72,20 @@ def merge_experts(
     arch: str | None = None,
     base_id: str | None = None,
     extra_info: dict | None = None,
-    expected: Sequence[tuple[dict | None, Path | None]] | None = None,
 ) -> dict:
     """Merge expert adapters into a reduced-update directory ``out``; return its marker.
 
     ``weights`` are normalised (``mrlora.config.normalised_weights``). ``base`` (a model directory or any
     ``model.pretrained`` spec: hub id, ``tiny:<arch>``) enables the
     architecture and shape checks against the model; ``arch`` checks the experts' ``mrlora.json`` arch.
-    ``expected``: per expert, its adapter file's marker entry and the directory that marker completes; the
-    adapters are then checked against them (DamagedFileError names a damaged one).
+    Adapters inside a run are checked against their markers (``read_expert_adapter``).
     Raises a ReduceError subclass, with nothing written, for every invalid input.
     """
     with single_threaded():
-        return _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights, arch, base_id, extra_info,
-                              expected)
+        return _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights, arch, base_id, extra_info)
 
 
-def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights, arch, base_id, extra_info,
-                   expected) -> dict:
+def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights, arch, base_id, extra_info) -> dict:
     started = time.monotonic()
     out = Path(out)
     if mode not in MODES:
@@ -97,8 +93,7 @@ def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights
     if not expert_dirs:
         raise ReduceError("no experts given; pass at least one adapter directory")
     norm = check_weights(list(weights), len(expert_dirs), allow_negative_weights)
-    expected = list(expected) if expected is not None else [(None, None)] * len(expert_dirs)
-    experts = [read_expert_adapter(d, expect=e, unit=u) for d, (e, u) in zip(expert_dirs, expected)]
+    experts = [read_expert_adapter(d) for d in expert_dirs]
     base_info = open_base(resolve_base(str(base))) if isinstance(base, (str, Path)) else base
     arch = check_experts(experts, base_info, arch)
     _check_output(out)
@@ -183,9 +178,6 @@ def _merge_cycle(run: RunDir, cycle: int, cfg) -> dict:
     # update contains that one and replaces it in the chain of updates
     supersedes = continues_reference_merge(run, mode, cycle)
     base_dir = resolve_base(cfg.model.pretrained)
-    adapter_rel = f"adapter/{ADAPTER_WEIGHTS}"
-    expected = [(marker_entry(run.expert_dir(cycle, r), DONE_MARKER, adapter_rel), run.expert_dir(cycle, r))
-                for r in rewards]
     try:
         return merge_experts(
             [run.adapter_dir(cycle, r) for r in rewards],
@@ -197,7 +189,6 @@ def _merge_cycle(run: RunDir, cycle: int, cfg) -> dict:
             arch=cfg.model.arch,
             base_id=cfg.model.pretrained,
             extra_info={"cycle": cycle, "rewards": rewards, "run": str(run.root), "supersedes_previous": supersedes},
-            expected=expected,
         )
     except DamagedFileError as exc:
         raise quarantine(exc, "resume the run to retrain that expert") from None

@@ -176,9 +176,7 @@ class TensorReader:
 
 
 def _damaged(path: Path, unit: Path | None, what: str) -> DamagedFileError:
-    return DamagedFileError(
-        f"{path} is damaged ({what}); it changed after it was written. Resume the run to redo it "
-        f"(the damaged directory is moved aside, not deleted)", path, unit)
+    return DamagedFileError(f"{path} is damaged ({what}); it changed after it was written", path, unit)
 
 
 def iter_verified(path: Path | str, expect: dict | None = None, unit: Path | str | None = None
