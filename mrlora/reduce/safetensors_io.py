@@ -20,6 +20,7 @@ import math
 import os
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -187,7 +188,8 @@ def iter_verified(path: Path | str, expect: dict | None = None, unit: Path | str
     is checked against it: a wrong size fails before anything is read, a wrong checksum raises
     :class:`DamagedFileError` after the last tensor (so a caller that consumes everything before using it never
     uses damaged data; one that streams into a model must discard the model on that error). Hashing the read
-    that happens anyway costs CPU only (sha256 runs at ~1-2 GB/s per core), no second pass over the file.
+    that happens anyway costs CPU only (sha256: ~1.3 GB/s on one core here), no second pass over the file, and
+    it overlaps the read.
     """
     path = Path(path)
     unit = Path(unit) if unit is not None else path.parent
@@ -200,24 +202,37 @@ def iter_verified(path: Path | str, expect: dict | None = None, unit: Path | str
             raise _damaged(path, unit, f"{size} bytes, its marker recorded {expect.get('size')}")
     header = read_header(path)
     digest = hashlib.sha256() if expect is not None and expect.get("sha256") else None
-    with open(path, "rb", buffering=0) as fh:
-        head = fh.read(header.data_start)
-        if digest is not None:
-            digest.update(head)
-        for info in header.in_file_order():
-            buf = bytearray(info.nbytes)
-            view, done = memoryview(buf), 0
-            while done < info.nbytes:
-                got = fh.readinto(view[done:])
-                if not got:
-                    raise CorruptSafetensorsError(f"{path} ended while reading tensor {info.name!r}; it is truncated")
-                done += got
+    # sha256 of tensor i runs on a helper thread while tensor i + 1 is read (both release the GIL), so on a
+    # node with a spare core the check adds almost nothing to the read; updates stay in file order
+    hasher = ThreadPoolExecutor(max_workers=1) if digest is not None else None
+    pending = None
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            head = fh.read(header.data_start)
             if digest is not None:
-                digest.update(buf)
-            dtype = DTYPES[info.dtype]
-            tensor = torch.frombuffer(buf, dtype=dtype).reshape(info.shape) if info.nbytes else \
-                torch.empty(info.shape, dtype=dtype)
-            yield info.name, tensor
+                digest.update(head)
+            for info in header.in_file_order():
+                buf = bytearray(info.nbytes)
+                view, done = memoryview(buf), 0
+                while done < info.nbytes:
+                    got = fh.readinto(view[done:])
+                    if not got:
+                        raise CorruptSafetensorsError(
+                            f"{path} ended while reading tensor {info.name!r}; it is truncated")
+                    done += got
+                if hasher is not None:
+                    if pending is not None:
+                        pending.result()
+                    pending = hasher.submit(digest.update, buf)
+                dtype = DTYPES[info.dtype]
+                tensor = torch.frombuffer(buf, dtype=dtype).reshape(info.shape) if info.nbytes else \
+                    torch.empty(info.shape, dtype=dtype)
+                yield info.name, tensor
+        if pending is not None:
+            pending.result()
+    finally:
+        if hasher is not None:
+            hasher.shutdown(wait=True)
     if digest is not None and digest.hexdigest() != expect["sha256"]:
         raise _damaged(path, unit, "its sha256 differs from the one its marker recorded")
 
