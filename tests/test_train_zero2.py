@@ -25,7 +25,7 @@ from train_helpers import read_metrics, subprocess_env
 from mrlora.models.tiny import TINY_VERSION
 from mrlora.training.accelerator import cache_extensions
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 STEPS = 4
 SETS = ["sample.resolution=32", "train.checkpoint_every=2"]
@@ -62,6 +62,7 @@ def zero2_run(tmp_path_factory, env) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_zero2_shards_the_optimizer_over_both_ranks(zero2_run):
     state = torch.load(zero2_run / f"checkpoint-{STEPS}" / "training_state.pt", weights_only=False)
     assert state["world_size"] == 2 and state["rank_digests"][0] == state["rank_digests"][1]
@@ -101,6 +102,7 @@ def _kill_job_after_checkpoint(cmd: list[str], out: Path, env: dict, step: int, 
     assert not (out / "DONE.json").exists(), "the run finished before it could be killed; the test proved nothing"
 
 
+@pytest.mark.slow
 def test_zero2_resume_is_bit_identical(zero2_run, tiny_flux_dir, tmp_path, env):
     out = tmp_path / "expert"
     cmd = _cmd(tiny_flux_dir, out, "zero2", 29643)
@@ -120,6 +122,7 @@ def test_zero2_resume_is_bit_identical(zero2_run, tiny_flux_dir, tmp_path, env):
         [{k: r[k] for k in keep} for r in read_metrics(zero2_run)]
 
 
+@pytest.mark.slow
 def test_zero2_matches_ddp(zero2_run, tiny_flux_dir, tmp_path, env):
     out = tmp_path / "ddp"
     _run(_cmd(tiny_flux_dir, out, "", 29645), env)
