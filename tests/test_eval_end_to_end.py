@@ -7,12 +7,14 @@ against exactly what a run leaves on disk.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -231,36 +233,212 @@ def _distinct_colours(png: Path) -> tuple[int, float]:
     return len(np.unique(arr.reshape(-1, 3), axis=0)), float(arr.std())
 
 
+class _Tables(HTMLParser):
+    """The report's HTML tables as the reader sees them: section heading -> rows of cell texts (header first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.heading = ""
+        self._in_heading = False
+        self._cell: list[str] | None = None
+        self._row: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "h2":
+            self._in_heading, self.heading = True, ""
+        elif tag == "table":
+            self.tables[self.heading] = []
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "br" and self._cell is not None:
+            self._cell.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag == "h2":
+            self._in_heading = False
+        elif tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[self.heading].append(self._row)
+            self._row = None
+
+    def handle_data(self, data):
+        if self._in_heading:
+            self.heading += data
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _tables(page: str) -> dict[str, list[dict[str, str]]]:
+    parser = _Tables()
+    parser.feed(page)
+    return {h: [dict(zip(rows[0], row)) for row in rows[1:]] for h, rows in parser.tables.items()}
+
+
+def _ci(text: str) -> tuple[float, float, int]:
+    """``0.512 ± 0.021`` -> (0.512, 0.021, decimals shown)."""
+    mean, half = text.split(" ± ")
+    return float(mean.replace("▲", "").replace("▼", "")), float(half.split()[0]), len(half.split()[0].split(".")[1])
+
+
+def _t_interval(values_by_prompt: list[np.ndarray]) -> tuple[float, float]:
+    """Mean over all images and the t half-width over the per-prompt means (equal samples per prompt)."""
+    from scipy import stats
+
+    means = np.array([v.mean() for v in values_by_prompt])
+    lo, hi = stats.t.interval(0.95, len(means) - 1, loc=means.mean(), scale=stats.sem(means))
+    return float(np.concatenate(values_by_prompt).mean()), float((hi - lo) / 2)
+
+
+def _columns(path: Path) -> dict:
+    import h5py
+
+    with h5py.File(path / "results.h5", "r") as fh:
+        return {"p": fh["prompt_index"][()], "k": fh["sample_index"][()],
+                "prompt": [t.decode() if isinstance(t, bytes) else t for t in fh["prompt"][()]],
+                **{r: fh["scores"][r][()].astype(np.float64) for r in fh["scores"]}}
+
+
+def _layout_probe(page: Path, out: Path) -> Path:
+    """A copy of the page that, once loaded, writes what a reader would notice into <pre id=probe>: the page
+    scrolling sideways, blocks overlapping, grid images not decoded, the first CI cell off screen."""
+    script = """<script>window.addEventListener('load', () => {
+      const r = {pageOverflow: document.documentElement.scrollWidth - window.innerWidth, overlaps: [],
+                 gridImages: 0, brokenImages: 0, ciRight: null};
+      const blocks = [...document.body.children].filter(e => e.tagName !== 'SCRIPT');
+      for (let i = 1; i < blocks.length; i++) {
+        const a = blocks[i - 1].getBoundingClientRect(), b = blocks[i].getBoundingClientRect();
+        if (b.top < a.bottom - 1) r.overlaps.push(blocks[i - 1].tagName + '/' + blocks[i].tagName);
+      }
+      for (const cell of document.querySelectorAll('td, th'))  // text running out of its cell into the next
+        if (cell.scrollWidth > cell.clientWidth + 1) r.overlaps.push('cell: ' + cell.textContent.slice(0, 40));
+      for (const td of document.querySelectorAll('table.grid td')) {  // a score caption over its image
+        const img = td.querySelector('img'), caption = td.querySelector('.s');
+        if (img && caption && caption.getBoundingClientRect().top < img.getBoundingClientRect().bottom - 1)
+          r.overlaps.push('grid caption');
+      }
+      for (const img of document.querySelectorAll('table.grid img')) {
+        r.gridImages++;
+        if (!img.complete || img.naturalWidth === 0 || img.getBoundingClientRect().width === 0) r.brokenImages++;
+      }
+      const ci = [...document.querySelectorAll('td')].find(td => td.textContent.includes(' ± '));
+      if (ci) r.ciRight = ci.getBoundingClientRect().right - window.innerWidth;
+      const pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(r);
+      document.body.appendChild(pre);
+    });</script>"""
+    probe = out / f"probe_{page.stem}.html"
+    probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+    return probe
+
+
 def test_report_is_self_contained_and_renders_its_images_in_chromium(evals, tmp_path):
     from eval.report import main
 
     out = tmp_path / "report"
-    assert main(["--inputs", str(evals["base"]), str(evals["run0"]), str(evals["run1"]), str(evals["expert"]),
-                 "--out", str(out), "--top", "2"]) == 0
+    # given out of order: the report lists base first, then merged cycles, then experts
+    assert main(["--inputs", str(evals["expert"]), str(evals["run1"]), str(evals["base"]), str(evals["run0"]),
+                 "--out", str(out), "--grid-top", "1", "--grid-random", "1"]) == 0
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
-    for section in ("Summary", "geneval: per-tag accuracy", "Reward vs cycle", "Pareto view", "Hypervolume",
-                    "Best and worst samples"):
+    for section in ("Summary", "Change vs base", "geneval: per-tag accuracy", "Reward vs cycle", "Pareto view",
+                    "Hypervolume", "Same prompt, same noise, every checkpoint", "Inputs"):
         assert section in md and section in page
-    for png in ("reward_vs_cycle.png", "pareto.png", "per_tag_geneval.png", "samples_00_geneval.png"):
+    for png in ("reward_vs_cycle.png", "pareto.png", "per_tag_geneval.png"):
         assert (out / png).is_file() and f"]({png})" in md
-    srcs = re.findall(r'<img[^>]*src="([^"]+)"', page)
-    assert len(srcs) == 3 + 4 * 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "Warnings" not in page  # same settings, every reward scored by every eval
+    tables = _tables(page)
+    labels = ["base", "20261123_101500 base", "20261123_101500 cycle 1", "20261123_101500 cycle 2 brightness expert"]
+    assert [row["checkpoint"] for row in tables["Summary"]] == labels
+
+    # mean ± 95% CI and n against an independent computation from the HDF5 rows (prompts as the units)
+    summary = {row["checkpoint"]: row for row in tables["Summary"]}
+    for name, label in (("run1", labels[2]), ("expert", labels[3])):
+        cols = _columns(evals[name])
+        for reward in ("brightness", "jpeg_compressibility"):
+            mean, half = _t_interval([cols[reward][cols["p"] == p] for p in range(3)])
+            shown_mean, shown_half, decimals = _ci(summary[label][f"{reward} ↑ (n=6)"])
+            assert shown_mean == pytest.approx(mean, abs=0.6 * 10 ** -decimals), (label, reward)
+            assert shown_half == pytest.approx(half, abs=0.6 * 10 ** -decimals), (label, reward)
+            assert mean == pytest.approx(json.loads((evals[name] / "summary.json").read_text())
+                                         ["rewards"][reward]["mean"])
+    assert "Student's t quantile" in html.unescape(page) and "cluster-robust over prompts" in page  # which CI
+
+    # change vs base: paired per image (same noise), with the arrow of its sign; RUN:0 is the base itself
+    change = {row["checkpoint"]: row for row in tables["Change vs base"]}
+    assert "base" not in change
+    assert change[labels[1]]["Δ brightness ↑"] == "= 0 (identical)"
+    base_cols, run1_cols = _columns(evals["base"]), _columns(evals["run1"])
+    for reward in ("brightness", "jpeg_compressibility"):
+        diff = run1_cols[reward] - base_cols[reward]
+        mean, half = _t_interval([diff[base_cols["p"] == p] for p in range(3)])
+        cell = change[labels[2]][f"Δ {reward} ↑"]
+        assert cell.startswith("▲" if mean > 0 else "▼"), cell
+        shown_mean, shown_half, decimals = _ci(cell)
+        assert shown_mean == pytest.approx(mean, abs=0.6 * 10 ** -decimals)
+        assert shown_half == pytest.approx(half, abs=0.6 * 10 ** -decimals)
+
+    # per-tag accuracy with n per tag; one prompt per tag here, so no interval is claimed
+    tag_rows = tables["geneval: per-tag accuracy"]
+    assert {"colors (n=2)", "counting (n=2)", "single_object (n=2)"} <= set(tag_rows[0])
+    assert all(v.endswith("(no CI)") for row in tag_rows for k, v in row.items() if "(n=2)" in k)
+
+    # the grid: the same (prompt, sample) for every checkpoint; first the one where checkpoints differ most
+    all_cols = [_columns(evals[n]) for n in ("base", "run0", "run1", "expert")]
+    spread = np.zeros(6)
+    for reward in ("brightness", "jpeg_compressibility"):  # geneval scores 0 everywhere: no spread to rank by
+        matrix = np.stack([c[reward] for c in all_cols])
+        spread = np.maximum(spread, (matrix.max(axis=0) - matrix.min(axis=0)) / matrix.std())
+    top = int(np.argmax(spread))
+    grid_header = list(tables["Same prompt, same noise, every checkpoint"][0])
+    first, second = grid_header[1], grid_header[2]
+    p, k = int(all_cols[0]["p"][top]), int(all_cols[0]["k"][top])
+    assert first.startswith(all_cols[0]["prompt"][top] + "\n") and f"prompt #{p}, sample {k}" in first
+    assert "differs most in" in first and "random" in second and all_cols[0]["prompt"][top] not in second
+    grid_rows = tables["Same prompt, same noise, every checkpoint"]
+    assert [row["checkpoint"] for row in grid_rows] == labels
+    start = page.index("<table class='grid'>")
+    grid = page[start:page.index("</table>", start)]
+    links = re.findall(r"<a href='([^']+)'><img width='\d+'[^>]*src='data:image/jpeg;base64,", grid)
+    assert len(links) == 8
+    assert (out / links[0]).resolve() == (evals["base"] / "images" / f"{p:05d}" / "samples" / f"{k:05d}.png")
+    srcs = re.findall(r'<img[^>]*src=["\']([^"\']+)["\']', page)
+    assert len(srcs) == 3 + 8 and sum(s.startswith("data:image/png;base64,") for s in srcs) == 3
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         missing_prerequisite("chromium is not installed (apt-get install -y chromium); the HTML render check needs it")
-    def screenshot(page: Path) -> Path:
-        shot = page.with_suffix(".png")
+
+    def chrome(page: Path, width: int, *args: str, height: int = 6000) -> subprocess.CompletedProcess:
         proc = subprocess.run(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={shot}", "--window-size=1200,2000",
-             page.as_uri()],
+             f"--user-data-dir={tmp_path / 'chrome'}", f"--window-size={width},{height}", *args, page.as_uri()],
             capture_output=True, text=True, timeout=120,
         )
+        return proc
+
+    def screenshot(page: Path, width: int = 1200) -> Path:
+        shot = page.with_name(f"{page.stem}_{width}.png")
+        proc = chrome(page, width, f"--screenshot={shot}")
         assert shot.is_file(), proc.stderr
         return shot
+
+    # a laptop window and half of one: tables scroll inside their own box, nothing overlaps, the grid's images
+    # decode and the first mean ± CI cell is on screen
+    for width in (1400, 760):
+        screenshot(out / "report.html", width)
+        dom = chrome(_layout_probe(out / "report.html", out), width, "--dump-dom", "--virtual-time-budget=5000",
+                     height=1000)  # a short window: the first CI cell must not need scrolling sideways
+        found = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout)
+        assert found, dom.stderr[-2000:]
+        probe = json.loads(html.unescape(found.group(1)))
+        assert probe["pageOverflow"] <= 0 and probe["overlaps"] == [], (width, probe)
+        assert probe["gridImages"] == 8 and probe["brokenImages"] == 0, (width, probe)
+        assert probe["ciRight"] is not None and probe["ciRight"] <= 0, (width, probe)
 
     # the same page with its <img> tags removed: what tables and text alone look like
     stripped = tmp_path / "stripped.html"
