@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 
 from eval.checkpoint import resolve_checkpoint
 from eval.model import build_pipeline
-from mrlora.config import config_from_dict, load_config
-from mrlora.config import config_to_dict
+from mrlora.config import config_from_dict, config_to_dict, load_config
 from mrlora.models.loading import load_pipeline
 from mrlora.reduce import load_pipeline_after, map_start, merge_cycle_in_run, model_after, save_expert_adapter
 from mrlora.runstore import DONE_MARKER, RunDir, write_marker

@@ -21,9 +21,10 @@ from mrlora.reduce.adapters import read_expert_adapter, save_expert_adapter
 from mrlora.reduce.base import BaseTransformer, open_base, resolve_base
 from mrlora.reduce.errors import OutputExistsError, ReduceError
 from mrlora.reduce.exact import MODES, check_experts, check_weights, reduce_experts
-from mrlora.reduce.store import CONTINUE_ADAPTER, FORMAT_VERSION, UPDATE_JSON, UPDATE_WEIGHTS, write_update
-from mrlora.runstore import (MERGE_MARKER, DamagedFileError, RunDir, continues_reference_merge, damaged_files,
-                             quarantine, read_marker, reset_incomplete_dir, write_marker)
+from mrlora.reduce.store import FORMAT_VERSION, UPDATE_WEIGHTS, write_update
+from mrlora.runstore import (CONTINUE_ADAPTER, MERGE_MARKER, UPDATE_JSON, DamagedFileError, RunDir,
+                             continues_reference_merge, damaged_files, quarantine, read_marker, reset_incomplete_dir,
+                             write_marker)
 
 log = logging.getLogger("mrlora.reduce")
 

@@ -23,8 +23,7 @@ import torch
 
 from mrlora.reduce.errors import ArchMismatchError, ReduceError, ShapeMismatchError
 from mrlora.reduce.safetensors_io import read_tensors, write_tensors
-from mrlora.runstore import (CONTINUE_ADAPTER, MERGE_MARKER, UPDATE_JSON, atomic_file, atomic_write_json, read_json,
-                             read_marker)
+from mrlora.runstore import MERGE_MARKER, UPDATE_JSON, atomic_file, atomic_write_json, read_json, read_marker
 
 log = logging.getLogger("mrlora.reduce")
 
