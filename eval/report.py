@@ -697,20 +697,27 @@ def build_report(inputs: list[EvalInput], out: Path, grid_top: int = 4, grid_ran
              "differences are the checkpoints'. Columns: the prompts where the checkpoints differ most, then a fixed "
              "random sample. Under each image: " + " / ".join(rewards) + ".")
     columns = grid.choose_columns(grid_members, rewards, grid_top, grid_random)
-    rest = len(_page("".join(doc.html)).encode("utf-8")) + 4096
-    if columns and rest >= max_bytes:
-        md, page, note = "", "", (f"The grid is left out: the tables and plots alone take {rest / 1e6:.2f} MB of the "
-                                  f"{max_bytes / 1e6:.2f} MB size budget; raise --max-mb.")
-    elif columns:
-        md, page, note = grid_section(grid_members, columns, rewards, out, max_bytes - rest)
-    else:
-        md, page, note = "", "", "No (prompt, sample) is shared by every eval, so there is no grid."
-    texts = [intro, note] if page else [note]
+    rest = len(_page("".join(doc.html)).encode("utf-8")) + 2048  # + the grid's own paragraphs
+    budget = max_bytes - rest
+    for _ in range(3):  # the grid's markup is estimated; measure the page and shrink the grid if it is over
+        if columns and budget <= 0:
+            md, page, note = "", "", (f"The grid is left out: the tables and plots alone take {rest / 1e6:.2f} MB "
+                                      f"of the {max_bytes / 1e6:.2f} MB size budget; raise --max-mb.")
+        elif columns:
+            md, page, note = grid_section(grid_members, columns, rewards, out, budget)
+        else:
+            md, page, note = "", "", "No (prompt, sample) is shared by every eval, so there is no grid."
+        texts = [intro, note] if page else [note]
+        grid_html = [f"<p>{html.escape(t)}</p>" for t in texts] + [page]
+        html_page = _page("".join(doc.html[:grid_at] + grid_html + doc.html[grid_at:]))
+        over = len(html_page.encode("utf-8")) - max_bytes
+        if over <= 0 or not page:
+            break
+        budget -= over + 4096
     doc.md[grid_md_at:grid_md_at] = [t + "\n" for t in texts] + [md]
-    doc.html[grid_at:grid_at] = [f"<p>{html.escape(t)}</p>" for t in texts] + [page]
 
     atomic_write_text(out / "report.md", "\n".join(doc.md))
-    atomic_write_text(out / "report.html", _page("".join(doc.html)))
+    atomic_write_text(out / "report.html", html_page)
     return out / "report.html"
 
 
@@ -740,8 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     size = path.stat().st_size
     print(f"wrote {path} ({size / 1e6:.2f} MB) and {path.with_suffix('.md')}")
     if size > args.max_mb * 1e6:
-        print(f"warning: {path} is over the {args.max_mb:g} MB budget without its grid; raise --max-mb or report "
-              "fewer checkpoints", file=sys.stderr)
+        print(f"warning: {path} is over the {args.max_mb:g} MB budget even without its grid (see the report); "
+              "raise --max-mb or report fewer checkpoints", file=sys.stderr)
     return 0
 
 
