@@ -9,6 +9,7 @@ the sources are decoded once), then measured on the real encodings and stepped d
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ def _open(path: Path, side: int):
         return im
 
 
+# the caller retries with fewer images when a budget does not fit; the sample is mostly the same images
+_open_sample = functools.lru_cache(maxsize=2 * _SAMPLE)(_open)
+
+
 @dataclass(frozen=True)
 class Thumbnails:
     """Encoded thumbnails in the order of the paths asked for, the rung used and their embedded size."""
@@ -65,7 +70,7 @@ def estimate_rung(paths: list[Path], budget: int) -> int | None:
     if not paths:
         return 0
     step = max(1, len(paths) // _SAMPLE)
-    sample = [_open(p, LADDER[0][0]) for p in paths[::step][:_SAMPLE]]
+    sample = [_open_sample(p, LADDER[0][0]) for p in paths[::step][:_SAMPLE]]
     for k, (side, quality) in enumerate(LADDER):
         per_image = sum(data_uri_size(len(_encode(im, side, quality))) for im in sample) / len(sample)
         if per_image * len(paths) * _MARGIN <= budget:
