@@ -1,5 +1,7 @@
-"""A report a person reads: tables with 95% intervals and changes vs base, per-tag accuracy, reward-vs-cycle
-curves, the Pareto view, and the same prompt under the same noise across every checkpoint.
+"""A report a person reads: means with 95% intervals, changes vs base, curves, Pareto view, same-noise grid.
+
+Per-tag accuracy, reward-vs-cycle curves, the Pareto view, and the same prompt under the same noise across
+every checkpoint.
 
 Why both Markdown and HTML: report.md (with the plots as PNG files and the thumbnails as JPEG files next to it)
 renders on GitHub and in editors; report.html embeds every image, so it is one self-contained file to copy off
