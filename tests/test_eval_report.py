@@ -46,9 +46,9 @@ def image_pool(tmp_path_factory) -> list[Path]:
 
 
 def synthetic_eval(root: Path, checkpoint: dict, scores: dict[str, np.ndarray], pool: list[Path],
-                   settings: dict | None = None, prompts: list[str] | None = None) -> Path:
+                   settings: dict | None = None, prompts: list[str] | None = None, lower: tuple = ()) -> Path:
     """An aggregated eval at ``root``: ``scores[reward]`` is (prompts, samples); GenEval-style ``correct`` details
-    for a reward named geneval."""
+    for a reward named geneval; rewards in ``lower`` recorded as lower-is-better."""
     from eval.plan import sample_seed
 
     num_prompts, samples = next(iter(scores.values())).shape
@@ -66,7 +66,7 @@ def synthetic_eval(root: Path, checkpoint: dict, scores: dict[str, np.ndarray], 
     res = Results(pi, si, np.array([sample_seed(settings["seed"], p, k) for p, k in zip(pi, si)]),
                   [prompts[p] for p in pi], [TAGS[p % len(TAGS)] if "geneval" in scores else "" for p in pi],
                   ["{}"] * len(pi), images, {r: v.reshape(-1).astype(np.float32) for r, v in scores.items()},
-                  details, {r: True for r in scores}, settings, checkpoint)
+                  details, {r: r not in lower for r in scores}, settings, checkpoint)
     write_results(root / "results.h5", res)
     atomic_write_json(root / "summary.json", summarize(res))
     write_marker(root, DONE_MARKER, extra={"summary": "summary.json"}, checksums=False)
@@ -259,3 +259,31 @@ def test_summary_json_means_equal_the_report_means(tmp_path, image_pool):
     summary = json.loads((path / "summary.json").read_text())
     for reward in ("a", "b"):
         assert value(inp, Metric(reward, reward, True)).mean == pytest.approx(summary["rewards"][reward]["mean"])
+
+
+def test_a_lower_is_better_reward_going_down_is_shown_as_better(tmp_path, image_pool):
+    from eval.report import main
+
+    rng = np.random.default_rng(5)
+    noise = rng.normal(0, 0.05, (3, 2))
+    base = synthetic_eval(tmp_path / "base", {"kind": "base", "label": "base"},
+                          {"err": 1.0 + noise, "score": 0.5 + noise}, image_pool, lower=("err",))
+    merged = synthetic_eval(tmp_path / "c1", {"kind": "merged", "cycle": 1, "label": "cycle 1"},
+                            {"err": 0.8 + noise, "score": 0.4 + noise}, image_pool, lower=("err",))
+    out = tmp_path / "rep"
+    assert main(["--inputs", str(base), str(merged), "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    change = page[page.index("<h2>Change vs base</h2>"):]
+    row = change[change.index("<td>cycle 1</td>"):]
+    row = row[:row.index("</tr>")]
+    assert "<th>Δ err ↓</th>" in change and "<th>Δ score ↑</th>" in change
+    # both fell by exactly 0.2 / 0.1 on every image: err's fall is an improvement, score's is not
+    assert '<td class="better">▼ -0.2' in row and '<td class="worse">▼ -0.1' in row
+    assert "<h2>Pareto view</h2>" in page and "negated: err" in page
+
+    later = synthetic_eval(tmp_path / "c2", {"kind": "merged", "cycle": 2, "label": "cycle 2"},
+                           {"err": 0.7 + noise, "score": 0.3 + noise}, image_pool, lower=("err",))
+    assert main(["--inputs", str(merged), str(later), "--out", str(tmp_path / "no_base")]) == 0
+    page = (tmp_path / "no_base" / "report.html").read_text()
+    assert "<h2>Change vs base</h2>" not in page
+    assert "No base model (base or RUN:0) among the inputs, so no change vs base is shown; add its eval." in page
