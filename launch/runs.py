@@ -12,7 +12,6 @@ import datetime as _dt
 import os
 import shlex
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,9 +19,8 @@ from launch.journal import read_records
 from launch.plan import MERGE, RATE, Progress, rate_unit
 from launch.profiles import ClusterProfile, profile_from_dict
 from mrlora.runstore import DONE_MARKER, LeaseInfo, RunDir, pid_alive, read_marker
-from mrlora.cli import UserError
+from mrlora.cli import UserError, code_version
 
-CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 class LaunchError(UserError, RuntimeError):
@@ -35,17 +33,6 @@ def now() -> str:
 
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "launch.mapreduce", *sys.argv[1:]])
-
-
-def code_version() -> str:
-    from mrlora import __version__ as version  # torch-free by contract
-
-    try:
-        sha = subprocess.run(["git", "-C", str(CODE_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        sha = ""
-    return f"{version}+g{sha}" if sha else str(version)
 
 
 def resume_command(run: RunDir) -> str:

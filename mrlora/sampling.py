@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+from mrlora.cli import UserError
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError, ValueError):
     """Bad sampling arguments (unknown pipeline, resolution the model cannot take, seeds/prompts mismatch)."""
 
 
