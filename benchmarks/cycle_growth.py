@@ -20,8 +20,8 @@ run's own bounded part. The last line per architecture is
 
 (targets: X, Y <= 1.5 at N = 40; Z < 2000). With ``--copy-baseline`` it first times a plain read+write copy of
 the base's shards and compares the first merge (which streams the first materialisation) with it, e.g. for a
-FLUX.1-dev-width transformer: ``--arch flux --cycles 2 --double-layers 19 --single-layers 38 --copy-baseline``
-(needs ~70 GB of disk at full depth). Page cache: nothing is dropped (other people share the machine),
+FLUX.1-dev-width transformer: ``--arch flux --cycles 1 --double-layers 19 --single-layers 38 --copy-baseline``
+(one merge, no Map start; needs ~70 GB of disk at full depth). Page cache: nothing is dropped (other people share the machine),
 so reads come from a warm cache, as on a node that just wrote them.
 
     python benchmarks/cycle_growth.py                       # sd3 full depth + flux 4+8 blocks, 40 cycles
@@ -199,7 +199,7 @@ def simulate(arch: str, args, work: Path) -> dict:
         for reward in REWARDS:
             shutil.rmtree(run.expert_dir(cycle, reward))
         row = {"cycle": cycle + 1, "merge_s": merge["wall_s"], "merge_rss_mb": merge["peak_rss_mb"]}
-        if cycle + 1 == 2 or cycle == args.cycles or cycle % args.map_every == 0:
+        if args.cycles > 1 and (cycle + 1 == 2 or cycle == args.cycles or cycle % args.map_every == 0):
             start = measured(_map_start, str(run.root), cycle + 1, str(base), cfg.model.arch, cfg.model.dtype)
             row.update(map_s=start["wall_s"], read_bytes=start["read_bytes"], map_rss_mb=start["peak_rss_mb"],
                        base_cycle=start["base_cycle"], updates=start["updates"])
@@ -214,12 +214,13 @@ def simulate(arch: str, args, work: Path) -> dict:
     usage = disk_usage(run.root)
     print(f"[{arch}] run directory after {args.cycles} cycles: " +
           ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in usage.items() if v), flush=True)
-    first = next(r for r in rows if r["cycle"] == 2 and "map_s" in r)
-    last = rows[-1]
-    result = {"arch": arch, "n": last["cycle"], "time_x": last["map_s"] / first["map_s"],
-              "bytes_x": last["read_bytes"] / max(first["read_bytes"], 1),
-              "merge_rss_mb": max(r["merge_rss_mb"] for r in rows), "rows": rows,
+    result = {"arch": arch, "merge_rss_mb": max(r["merge_rss_mb"] for r in rows), "rows": rows,
               "copy_s": copy["copy_s"] if copy else None, "first_merge_s": rows[0]["merge_s"]}
+    if args.cycles > 1:
+        first = next(r for r in rows if r["cycle"] == 2 and "map_s" in r)
+        last = rows[-1]
+        result.update(n=last["cycle"], time_x=last["map_s"] / first["map_s"],
+                      bytes_x=last["read_bytes"] / max(first["read_bytes"], 1))
     return result
 
 
@@ -246,8 +247,8 @@ def main(argv=None) -> int:
     args.layers = args.layers or (4 if quick else None)
     args.double_layers = args.double_layers or (1 if quick else 4)
     args.single_layers = args.single_layers or (2 if quick else 8)
-    if args.cycles < 2:
-        p.error("--cycles must be at least 2 (the ratios compare with cycle 2)")
+    if args.cycles < 2 and not args.copy_baseline:
+        p.error("--cycles must be at least 2 (the ratios compare with cycle 2), or 1 with --copy-baseline")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="cycle_growth_"))
     os.environ.setdefault("MRLORA_CACHE", str(root / "cache"))
     results = []
@@ -268,6 +269,8 @@ def main(argv=None) -> int:
             print(f"materialise {r['arch']}: first merge (merge + streamed materialisation) {r['first_merge_s']:.1f} s "
                   f"= {r['first_merge_s'] / r['copy_s']:.2f}x a plain read+write copy of the base ({r['copy_s']:.1f} s); "
                   f"peak RSS {r['rows'][0]['merge_rss_mb']:.0f} MB")
+        if "n" not in r:
+            continue
         print(f"cycle growth {r['arch']}: map start cycle {r['n']} / cycle 2 = {r['time_x']:.2f}x time, "
               f"{r['bytes_x']:.2f}x bytes read; merge peak RSS {r['merge_rss_mb']:.0f} MB")
     return 0
