@@ -185,7 +185,8 @@ def test_expert_checkpoint_is_base_plus_earlier_merges_plus_its_lora(tiny_run):
 
     ckpt = resolve_checkpoint(str(tiny_run.adapter_dir(2, "brightness")))
     assert ckpt.kind == "expert" and ckpt.cycle == 2 and ckpt.reward == "brightness"
-    assert ckpt.update_dirs == (str(tiny_run.merged_dir(1)),)
+    # the model after cycle 1: its materialised base (the merge job wrote it), no update left to fold
+    assert ckpt.base_dir == str(tiny_run.base_dir(1)) and ckpt.update_dirs == ()
     pipe = build_pipeline(ckpt, config_from_dict(ckpt.config), "cpu")
     base = load_pipeline("tiny:sd3")
     update = load_file(str(tiny_run.merged_dir(1) / "update.safetensors"))
