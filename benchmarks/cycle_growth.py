@@ -92,6 +92,7 @@ def measured(fn, *args) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ setup
 
+
 def build_run(work: Path, arch: str, args) -> tuple:
     """The base model (transformer only, random, real shapes) and a run directory using it."""
     from mrlora.config import config_to_dict, load_config
@@ -100,15 +101,25 @@ def build_run(work: Path, arch: str, args) -> tuple:
     from mrlora.runstore import RunDir
 
     base = work / "base"
-    config = transformer_config(arch, layers=args.layers) if arch == "sd3" else \
-        transformer_config(arch, double_layers=args.double_layers, single_layers=args.single_layers)
+    config = (
+        transformer_config(arch, layers=args.layers)
+        if arch == "sd3"
+        else transformer_config(arch, double_layers=args.double_layers, single_layers=args.single_layers)
+    )
     summary = write_transformer(arch, config, base / "transformer", dtype="bf16")
     pipeline = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[arch]
     cls = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}[arch]
     (base / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "transformer": ["diffusers", cls]}))
-    cfg = load_config(PRESET[arch], [f"model.pretrained={base}", f"lora.rank={args.rank}",
-                                     f"lora.alpha={2 * args.rank}", f"mapreduce.materialise_every={args.every}",
-                                     f"mapreduce.cycles={max(args.cycles, 1)}"])
+    cfg = load_config(
+        PRESET[arch],
+        [
+            f"model.pretrained={base}",
+            f"lora.rank={args.rank}",
+            f"lora.alpha={2 * args.rank}",
+            f"mapreduce.materialise_every={args.every}",
+            f"mapreduce.cycles={max(args.cycles, 1)}",
+        ],
+    )
     run = RunDir.create(work / "runs", PRESET[arch])
     run.write_run_json({"run_ts": run.run_ts, "model": PRESET[arch], "config": config_to_dict(cfg), "history": []})
     info = open_base(base)
@@ -117,8 +128,12 @@ def build_run(work: Path, arch: str, args) -> tuple:
     for shard in info.shards:
         for name, t in shard.tensors.items():
             module = name[: -len(".weight")]
-            if name.endswith(".weight") and module.split(".")[0] in ("transformer_blocks", "single_transformer_blocks") \
-                    and any(module.endswith("." + s) for s in suffixes) and len(t.shape) == 2:
+            if (
+                name.endswith(".weight")
+                and module.split(".")[0] in ("transformer_blocks", "single_transformer_blocks")
+                and any(module.endswith("." + s) for s in suffixes)
+                and len(t.shape) == 2
+            ):
                 shapes[module] = tuple(t.shape)
     return run, base, cfg, shapes, summary
 
@@ -153,8 +168,14 @@ def write_experts(run, cycle: int, cfg, shapes: dict, rank: int) -> None:
         for m, (o, i) in sorted(shapes.items()):
             state[f"{m}.lora_A.weight"] = torch.randn(rank, i, generator=g) * 0.01
             state[f"{m}.lora_B.weight"] = torch.randn(o, rank, generator=g) * 0.01
-        save_expert_adapter(state, run.adapter_dir(cycle, reward), arch=cfg.model.arch, lora_config=lora,
-                            base=cfg.model.pretrained, reward=reward)
+        save_expert_adapter(
+            state,
+            run.adapter_dir(cycle, reward),
+            arch=cfg.model.arch,
+            lora_config=lora,
+            base=cfg.model.pretrained,
+            reward=reward,
+        )
         write_marker(run.expert_dir(cycle, reward), DONE_MARKER, extra={"status": "ok"})
 
 
@@ -176,21 +197,28 @@ def _map_start(run_root: str, cycle: int, spec: str, arch: str, dtype: str) -> d
 
 # ------------------------------------------------------------------------------------------------------ run
 
+
 def simulate(arch: str, args, work: Path) -> dict:
     import diffusers
     import torch
 
     torch.set_num_threads(1)  # what the merge job does; the Map start's read + hash is single-threaded anyway
-    diffusers.SD3Transformer2DModel, diffusers.FluxTransformer2DModel  # lazy imports are not what is measured
+    _ = (diffusers.SD3Transformer2DModel, diffusers.FluxTransformer2DModel)  # lazy imports are not what is measured
     t0 = time.perf_counter()
     run, base, cfg, shapes, summary = build_run(work, arch, args)
-    print(f"[{arch}] base: {summary['params'] / 1e9:.2f}B params, {summary['bytes'] / 1e9:.2f} GB bf16, "
-          f"{len(shapes)} adapted modules, experts rank {args.rank} x {len(REWARDS)}; built in "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"[{arch}] base: {summary['params'] / 1e9:.2f}B params, {summary['bytes'] / 1e9:.2f} GB bf16, "
+        f"{len(shapes)} adapted modules, experts rank {args.rank} x {len(REWARDS)}; built in "
+        f"{time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
     copy = plain_copy(base / "transformer", work / "copy") if args.copy_baseline else None
     if copy:
-        print(f"[{arch}] plain read+write copy of the base shards: {copy['bytes'] / 1e9:.2f} GB in "
-              f"{copy['copy_s']:.1f} s", flush=True)
+        print(
+            f"[{arch}] plain read+write copy of the base shards: {copy['bytes'] / 1e9:.2f} GB in "
+            f"{copy['copy_s']:.1f} s",
+            flush=True,
+        )
     rows = []
     print(f"[{arch}] cycle  merge_s  merge_rss_MB  map_start_s  read_GB  map_rss_MB  starts_from", flush=True)
     for cycle in range(1, args.cycles + 1):
@@ -201,10 +229,17 @@ def simulate(arch: str, args, work: Path) -> dict:
         row = {"cycle": cycle + 1, "merge_s": merge["wall_s"], "merge_rss_mb": merge["peak_rss_mb"]}
         if args.cycles > 1 and (cycle + 1 == 2 or cycle == args.cycles or cycle % args.map_every == 0):
             start = measured(_map_start, str(run.root), cycle + 1, str(base), cfg.model.arch, cfg.model.dtype)
-            row.update(map_s=start["wall_s"], read_bytes=start["read_bytes"], map_rss_mb=start["peak_rss_mb"],
-                       base_cycle=start["base_cycle"], updates=start["updates"])
-            tail = (f"{row['map_s']:11.1f}  {row['read_bytes'] / 1e9:7.2f}  {row['map_rss_mb']:10.0f}  cycle "
-                    f"{row['base_cycle']} base + {row['updates']} update(s)")
+            row.update(
+                map_s=start["wall_s"],
+                read_bytes=start["read_bytes"],
+                map_rss_mb=start["peak_rss_mb"],
+                base_cycle=start["base_cycle"],
+                updates=start["updates"],
+            )
+            tail = (
+                f"{row['map_s']:11.1f}  {row['read_bytes'] / 1e9:7.2f}  {row['map_rss_mb']:10.0f}  cycle "
+                f"{row['base_cycle']} base + {row['updates']} update(s)"
+            )
         else:
             tail = "          -        -           -"
         rows.append(row)
@@ -212,15 +247,26 @@ def simulate(arch: str, args, work: Path) -> dict:
     from mrlora.runstore import disk_usage
 
     usage = disk_usage(run.root)
-    print(f"[{arch}] run directory after {args.cycles} cycles: " +
-          ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in usage.items() if v), flush=True)
-    result = {"arch": arch, "merge_rss_mb": max(r["merge_rss_mb"] for r in rows), "rows": rows,
-              "copy_s": copy["copy_s"] if copy else None, "first_merge_s": rows[0]["merge_s"]}
+    print(
+        f"[{arch}] run directory after {args.cycles} cycles: "
+        + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in usage.items() if v),
+        flush=True,
+    )
+    result = {
+        "arch": arch,
+        "merge_rss_mb": max(r["merge_rss_mb"] for r in rows),
+        "rows": rows,
+        "copy_s": copy["copy_s"] if copy else None,
+        "first_merge_s": rows[0]["merge_s"],
+    }
     if args.cycles > 1:
         first = next(r for r in rows if r["cycle"] == 2 and "map_s" in r)
         last = rows[-1]
-        result.update(n=last["cycle"], time_x=last["map_s"] / first["map_s"],
-                      bytes_x=last["read_bytes"] / max(first["read_bytes"], 1))
+        result.update(
+            n=last["cycle"],
+            time_x=last["map_s"] / first["map_s"],
+            bytes_x=last["read_bytes"] / max(first["read_bytes"], 1),
+        )
     return result
 
 
@@ -233,12 +279,19 @@ def main(argv=None) -> int:
     p.add_argument("--double-layers", type=int, help="FLUX double blocks (default 4 of 19; --quick 1)")
     p.add_argument("--single-layers", type=int, help="FLUX single blocks (default 8 of 38; --quick 2)")
     p.add_argument("--every", type=int, default=1, help="mapreduce.materialise_every (default 1)")
-    p.add_argument("--map-every", type=int, default=1,
-                   help="measure the Map start every N cycles (always at cycles 2 and N; default every cycle)")
+    p.add_argument(
+        "--map-every",
+        type=int,
+        default=1,
+        help="measure the Map start every N cycles (always at cycles 2 and N; default every cycle)",
+    )
     p.add_argument("--quick", action="store_true", help="6 cycles, shallow models, rank 8")
-    p.add_argument("--copy-baseline", action="store_true",
-                   help="also time a plain read+write copy of the base shards, to compare with the first merge "
-                        "(which materialises: reads base_0, writes the fp32 master and the transformer)")
+    p.add_argument(
+        "--copy-baseline",
+        action="store_true",
+        help="also time a plain read+write copy of the base shards, to compare with the first merge "
+        "(which materialises: reads base_0, writes the fp32 master and the transformer)",
+    )
     p.add_argument("--workdir", help="where to build (default: a temporary directory, removed afterwards)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
@@ -253,7 +306,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("MRLORA_CACHE", str(root / "cache"))
     results = []
     try:
-        for arch in (("sd3", "flux") if args.arch == "both" else (args.arch,)):
+        for arch in ("sd3", "flux") if args.arch == "both" else (args.arch,):
             rank = args.rank or (8 if quick else {"sd3": 32, "flux": 64}[arch])
             sub = argparse.Namespace(**{**vars(args), "rank": rank})
             work = root / arch
@@ -266,13 +319,17 @@ def main(argv=None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     for r in results:
         if r["copy_s"]:
-            print(f"materialise {r['arch']}: first merge (merge + streamed materialisation) {r['first_merge_s']:.1f} s "
-                  f"= {r['first_merge_s'] / r['copy_s']:.2f}x a plain read+write copy of the base ({r['copy_s']:.1f} s); "
-                  f"peak RSS {r['rows'][0]['merge_rss_mb']:.0f} MB")
+            print(
+                f"materialise {r['arch']}: first merge (merge + streamed materialisation) {r['first_merge_s']:.1f} s "
+                f"= {r['first_merge_s'] / r['copy_s']:.2f}x a plain read+write copy of the base ({r['copy_s']:.1f} s); "
+                f"peak RSS {r['rows'][0]['merge_rss_mb']:.0f} MB"
+            )
         if "n" not in r:
             continue
-        print(f"cycle growth {r['arch']}: map start cycle {r['n']} / cycle 2 = {r['time_x']:.2f}x time, "
-              f"{r['bytes_x']:.2f}x bytes read; merge peak RSS {r['merge_rss_mb']:.0f} MB")
+        print(
+            f"cycle growth {r['arch']}: map start cycle {r['n']} / cycle 2 = {r['time_x']:.2f}x time, "
+            f"{r['bytes_x']:.2f}x bytes read; merge peak RSS {r['merge_rss_mb']:.0f} MB"
+        )
     return 0
 
 

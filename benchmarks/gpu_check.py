@@ -87,10 +87,18 @@ def config(arch: str, base: str, args):
     from mrlora.config import config_for_reward, load_config
 
     preset = f"tiny-{arch}" if args.tiny else PRESETS[arch]
-    sets = [f"model.pretrained={base}", f"sample.group_size={GROUP}", "sample.prompts_per_step=1",
-            f"sample.batch_size={GROUP}", "train.micro_batch=2", "train.updates_per_round=1",
-            f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}", "train.deepspeed=",
-            "prompts.brightness=gen:simple:64"]
+    sets = [
+        f"model.pretrained={base}",
+        f"sample.group_size={GROUP}",
+        "sample.prompts_per_step=1",
+        f"sample.batch_size={GROUP}",
+        "train.micro_batch=2",
+        "train.updates_per_round=1",
+        f"train.steps={args.steps}",
+        f"train.checkpoint_every={args.steps}",
+        "train.deepspeed=",
+        "prompts.brightness=gen:simple:64",
+    ]
     if args.resolution:
         sets.append(f"sample.resolution={args.resolution}")
     return preset, sets, config_for_reward(load_config(preset, sets), "brightness")
@@ -111,24 +119,43 @@ def check_precision(cfg, base: str, device: str) -> dict:
     frozen = {n: p for n, p in pipe.transformer.named_parameters() if not p.requires_grad}
     before = {n: (p.float().sum().item(), p.float().abs().sum().item()) for n, p in frozen.items()}
     lora_before = {k: p.detach().clone() for k, p in params.items()}
-    res = sample(pipe, ["a photo of a cat", "a red apple"], seeds=[0, 1], num_steps=int(cfg.sample.num_steps),
-                 guidance_scale=float(cfg.sample.guidance_scale), resolution=int(cfg.sample.resolution),
-                 noise_level=float(cfg.sample.noise_level), max_sequence_length=int(cfg.sample.max_sequence_length),
-                 decode=False)
+    res = sample(
+        pipe,
+        ["a photo of a cat", "a red apple"],
+        seeds=[0, 1],
+        num_steps=int(cfg.sample.num_steps),
+        guidance_scale=float(cfg.sample.guidance_scale),
+        resolution=int(cfg.sample.resolution),
+        noise_level=float(cfg.sample.noise_level),
+        max_sequence_length=int(cfg.sample.max_sequence_length),
+        decode=False,
+    )
     weight_dtype = next(iter(frozen.values())).dtype
-    out = {"weights_dtype": str(weight_dtype).replace("torch.", ""),
-           "log_prob_dtype": str(res.log_probs.dtype).replace("torch.", ""),
-           "log_probs_finite": bool(torch.isfinite(res.log_probs).all()),
-           "latents_finite": bool(torch.isfinite(res.latents).all())}
+    out = {
+        "weights_dtype": str(weight_dtype).replace("torch.", ""),
+        "log_prob_dtype": str(res.log_probs.dtype).replace("torch.", ""),
+        "log_probs_finite": bool(torch.isfinite(res.log_probs).all()),
+        "latents_finite": bool(torch.isfinite(res.latents).all()),
+    }
     optimizer = torch.optim.AdamW(list(params.values()), lr=1e-3)
     model = flow_model(pipe)
     j = int(cfg.sample.num_steps) - 1
-    step = step_log_prob(model, pipe.transformer, res.latents[:, j].to(device), res.latents[:, j + 1].to(device), j,
-                         res.timesteps, res.sigmas, res.embeds, float(cfg.sample.guidance_scale),
-                         float(cfg.sample.noise_level))
+    step = step_log_prob(
+        model,
+        pipe.transformer,
+        res.latents[:, j].to(device),
+        res.latents[:, j + 1].to(device),
+        j,
+        res.timesteps,
+        res.sigmas,
+        res.embeds,
+        float(cfg.sample.guidance_scale),
+        float(cfg.sample.noise_level),
+    )
     advantages = torch.tensor([1.0, -1.0], device=step.log_prob.device)
-    terms = grpo_loss(step.log_prob, res.log_probs[:, j].to(step.log_prob.device), advantages,
-                      float(cfg.train.clip_range))
+    terms = grpo_loss(
+        step.log_prob, res.log_probs[:, j].to(step.log_prob.device), advantages, float(cfg.train.clip_range)
+    )
     terms.loss.backward()
     optimizer.step()
     after = {n: (p.float().sum().item(), p.float().abs().sum().item()) for n, p in frozen.items()}
@@ -136,9 +163,15 @@ def check_precision(cfg, base: str, device: str) -> dict:
     out["frozen_changed"] = sorted(n for n in frozen if after[n] != before[n])
     out["lora_changed"] = sum(not torch.equal(lora_before[k], p.detach()) for k, p in params.items())
     out["lora_tensors"] = len(params)
-    out["ok"] = (out["weights_dtype"] == "bfloat16" or cfg.model.dtype != "bf16") and out["log_prob_dtype"] == \
-        "float32" and out["log_probs_finite"] and out["latents_finite"] and out["loss_finite"] and \
-        not out["frozen_changed"] and out["lora_changed"] > 0
+    out["ok"] = (
+        (out["weights_dtype"] == "bfloat16" or cfg.model.dtype != "bf16")
+        and out["log_prob_dtype"] == "float32"
+        and out["log_probs_finite"]
+        and out["latents_finite"]
+        and out["loss_finite"]
+        and not out["frozen_changed"]
+        and out["lora_changed"] > 0
+    )
     del pipe, params, optimizer
     return out
 
@@ -166,16 +199,17 @@ def check_arch(arch: str, args, work: Path, cuda: Cuda) -> dict:
     cuda.reset()
     expert = work / f"{arch}-expert"
     t0 = time.perf_counter()
-    train_expert_standalone(preset, "brightness", base, str(expert), steps=args.steps, overrides=sets,
-                            progress=False)
+    train_expert_standalone(preset, "brightness", base, str(expert), steps=args.steps, overrides=sets, progress=False)
     r["map_wall_s"] = time.perf_counter() - t0
     rec = [json.loads(line) for line in (expert / "metrics.jsonl").read_text().splitlines()]
     timed = rec[1:] or rec  # the first step warms up kernels and the allocator
     r["s_per_step"] = statistics.median(x["step_time_s"] for x in timed)
     r["images_per_s"] = statistics.median(x["samples_per_s"] for x in timed)
     r["map_cuda_gb"] = cuda.peak_gb()
-    r["map_finite"] = all(all(isinstance(v, (int, float)) and v == v for k, v in x.items()
-                              if k in ("loss", "kl", "reward_mean")) for x in rec)
+    r["map_finite"] = all(
+        all(isinstance(v, (int, float)) and v == v for k, v in x.items() if k in ("loss", "kl", "reward_mean"))
+        for x in rec
+    )
     _free(torch)
 
     t0 = time.perf_counter()
@@ -190,8 +224,15 @@ def check_arch(arch: str, args, work: Path, cuda: Cuda) -> dict:
     pipe = load_pipeline(str(exported), arch, cfg.model.dtype, args.device)
     steps = args.eval_steps or EVAL_STEPS
     t0 = time.perf_counter()
-    image = generate(pipe, ["a photo of a red apple on a table"], [0], steps, float(cfg.sample.guidance_scale),
-                     int(cfg.sample.resolution), int(cfg.sample.max_sequence_length))[0]
+    image = generate(
+        pipe,
+        ["a photo of a red apple on a table"],
+        [0],
+        steps,
+        float(cfg.sample.guidance_scale),
+        int(cfg.sample.resolution),
+        int(cfg.sample.max_sequence_length),
+    )[0]
     r["eval_s"], r["eval_steps"] = time.perf_counter() - t0, steps
     r["eval_cuda_gb"] = cuda.peak_gb()
     r["eval_size"] = list(image.size)
@@ -216,21 +257,33 @@ def _gb(x: float | None) -> str:
 
 def print_result(r: dict) -> None:
     p = r["precision"]
-    print(f"\n== {r['arch']}: {r['resolution']} px, {r['sde_steps']} SDE steps, CFG {r['cfg']} (model built in "
-          f"{r['build_s']:.0f} s)")
-    print(f"precision: weights {p['weights_dtype']}, log-probs {p['log_prob_dtype']} finite {p['log_probs_finite']}, "
-          f"loss finite {p['loss_finite']}; LoRA tensors changed {p['lora_changed']}/{p['lora_tensors']}, frozen "
-          f"tensors changed {len(p['frozen_changed'])}{' ' + str(p['frozen_changed'][:3]) if p['frozen_changed'] else ''}")
-    print(f"map: {r['s_per_step']:.2f} s/step, {r['images_per_s']:.2f} images/s ({GROUP} per step), peak CUDA "
-          f"{_gb(r['map_cuda_gb'])}, wall {r['map_wall_s']:.0f} s")
+    print(
+        f"\n== {r['arch']}: {r['resolution']} px, {r['sde_steps']} SDE steps, CFG {r['cfg']} (model built in "
+        f"{r['build_s']:.0f} s)"
+    )
+    print(
+        f"precision: weights {p['weights_dtype']}, log-probs {p['log_prob_dtype']} finite {p['log_probs_finite']}, "
+        f"loss finite {p['loss_finite']}; LoRA tensors changed {p['lora_changed']}/{p['lora_tensors']}, frozen "
+        f"tensors changed {len(p['frozen_changed'])}{' ' + str(p['frozen_changed'][:3]) if p['frozen_changed'] else ''}"
+    )
+    print(
+        f"map: {r['s_per_step']:.2f} s/step, {r['images_per_s']:.2f} images/s ({GROUP} per step), peak CUDA "
+        f"{_gb(r['map_cuda_gb'])}, wall {r['map_wall_s']:.0f} s"
+    )
     print(f"merge + materialise: {r['merge_materialise_s']:.1f} s (update {r['update_mb']:.1f} MB)")
-    print(f"eval: {r['eval_steps']} ODE steps in {r['eval_s']:.1f} s, peak CUDA {_gb(r['eval_cuda_gb'])}; "
-          f"peak RSS {r['peak_rss_gb']:.1f} GB")
+    print(
+        f"eval: {r['eval_steps']} ODE steps in {r['eval_s']:.1f} s, peak CUDA {_gb(r['eval_cuda_gb'])}; "
+        f"peak RSS {r['peak_rss_gb']:.1f} GB"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/gpu_check.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--arch", nargs="+", default=["sd3", "flux"], choices=["sd3", "flux"])
     p.add_argument("--quick", action="store_true", help="1 Map step; FLUX at 4 double + 8 single blocks")
     p.add_argument("--steps", type=int, help="Map steps per architecture (default 3; --quick: 1)")
@@ -248,14 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: no CUDA device visible; run on a GPU node (or --device cpu --tiny for a smoke test)",
-              file=sys.stderr)
+        print(
+            "error: no CUDA device visible; run on a GPU node (or --device cpu --tiny for a smoke test)",
+            file=sys.stderr,
+        )
         return 2
     cuda = Cuda(args.device)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mrlora-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.device.startswith("cuda"):
-        print(f"device: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GB)")
+        print(
+            f"device: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GB)"
+        )
     results = []
     t0 = time.perf_counter()
     try:
@@ -266,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     total = time.perf_counter() - t0
-    parts = ", ".join(f"{r['arch']} {'ok' if r['ok'] else 'FAILED'} {r['s_per_step']:.2f} s/step "
-                      f"{_gb(r['map_cuda_gb'])}" for r in results)
+    parts = ", ".join(
+        f"{r['arch']} {'ok' if r['ok'] else 'FAILED'} {r['s_per_step']:.2f} s/step {_gb(r['map_cuda_gb'])}"
+        for r in results
+    )
     print(f"\ngpu check: {parts}; {total:.0f} s in all")
     return 0 if all(r["ok"] for r in results) else 1
 

@@ -41,9 +41,27 @@ def dry_run_seconds(repeats: int = 3) -> float:
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "launch.mapreduce", "--model", "flux", "--cycles", "80",
-                                   "--cluster", "example-gpu", "--executor", "slurm", "--dry-run", "--out-root", tmp],
-                                  cwd=REPO, capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "launch.mapreduce",
+                    "--model",
+                    "flux",
+                    "--cycles",
+                    "80",
+                    "--cluster",
+                    "example-gpu",
+                    "--executor",
+                    "slurm",
+                    "--dry-run",
+                    "--out-root",
+                    tmp,
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+            )
             elapsed = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"dry run failed: {proc.stderr}")
@@ -53,18 +71,46 @@ def dry_run_seconds(repeats: int = 3) -> float:
 
 def chain_overhead(cycles: int, window: int, real: bool, steps: int, step_s: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="launch_bench_"))
-    profile = re.sub(r"(?m)^window_cycles = \d+", f"window_cycles = {window}",
-                     (REPO / "configs" / "clusters" / "local.toml").read_text())
+    profile = re.sub(
+        r"(?m)^window_cycles = \d+",
+        f"window_cycles = {window}",
+        (REPO / "configs" / "clusters" / "local.toml").read_text(),
+    )
     (tmp / "cluster.toml").write_text(profile)
     env = dict(os.environ)
     if not real:
-        env.update(MRLORA_JOB_ENTRYPOINTS="test_launch_fake_entrypoints", FAKE_STEP_S=str(step_s),
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")])))
+        env.update(
+            MRLORA_JOB_ENTRYPOINTS="test_launch_fake_entrypoints",
+            FAKE_STEP_S=str(step_s),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")])),
+        )
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "launch.mapreduce", "--model", "tiny-sd3", "--rewards", "brightness",
-                           "colourfulness", "--cycles", str(cycles), "--cluster", str(tmp / "cluster.toml"),
-                           "--executor", "slurm", "--out-root", str(tmp / "out"), "--set", f"train.steps={steps}"],
-                          cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.mapreduce",
+            "--model",
+            "tiny-sd3",
+            "--rewards",
+            "brightness",
+            "colourfulness",
+            "--cycles",
+            str(cycles),
+            "--cluster",
+            str(tmp / "cluster.toml"),
+            "--executor",
+            "slurm",
+            "--out-root",
+            str(tmp / "out"),
+            "--set",
+            f"train.steps={steps}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     submit_s = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"launch failed: {proc.stderr}")
@@ -93,11 +139,15 @@ def chain_overhead(cycles: int, window: int, real: bool, steps: int, step_s: flo
         overhead = wall - slowest - merge.elapsed_s
         boundary = " (window boundary: submitted by the previous merge)" if (c - 1) % window == 0 else ""
         rows.append(overhead)
-        print(f"  cycle {c}: wall {wall:5.1f} s = slowest expert {slowest:4d} s + merge {merge.elapsed_s:3d} s "
-              f"+ overhead {overhead:5.1f} s{boundary}")
-    print(f"scheduling overhead per cycle: mean {statistics.mean(rows):.1f} s, max {max(rows):.1f} s "
-          f"(sacct has 1 s resolution; {cycles} cycles, window {window}, "
-          f"{'real tiny-SD3 jobs' if real else f'stand-in jobs {steps} x {step_s} s'})")
+        print(
+            f"  cycle {c}: wall {wall:5.1f} s = slowest expert {slowest:4d} s + merge {merge.elapsed_s:3d} s "
+            f"+ overhead {overhead:5.1f} s{boundary}"
+        )
+    print(
+        f"scheduling overhead per cycle: mean {statistics.mean(rows):.1f} s, max {max(rows):.1f} s "
+        f"(sacct has 1 s resolution; {cycles} cycles, window {window}, "
+        f"{'real tiny-SD3 jobs' if real else f'stand-in jobs {steps} x {step_s} s'})"
+    )
     print(f"launcher: submit {submit_s:.2f} s on the login node; whole chain {total_s:.1f} s; run {run.root}")
 
 
@@ -110,8 +160,10 @@ def main() -> None:
     p.add_argument("--step-s", type=float, default=1.0, help="stand-in seconds per step")
     p.add_argument("--skip-chain", action="store_true", help="only time --dry-run")
     args = p.parse_args()
-    print(f"--dry-run, flux, 80 cycles, example-gpu profile (320 jobs): {dry_run_seconds():.2f} s wall "
-          f"(best of 3, including interpreter start)")
+    print(
+        f"--dry-run, flux, 80 cycles, example-gpu profile (320 jobs): {dry_run_seconds():.2f} s wall "
+        f"(best of 3, including interpreter start)"
+    )
     if not args.skip_chain:
         if slurm.slurm_reachable() is not None:
             raise SystemExit("Slurm does not answer: start tests/cluster/slurm-up.sh and set SLURM_CONF")

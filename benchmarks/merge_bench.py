@@ -37,10 +37,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SD35M = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD35M = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 RANK, ALPHA, N_EXPERTS = 32, 64, 3
 SHARD_BYTES = 2 * 10**9
@@ -51,6 +62,7 @@ def _maxrss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- setup
+
 
 def sd35m_config(scale: float) -> dict:
     cfg = dict(SD35M)
@@ -73,8 +85,9 @@ def build_base(root: Path, scale: float) -> dict:
     tdir = root / "transformer"
     tdir.mkdir(parents=True)
     model.save_config(tdir)
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
-                                                       "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    (root / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]})
+    )
     shards, current, size = [], [], 0
     for name, shape in shapes.items():
         nbytes = 2 * int(torch.Size(shape).numel())
@@ -98,11 +111,23 @@ def build_base(root: Path, scale: float) -> dict:
                 total += t.numel() * 2
                 weight_map[n] = fname
     (tdir / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    modules = sorted(n[: -len(".weight")] for n in shapes if n.endswith(".weight")
-                     and n.startswith("transformer_blocks.") and n[: -len(".weight")].endswith(tuple("." + t for t in TARGETS)))
-    return {"params": sum(int(torch.Size(s).numel()) for s in shapes.values()), "bytes": total,
-            "shards": len(shards), "layers": cfg["num_layers"], "modules": modules, "shapes": {m: shapes[m + ".weight"] for m in modules}}
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    modules = sorted(
+        n[: -len(".weight")]
+        for n in shapes
+        if n.endswith(".weight")
+        and n.startswith("transformer_blocks.")
+        and n[: -len(".weight")].endswith(tuple("." + t for t in TARGETS))
+    )
+    return {
+        "params": sum(int(torch.Size(s).numel()) for s in shapes.values()),
+        "bytes": total,
+        "shards": len(shards),
+        "layers": cfg["num_layers"],
+        "modules": modules,
+        "shapes": {m: shapes[m + ".weight"] for m in modules},
+    }
 
 
 def build_experts(root: Path, info: dict) -> list[Path]:
@@ -119,12 +144,16 @@ def build_experts(root: Path, info: dict) -> list[Path]:
             state[f"{m}.lora_A.weight"] = torch.randn(RANK, in_f, generator=g) * 0.01
             state[f"{m}.lora_B.weight"] = torch.randn(out_f, RANK, generator=g) * 0.01
         cfg = {"r": RANK, "lora_alpha": ALPHA, "target_modules": list(TARGETS)}
-        dirs.append(save_expert_adapter(state, root / f"expert{i}", arch="sd3", lora_config=cfg, base="synthetic-sd35m",
-                                        reward=f"r{i}"))
+        dirs.append(
+            save_expert_adapter(
+                state, root / f"expert{i}", arch="sd3", lora_config=cfg, base="synthetic-sd35m", reward=f"r{i}"
+            )
+        )
     return dirs
 
 
 # ---------------------------------------------------------------------------------------------------- children
+
 
 def child_ours(args: dict) -> dict:
     """Merge then export in one process, as a user making a release model runs them."""
@@ -199,8 +228,11 @@ def child_setup(args: dict) -> dict:
     t0 = time.perf_counter()
     info = build_base(Path(args["base"]), args["scale"])
     experts = build_experts(Path(args["work"]), info)
-    return {"work_s": time.perf_counter() - t0, "experts": [str(d) for d in experts],
-            **{k: info[k] for k in ("params", "bytes", "shards", "layers", "modules")}}
+    return {
+        "work_s": time.perf_counter() - t0,
+        "experts": [str(d) for d in experts],
+        **{k: info[k] for k in ("params", "bytes", "shards", "layers", "modules")},
+    }
 
 
 def child_compare(args: dict) -> dict:
@@ -213,8 +245,12 @@ CHILDREN = {"setup": child_setup, "compare": child_compare, "ours": child_ours, 
 def run_child(kind: str, args: dict, threads: int | None = None) -> dict:
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--child-args", json.dumps(args)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, "--child-args", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr[-4000:]}")
@@ -246,8 +282,12 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="fraction of SD3.5-M's 24 blocks (0.25: quick run)")
     p.add_argument("--workdir", help="where to put the ~4 copies of the model (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both the ours and the peft child (default: "
-                   "torch's default); on a shared, oversubscribed node 1 avoids thread hand-off stalls for both")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="OMP_NUM_THREADS for both the ours and the peft child (default: "
+        "torch's default); on a shared, oversubscribed node 1 avoids thread hand-off stalls for both",
+    )
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--child-args", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -261,34 +301,48 @@ def main() -> None:
     try:
         # every heavy step runs in a child: ru_maxrss survives fork+exec, so a big parent would inflate them all
         info = run_child("setup", {"base": str(work / "base"), "work": str(work), "scale": a.scale})
-        print(f"synthetic SD3.5-M base: {info['layers']} blocks, {info['params'] / 1e9:.2f}B params, "
-              f"{info['bytes'] / 1e9:.2f} GB bf16 in {info['shards']} shard(s); {N_EXPERTS} rank-{RANK} experts on "
-              f"{len(info['modules'])} modules (setup {info['wall_s']:.0f} s)")
+        print(
+            f"synthetic SD3.5-M base: {info['layers']} blocks, {info['params'] / 1e9:.2f}B params, "
+            f"{info['bytes'] / 1e9:.2f} GB bf16 in {info['shards']} shard(s); {N_EXPERTS} rank-{RANK} experts on "
+            f"{len(info['modules'])} modules (setup {info['wall_s']:.0f} s)"
+        )
         common = {"base": str(work / "base"), "experts": info["experts"]}
         ours = run_child("ours", {**common, "merged": str(work / "merged"), "out": str(work / "ours")}, a.threads)
         peft = run_child("peft", {**common, "out": str(work / "peft")}, a.threads)
         disk = run_child("disk", {**common, "out": str(work / "copy")})
-        max_rel = run_child("compare", {"ours": str(work / "ours"), "peft": str(work / "peft"),
-                                        "modules": info["modules"]})["max_rel"]
+        max_rel = run_child(
+            "compare", {"ours": str(work / "ours"), "peft": str(work / "peft"), "modules": info["modules"]}
+        )["max_rel"]
 
         moved = 2 * disk["bytes"]
         print(f"\n{'path':40s} {'wall s':>8s} {'work s':>8s} {'peak RSS MB':>12s}")
-        for name, r in (("ours: merge + export (one process)", ours), ("peft: cat + merge_and_unload + save", peft),
-                        ("disk: plain read+write copy", disk)):
+        for name, r in (
+            ("ours: merge + export (one process)", ours),
+            ("peft: cat + merge_and_unload + save", peft),
+            ("disk: plain read+write copy", disk),
+        ):
             print(f"{name:40s} {r['wall_s']:8.1f} {r['work_s']:8.1f} {r['maxrss_mb']:12.0f}")
         print(f"  of which ours: merge {ours['merge_s']:.1f} s, export {ours['export_s']:.1f} s (fsynced)")
         print(f"  peft's output is not fsynced by save_pretrained; fsyncing it afterwards took {peft['fsync_s']:.1f} s")
         peft_durable = peft["work_s"] + peft["fsync_s"]
-        print(f"\nbytes moved by the export: {moved / 1e9:.2f} GB (read {disk['bytes'] / 1e9:.2f} + write "
-              f"{disk['bytes'] / 1e9:.2f}); plain copy sustains {moved / 1e9 / disk['work_s']:.2f} GB/s, "
-              f"export {moved / 1e9 / ours['export_s']:.2f} GB/s")
-        print(f"speed-up vs peft (wall, incl. interpreter start): {peft['wall_s'] / ours['wall_s']:.2f}x   (target >= 3x)")
+        print(
+            f"\nbytes moved by the export: {moved / 1e9:.2f} GB (read {disk['bytes'] / 1e9:.2f} + write "
+            f"{disk['bytes'] / 1e9:.2f}); plain copy sustains {moved / 1e9 / disk['work_s']:.2f} GB/s, "
+            f"export {moved / 1e9 / ours['export_s']:.2f} GB/s"
+        )
+        print(
+            f"speed-up vs peft (wall, incl. interpreter start): {peft['wall_s'] / ours['wall_s']:.2f}x   (target >= 3x)"
+        )
         print(f"speed-up vs peft (work only):                     {peft['work_s'] / ours['work_s']:.2f}x")
         print(f"speed-up vs peft (work, both outputs on disk):    {peft_durable / ours['work_s']:.2f}x")
-        print(f"peak memory vs peft:                              {peft['maxrss_mb'] / ours['maxrss_mb']:.2f}x less "
-              "(target >= 5x)")
-        print(f"export time / plain copy time:                    {ours['export_s'] / disk['work_s']:.2f}x   "
-              "(target <= 2x)")
+        print(
+            f"peak memory vs peft:                              {peft['maxrss_mb'] / ours['maxrss_mb']:.2f}x less "
+            "(target >= 5x)"
+        )
+        print(
+            f"export time / plain copy time:                    {ours['export_s'] / disk['work_s']:.2f}x   "
+            "(target <= 2x)"
+        )
         print(f"merge + export time / plain copy time:            {ours['work_s'] / disk['work_s']:.2f}x")
         print(f"max relative difference ours vs peft on adapted weights: {max_rel:.2e} (bf16 rounding)")
     finally:

@@ -30,13 +30,25 @@ from pathlib import Path
 
 import torch
 
-PROMPTS = ["a red car", "a dog on a beach", "two cats", "a tree in snow", "a blue house", "a person with a kite",
-           "a bowl of fruit", "a mountain at sunset"]
+PROMPTS = [
+    "a red car",
+    "a dog on a beach",
+    "two cats",
+    "a tree in snow",
+    "a blue house",
+    "a person with a kite",
+    "a bowl of fruit",
+    "a mountain at sunset",
+]
 EVAL = ["a green apple", "a cat on a bench", "a city at night", "a boat on a lake"]
 EXPERTS = {
     "norm_out": ["norm_out.linear"],
-    "attention": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
-                  "transformer_blocks.0.attn.to_out.0"],
+    "attention": [
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.attn.to_k",
+        "transformer_blocks.0.attn.to_v",
+        "transformer_blocks.0.attn.to_out.0",
+    ],
 }
 
 
@@ -50,13 +62,18 @@ def make_expert(out: Path, arch: str, modules: list[str], seed: int, magnitude: 
     tensors, rank = {}, 2
     for m in modules:
         layer = named[m]
-        tensors[f"{m}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=g) * magnitude / layer.in_features**0.5
+        tensors[f"{m}.lora_A.weight"] = (
+            torch.randn(rank, layer.in_features, generator=g) * magnitude / layer.in_features**0.5
+        )
         tensors[f"{m}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=g) * magnitude / rank**0.5
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": rank, "target_modules": modules,
-                                                         "peft_type": "LORA"}))
-    (out / "mrlora.json").write_text(json.dumps({"arch": arch, "base": f"tiny:{arch}", "reward": "bench", "scale": 1.0}))
+    (out / "adapter_config.json").write_text(
+        json.dumps({"r": rank, "lora_alpha": rank, "target_modules": modules, "peft_type": "LORA"})
+    )
+    (out / "mrlora.json").write_text(
+        json.dumps({"arch": arch, "base": f"tiny:{arch}", "reward": "bench", "scale": 1.0})
+    )
     return out
 
 
@@ -66,8 +83,17 @@ def final_latents(pipe, prompts, teacher: bool, guidance: float):
 
     set_teacher(pipe.transformer, teacher)
     try:
-        return sample(pipe, prompts, seeds=list(range(len(prompts))), num_steps=6, guidance_scale=guidance,
-                      resolution=64, noise_level=0.0, max_sequence_length=32, decode=False).latents[:, -1]
+        return sample(
+            pipe,
+            prompts,
+            seeds=list(range(len(prompts))),
+            num_steps=6,
+            guidance_scale=guidance,
+            resolution=64,
+            noise_level=0.0,
+            max_sequence_length=32,
+            decode=False,
+        ).latents[:, -1]
     finally:
         set_teacher(pipe.transformer, True)
 
@@ -100,13 +126,32 @@ def one_run(arch: str, expert_kind: str, seed: int, steps: int, lr: float, magni
         before = flow_matching_loss(pipe, "<r>", read_rows(pipe, "<r>"), x0, PROMPTS[:4], noise, s, guidance, 32).item()
 
     pipe, info = teacher_pipe()
-    settings = DistillSettings(token="<r>", steps=steps, lr=lr, batch_size=4, teacher_steps=6, guidance_scale=guidance,
-                               resolution=64, max_sequence_length=32, checkpoint_every=0, seed=seed)
+    settings = DistillSettings(
+        token="<r>",
+        steps=steps,
+        lr=lr,
+        batch_size=4,
+        teacher_steps=6,
+        guidance_scale=guidance,
+        resolution=64,
+        max_sequence_length=32,
+        checkpoint_every=0,
+        seed=seed,
+    )
     t0 = time.perf_counter()
-    distill_token(pipe, PROMPTS, settings, work / f"out-{arch}-{expert_kind}-{seed}", expert=info,
-                  base_id=f"tiny:{arch}", log=lambda m: None)
+    distill_token(
+        pipe,
+        PROMPTS,
+        settings,
+        work / f"out-{arch}-{expert_kind}-{seed}",
+        expert=info,
+        base_id=f"tiny:{arch}",
+        log=lambda m: None,
+    )
     seconds = time.perf_counter() - t0
-    metrics = [json.loads(l) for l in (work / f"out-{arch}-{expert_kind}-{seed}" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(l) for l in (work / f"out-{arch}-{expert_kind}-{seed}" / "metrics.jsonl").read_text().splitlines()
+    ]
     set_teacher(pipe.transformer, False)
     with torch.no_grad():
         after = flow_matching_loss(pipe, "<r>", None, x0, PROMPTS[:4], noise, s, guidance, 32).item()
@@ -119,11 +164,21 @@ def one_run(arch: str, expert_kind: str, seed: int, steps: int, lr: float, magni
             moved = (student - base).pow(2).mean().item()
     losses = [m["loss"] for m in metrics]
     grads = [m["grad_norm"] for m in metrics]
-    tail = losses[len(losses) // 2:]
-    return {"arch": arch, "expert": expert_kind, "seed": seed, "d_base": d_base, "gap_x1": gaps[1], "gap_x3": gaps[3],
-            "moved_over_swap": moved / text_sensitivity, "text_sensitivity": text_sensitivity,
-            "eval_drop": 1 - after / before, "loss_cv": statistics.pstdev(tail) / statistics.mean(tail),
-            "grad_spike": max(grads) / statistics.median(grads), "seconds": seconds}
+    tail = losses[len(losses) // 2 :]
+    return {
+        "arch": arch,
+        "expert": expert_kind,
+        "seed": seed,
+        "d_base": d_base,
+        "gap_x1": gaps[1],
+        "gap_x3": gaps[3],
+        "moved_over_swap": moved / text_sensitivity,
+        "text_sensitivity": text_sensitivity,
+        "eval_drop": 1 - after / before,
+        "loss_cv": statistics.pstdev(tail) / statistics.mean(tail),
+        "grad_spike": max(grads) / statistics.median(grads),
+        "seconds": seconds,
+    }
 
 
 def main(argv=None) -> int:
@@ -137,8 +192,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
-    header = f"{'arch':5} {'expert':9} {'seed':>4} {'d_base':>8} {'gap_x1':>7} {'gap_x3':>7} {'eval_drop':>9} " \
-             f"{'loss_cv':>7} {'grad_max/med':>12} {'swap':>8} {'moved/swap':>10} {'s':>5}"
+    header = (
+        f"{'arch':5} {'expert':9} {'seed':>4} {'d_base':>8} {'gap_x1':>7} {'gap_x3':>7} {'eval_drop':>9} "
+        f"{'loss_cv':>7} {'grad_max/med':>12} {'swap':>8} {'moved/swap':>10} {'s':>5}"
+    )
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
@@ -146,19 +203,26 @@ def main(argv=None) -> int:
                 for seed in range(args.seeds):
                     r = one_run(arch, kind, seed, args.steps, args.lr, args.magnitude, Path(tmp))
                     rows.append(r)
-                    print(f"{r['arch']:5} {r['expert']:9} {r['seed']:>4} {r['d_base']:8.3f} {r['gap_x1']:7.3f} "
-                          f"{r['gap_x3']:7.3f} {r['eval_drop']:9.4f} {r['loss_cv']:7.3f} {r['grad_spike']:12.2f} "
-                          f"{r['text_sensitivity']:8.5f} {r['moved_over_swap']:10.2f} {r['seconds']:5.1f}", flush=True)
+                    print(
+                        f"{r['arch']:5} {r['expert']:9} {r['seed']:>4} {r['d_base']:8.3f} {r['gap_x1']:7.3f} "
+                        f"{r['gap_x3']:7.3f} {r['eval_drop']:9.4f} {r['loss_cv']:7.3f} {r['grad_spike']:12.2f} "
+                        f"{r['text_sensitivity']:8.5f} {r['moved_over_swap']:10.2f} {r['seconds']:5.1f}",
+                        flush=True,
+                    )
     print("\nmedians over seeds")
     for arch in args.archs.split(","):
         for kind in args.experts.split(","):
             sel = [r for r in rows if r["arch"] == arch and r["expert"] == kind]
-            med = {k: statistics.median(r[k] for r in sel) for k in ("gap_x1", "gap_x3", "eval_drop", "loss_cv", "grad_spike",
-                                                                  "moved_over_swap")}
+            med = {
+                k: statistics.median(r[k] for r in sel)
+                for k in ("gap_x1", "gap_x3", "eval_drop", "loss_cv", "grad_spike", "moved_over_swap")
+            }
             spread = max(r["gap_x1"] for r in sel) - min(r["gap_x1"] for r in sel)
-            print(f"{arch:5} {kind:9} gap_x1 {med['gap_x1']:.3f} (range {spread:.3f})  gap_x3 {med['gap_x3']:.3f}  "
-                  f"eval_drop {med['eval_drop']:.4f}  loss_cv {med['loss_cv']:.3f}  grad_max/med {med['grad_spike']:.2f}  "
-                  f"moved/swap {med['moved_over_swap']:.2f}")
+            print(
+                f"{arch:5} {kind:9} gap_x1 {med['gap_x1']:.3f} (range {spread:.3f})  gap_x3 {med['gap_x3']:.3f}  "
+                f"eval_drop {med['eval_drop']:.4f}  loss_cv {med['loss_cv']:.3f}  grad_max/med {med['grad_spike']:.2f}  "
+                f"moved/swap {med['moved_over_swap']:.2f}"
+            )
     return 0
 
 

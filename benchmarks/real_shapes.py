@@ -43,10 +43,20 @@ TOLERANCE = 0.05
 
 def overrides(arch: str, resolution: int, eval_steps: int) -> list[str]:
     """The preset with small CPU-sized sampling; model, LoRA targets and dtype stay the preset's."""
-    sets = [f"sample.resolution={resolution}", "sample.group_size=2", "sample.prompts_per_step=1",
-            "sample.batch_size=2", "sample.num_steps=2", f"sample.eval_num_steps={eval_steps}",
-            "sample.max_sequence_length=32", "train.micro_batch=2", "train.updates_per_round=1",
-            "train.checkpoint_every=1", "train.steps=2", "prompts.brightness=gen:simple:16"]
+    sets = [
+        f"sample.resolution={resolution}",
+        "sample.group_size=2",
+        "sample.prompts_per_step=1",
+        "sample.batch_size=2",
+        "sample.num_steps=2",
+        f"sample.eval_num_steps={eval_steps}",
+        "sample.max_sequence_length=32",
+        "train.micro_batch=2",
+        "train.updates_per_round=1",
+        "train.checkpoint_every=1",
+        "train.steps=2",
+        "prompts.brightness=gen:simple:16",
+    ]
     return sets  # FLUX keeps the preset's ZeRO-2 (one process here: nothing to shard, the same code path)
 
 
@@ -83,11 +93,12 @@ def run_phase(name: str, cmd: list[str], threads: int, kill_when: Path | None = 
     result = {"phase": name, "wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20, "killed": killed}
     for line in text.splitlines():
         if line.startswith("RESULT "):
-            result.update(json.loads(line[len("RESULT "):]))
+            result.update(json.loads(line[len("RESULT ") :]))
     return result
 
 
 # ------------------------------------------------------------------------------------------- in-process phases
+
 
 def phase_eval(model_dir: str, expert_dir: str, arch: str, sets: list[str]) -> dict:
     """One eval image from the exported model, then the measured bytes next to the memory plan's estimate."""
@@ -103,15 +114,31 @@ def phase_eval(model_dir: str, expert_dir: str, arch: str, sets: list[str]) -> d
     cfg = config_for_reward(load_config(PRESETS[arch], sets + [f"model.pretrained={model_dir}"]), "brightness")
     pipe = load_pipeline(model_dir, arch, cfg.model.dtype, "cpu")
     t0 = time.perf_counter()
-    image = generate(pipe, ["a photo of a red apple"], [0], cfg.sample.eval_num_steps, cfg.sample.guidance_scale,
-                     cfg.sample.resolution, cfg.sample.max_sequence_length)[0]
+    image = generate(
+        pipe,
+        ["a photo of a red apple"],
+        [0],
+        cfg.sample.eval_num_steps,
+        cfg.sample.guidance_scale,
+        cfg.sample.resolution,
+        cfg.sample.max_sequence_length,
+    )[0]
     gen_s = time.perf_counter() - t0
     pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
     # buffers too: SD3's position table (0.45 GB in bf16) is a buffer, and it is held like the weights
-    measured = {name: sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-                for name, module in pipe.components.items() if hasattr(module, "parameters")}
-    dtypes = sorted({str(p.dtype).replace("torch.", "") for m in pipe.components.values() if hasattr(m, "parameters")
-                     for p in m.parameters()})
+    measured = {
+        name: sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+        for name, module in pipe.components.items()
+        if hasattr(module, "parameters")
+    }
+    dtypes = sorted(
+        {
+            str(p.dtype).replace("torch.", "")
+            for m in pipe.components.values()
+            if hasattr(m, "parameters")
+            for p in m.parameters()
+        }
+    )
     torch.manual_seed(0)
     params = add_lora(pipe.transformer, cfg)
     lora_bytes = sum(p.numel() * p.element_size() for p in params.values())
@@ -130,17 +157,32 @@ def phase_eval(model_dir: str, expert_dir: str, arch: str, sets: list[str]) -> d
         ema = 4 * sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # fp32
     plan = estimate(cfg)
     rows = {f"weights {k}": (plan.frozen_bytes.get(k, 0), v) for k, v in measured.items()}
-    rows.update({"LoRA fp32": (plan.lora_bytes, lora_bytes), "Adam state": (plan.adam_bytes, adam),
-                 "EMA": (plan.ema_bytes, ema)})
+    rows.update(
+        {
+            "LoRA fp32": (plan.lora_bytes, lora_bytes),
+            "Adam state": (plan.adam_bytes, adam),
+            "EMA": (plan.ema_bytes, ema),
+        }
+    )
     if plan.zero2:
         rows["ZeRO-2 fp32 master"] = (plan.master_bytes, master)
-    return {"eval_generate_s": gen_s, "image_std": float(pixels.std()), "image_finite": bool(torch.isfinite(pixels).all()),
-            "param_dtypes": dtypes, "memory_rows": rows, "lora_modules_plan": plan.lora_modules}
+    return {
+        "eval_generate_s": gen_s,
+        "image_std": float(pixels.std()),
+        "image_finite": bool(torch.isfinite(pixels).all()),
+        "param_dtypes": dtypes,
+        "memory_rows": rows,
+        "lora_modules_plan": plan.lora_modules,
+    }
 
 
 def _adam_bytes(optimizer_state: dict) -> int:
-    return sum(t.numel() * t.element_size() for s in optimizer_state["state"].values()
-               for k, t in s.items() if k in ("exp_avg", "exp_avg_sq"))
+    return sum(
+        t.numel() * t.element_size()
+        for s in optimizer_state["state"].values()
+        for k, t in s.items()
+        if k in ("exp_avg", "exp_avg_sq")
+    )
 
 
 def _numel(shape) -> int:
@@ -152,19 +194,43 @@ def _numel(shape) -> int:
 
 # ------------------------------------------------------------------------------------------------------ driver
 
+
 def bench_arch(arch: str, args, work: Path) -> list[dict]:
     py = sys.executable
     model = Path(args.model_dir[arch]) if args.model_dir.get(arch) else work / f"{arch}-model"
     phases = []
     if not (model / "REAL_SHAPES_COMPLETE.json").exists():
-        depth = ["--layers", str(args.layers)] if arch == "sd3" and args.layers else \
-            ["--double-layers", str(args.double_layers), "--single-layers", str(args.single_layers)] if arch == "flux" else []
-        phases.append(run_phase("build", [py, "-m", "mrlora.models.real_shapes", "--arch", arch, "--out", str(model),
-                                          *depth], args.threads))
+        depth = (
+            ["--layers", str(args.layers)]
+            if arch == "sd3" and args.layers
+            else ["--double-layers", str(args.double_layers), "--single-layers", str(args.single_layers)]
+            if arch == "flux"
+            else []
+        )
+        phases.append(
+            run_phase(
+                "build",
+                [py, "-m", "mrlora.models.real_shapes", "--arch", arch, "--out", str(model), *depth],
+                args.threads,
+            )
+        )
     sets = overrides(arch, args.resolution, args.eval_steps)
     expert = work / f"{arch}-expert"
-    train = [py, "-m", "mrlora.train", "--config", PRESETS[arch], "--reward", "brightness", "--base", str(model),
-             "--out", str(expert), "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    train = [
+        py,
+        "-m",
+        "mrlora.train",
+        "--config",
+        PRESETS[arch],
+        "--reward",
+        "brightness",
+        "--base",
+        str(model),
+        "--out",
+        str(expert),
+        "--no-progress",
+        *[a for s in sets for a in ("--set", s)],
+    ]
     phases.append(run_phase("map", train, args.threads, kill_when=expert / "checkpoint-1" / "COMPLETE.json"))
     if not phases[-1]["killed"]:
         raise SystemExit("the first Map run finished before it could be killed after its checkpoint")
@@ -172,13 +238,50 @@ def bench_arch(arch: str, args, work: Path) -> list[dict]:
     done = json.loads((expert / "DONE.json").read_text())
     metrics = [json.loads(line) for line in (expert / "metrics.jsonl").read_text().splitlines()]
     merged = work / f"{arch}-merged"
-    phases.append(run_phase("merge", [py, "-m", "mrlora.merge", "--experts", str(expert / "adapter"), "--out",
-                                      str(merged), "--base", str(model), "--arch", arch, "-q"], args.threads))
+    phases.append(
+        run_phase(
+            "merge",
+            [
+                py,
+                "-m",
+                "mrlora.merge",
+                "--experts",
+                str(expert / "adapter"),
+                "--out",
+                str(merged),
+                "--base",
+                str(model),
+                "--arch",
+                arch,
+                "-q",
+            ],
+            args.threads,
+        )
+    )
     exported = work / f"{arch}-exported"
-    phases.append(run_phase("materialise", [py, "-m", "mrlora.merge", "export", "--base", str(model), "--updates",
-                                            str(merged), "--out", str(exported), "-q"], args.threads))
-    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.real_shapes import phase_eval; "
-            f"print('RESULT ' + json.dumps(phase_eval({str(exported)!r}, {str(expert)!r}, {arch!r}, {sets!r})))")
+    phases.append(
+        run_phase(
+            "materialise",
+            [
+                py,
+                "-m",
+                "mrlora.merge",
+                "export",
+                "--base",
+                str(model),
+                "--updates",
+                str(merged),
+                "--out",
+                str(exported),
+                "-q",
+            ],
+            args.threads,
+        )
+    )
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.real_shapes import phase_eval; "
+        f"print('RESULT ' + json.dumps(phase_eval({str(exported)!r}, {str(expert)!r}, {arch!r}, {sets!r})))"
+    )
     phases.append(run_phase("eval", [py, "-c", code], args.threads))
     from safetensors import safe_open
 
@@ -192,22 +295,33 @@ def bench_arch(arch: str, args, work: Path) -> list[dict]:
 def report(arch, phases, done, metrics, lora_params, modules, update_bytes, model) -> list[dict]:
     marker = json.loads((model / "REAL_SHAPES_COMPLETE.json").read_text())
     tcfg = marker["transformer"]
-    depth = f"{tcfg['num_layers']} blocks" if arch == "sd3" else \
-        f"{tcfg['num_layers']} double + {tcfg['num_single_layers']} single blocks"
+    depth = (
+        f"{tcfg['num_layers']} blocks"
+        if arch == "sd3"
+        else f"{tcfg['num_layers']} double + {tcfg['num_single_layers']} single blocks"
+    )
     print(f"\n== {arch}: {marker['summary']['params'] / 1e9:.3f}B transformer params ({depth}), {marker['dtype']}")
     print(f"{'phase':12} {'wall s':>8} {'peak RSS GB':>12}")
     for p in phases:
-        print(f"{p['phase']:12} {p['wall_s']:>8.1f} {p['peak_rss_gb']:>12.2f}" + ("  (killed after checkpoint-1)"
-                                                                                  if p["killed"] else ""))
+        print(
+            f"{p['phase']:12} {p['wall_s']:>8.1f} {p['peak_rss_gb']:>12.2f}"
+            + ("  (killed after checkpoint-1)" if p["killed"] else "")
+        )
     ev = phases[-1]
     steps = [m["step"] for m in metrics]
-    print(f"map: steps {steps} (resumed at 1), reward_mean {[round(m['reward_mean'], 4) for m in metrics]}, "
-          f"kl {['%.2e' % m['kl'] for m in metrics]}, grad_norm {[round(m['grad_norm'], 4) for m in metrics]}, "
-          f"s/step {[round(m['step_time_s'], 1) for m in metrics]}")
-    print(f"LoRA: {modules} modules (memory plan: {ev['lora_modules_plan']}), {lora_params / 1e6:.2f}M params; "
-          f"update.safetensors {update_bytes / 1e6:.1f} MB; DONE steps {done['steps']}")
-    print(f"eval: {ev['eval_generate_s']:.1f} s for one image, finite {ev['image_finite']}, pixel std "
-          f"{ev['image_std']:.2f}; param dtypes {ev['param_dtypes']}")
+    print(
+        f"map: steps {steps} (resumed at 1), reward_mean {[round(m['reward_mean'], 4) for m in metrics]}, "
+        f"kl {['%.2e' % m['kl'] for m in metrics]}, grad_norm {[round(m['grad_norm'], 4) for m in metrics]}, "
+        f"s/step {[round(m['step_time_s'], 1) for m in metrics]}"
+    )
+    print(
+        f"LoRA: {modules} modules (memory plan: {ev['lora_modules_plan']}), {lora_params / 1e6:.2f}M params; "
+        f"update.safetensors {update_bytes / 1e6:.1f} MB; DONE steps {done['steps']}"
+    )
+    print(
+        f"eval: {ev['eval_generate_s']:.1f} s for one image, finite {ev['image_finite']}, pixel std "
+        f"{ev['image_std']:.2f}; param dtypes {ev['param_dtypes']}"
+    )
     print(f"{'memory (bytes)':22} {'estimate':>14} {'measured':>14} {'error':>8}")
     worst = 0.0
     for name, (est, got) in ev["memory_rows"].items():
@@ -215,8 +329,15 @@ def report(arch, phases, done, metrics, lora_params, modules, update_bytes, mode
         worst = max(worst, err)
         print(f"{name:22} {est:>14,} {got:>14,} {err:>7.2%}")
     ok = worst <= TOLERANCE and modules == ev["lora_modules_plan"] and ev["image_finite"] and steps == [1, 2]
-    return [{"arch": arch, "ok": ok, "worst_error": worst, "wall_s": sum(p["wall_s"] for p in phases),
-             "peak_rss_gb": max(p["peak_rss_gb"] for p in phases)}]
+    return [
+        {
+            "arch": arch,
+            "ok": ok,
+            "worst_error": worst,
+            "wall_s": sum(p["wall_s"] for p in phases),
+            "peak_rss_gb": max(p["peak_rss_gb"] for p in phases),
+        }
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    summary = ", ".join(f"{r['arch']} {'ok' if r['ok'] else 'FAILED'} {r['wall_s']:.0f} s peak {r['peak_rss_gb']:.1f} GB "
-                        f"memory-plan error {r['worst_error']:.2%}" for r in results)
+    summary = ", ".join(
+        f"{r['arch']} {'ok' if r['ok'] else 'FAILED'} {r['wall_s']:.0f} s peak {r['peak_rss_gb']:.1f} GB "
+        f"memory-plan error {r['worst_error']:.2%}"
+        for r in results
+    )
     print(f"\nreal shapes: {summary}")
     return 0 if all(r["ok"] for r in results) else 1
 

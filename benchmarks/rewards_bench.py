@@ -21,8 +21,7 @@ from rewards import build_reward
 from rewards.ocr import extract_target
 from rewards.prompts import load_prompt_source
 
-ALL = ["ocr", "pickscore", "geneval", "jpeg_compressibility", "jpeg_incompressibility", "brightness",
-       "colourfulness"]
+ALL = ["ocr", "pickscore", "geneval", "jpeg_compressibility", "jpeg_incompressibility", "brightness", "colourfulness"]
 
 
 def make_images(n: int, size: int, texts: list[str]) -> list[Image.Image]:
@@ -60,8 +59,15 @@ def main() -> None:
             if "geneval" in args.rewards:
                 m2f = str(save_tiny_mask2former(Path(tmp) / "m2f"))
                 # threshold 0 keeps the random model's detections so colour classification runs too
-                kwargs["geneval"] = {"backend": "local", "detector": m2f, "clip": clip, "device": "cpu",
-                                     "batch_size": args.batch, "threshold": 0.0, "counting_threshold": 0.0}
+                kwargs["geneval"] = {
+                    "backend": "local",
+                    "detector": m2f,
+                    "clip": clip,
+                    "device": "cpu",
+                    "batch_size": args.batch,
+                    "threshold": 0.0,
+                    "counting_threshold": 0.0,
+                }
         print(f"batch {args.batch}, {args.size}x{args.size} px, {args.rounds} timed rounds, CPU")
         print(f"{'reward':24s} {'load s':>8s} {'images/s':>10s} {'ms/image':>10s}")
         for name in args.rewards:

@@ -12,12 +12,12 @@ import argparse
 import logging
 import sys
 
-from mrlora.cli import add_version_flag, run_cli
 from eval.errors import EvalError
 from eval.plan import EvalDir, Shard
 from eval.results import Results, read_results, write_results
 from eval.settings import read_settings
 from eval.summary import summarize
+from mrlora.cli import add_version_flag, run_cli
 from mrlora.runstore import DONE_MARKER, atomic_write_json, read_json, write_marker
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,10 @@ def aggregate(out: EvalDir, force: bool = False) -> dict:
         shard_dir = out.shard_dir(Shard(i, settings.shards))
         part = read_results(shard_dir / "results.h5")
         if part.settings != settings.to_dict():
-            raise EvalError(f"shard {shard_dir} was computed with other settings than {out.root / 'eval.json'}; "
-                            f"delete it and rerun that shard")
+            raise EvalError(
+                f"shard {shard_dir} was computed with other settings than {out.root / 'eval.json'}; "
+                f"delete it and rerun that shard"
+            )
         parts.append(part)
     res = Results.concat(parts)
     _check_coverage(res, settings.num_prompts, settings.samples, out)
@@ -74,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     add_version_flag(parser)
     args = parser.parse_args(argv)
     summary = aggregate(EvalDir(args.out), force=args.force)
-    print(f"{args.out}: {summary['images']} images; " + ", ".join(
-        f"{k}={v:.4g}" for k, v in summary["headline"].items() if v is not None))
+    print(
+        f"{args.out}: {summary['images']} images; "
+        + ", ".join(f"{k}={v:.4g}" for k, v in summary["headline"].items() if v is not None)
+    )
     return 0
 
 

@@ -26,8 +26,17 @@ import ml_collections
 
 from eval.errors import EvalError
 from mrlora.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config, validate
-from mrlora.runstore import (CHECKPOINT_MARKER, DONE_MARKER, RUN_JSON, ModelAfter, RunDir, RunStoreError, map_start,
-                             model_after, read_marker)
+from mrlora.runstore import (
+    CHECKPOINT_MARKER,
+    DONE_MARKER,
+    RUN_JSON,
+    ModelAfter,
+    RunDir,
+    RunStoreError,
+    map_start,
+    model_after,
+    read_marker,
+)
 
 KINDS = ("base", "merged", "expert", "exported")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -115,8 +124,10 @@ def _model(run: RunDir, cycle: int, expert: bool) -> ModelAfter:
 
 
 def _model_fields(model: ModelAfter) -> dict:
-    return {"update_dirs": tuple(str(p) for p in model.update_dirs),
-            "base_dir": str(model.base_dir) if model.base_dir is not None else None}
+    return {
+        "update_dirs": tuple(str(p) for p in model.update_dirs),
+        "base_dir": str(model.base_dir) if model.base_dir is not None else None,
+    }
 
 
 def resolve_checkpoint(
@@ -141,8 +152,14 @@ def resolve_checkpoint(
         model = _model(run, cycle, expert=False)
         label = f"{run.run_ts} base" if cycle == 0 else f"{run.run_ts} cycle {cycle}"
         return ResolvedCheckpoint(
-            spec, "merged", cfg.model.pretrained, **_model_fields(model), run_root=str(run.root), cycle=cycle,
-            label=label, config=config_to_dict(cfg),
+            spec,
+            "merged",
+            cfg.model.pretrained,
+            **_model_fields(model),
+            run_root=str(run.root),
+            cycle=cycle,
+            label=label,
+            config=config_to_dict(cfg),
         )
     if match and not Path(spec).exists():
         raise EvalError(f"checkpoint {spec!r}: {match['run']} is not a run directory (no {RUN_JSON}); {FORMS_HINT}")
@@ -190,7 +207,15 @@ def _resolve_expert(spec: str, path: Path, preset: str | None, overrides: tuple[
     model = _model(run, cycle, expert=True)
     label = f"{run.run_ts} cycle {cycle} {reward} expert" + (f" step {step}" if step is not None else "")
     return ResolvedCheckpoint(
-        spec, "expert", cfg.model.pretrained, **_model_fields(model), adapter_dir=str(adapter_dir),
+        spec,
+        "expert",
+        cfg.model.pretrained,
+        **_model_fields(model),
+        adapter_dir=str(adapter_dir),
         run_root=str(run.root),
-        cycle=cycle, reward=reward, step=step, label=label, config=config_to_dict(cfg),
+        cycle=cycle,
+        reward=reward,
+        step=step,
+        label=label,
+        config=config_to_dict(cfg),
     )

@@ -1,6 +1,7 @@
 """Eval errors: one exception type the CLIs print without a traceback (torch-free, so launch/ can use it)."""
 
 from __future__ import annotations
+
 from mrlora.cli import UserError
 
 

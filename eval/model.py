@@ -20,6 +20,7 @@ from eval.errors import EvalError
 
 log = logging.getLogger(__name__)
 
+
 def default_device() -> str:
     import torch
 
@@ -42,8 +43,9 @@ def fold_adapter(transformer: Any, adapter_dir: str | Path) -> int:
     try:
         expert = read_expert_adapter(adapter_dir)
     except DamagedFileError as exc:  # left in place: a merge that used it already checked it intact
-        raise EvalError(f"{exc}; this expert cannot be evaluated (retrain it in a new run, or restore the file "
-                        "from a backup)") from None
+        raise EvalError(
+            f"{exc}; this expert cannot be evaluated (retrain it in a new run, or restore the file from a backup)"
+        ) from None
     except ReduceError as exc:
         raise EvalError(f"cannot read the expert adapter: {exc}") from None
     modules = dict(transformer.named_modules())
@@ -73,8 +75,9 @@ def build_pipeline(ckpt: ResolvedCheckpoint, cfg: Any, device: str | None = None
     from mrlora.runstore import ModelAfter, RunStoreError
 
     device = device or default_device()
-    model = ModelAfter(ckpt.cycle or 0, Path(ckpt.base_dir) if ckpt.base_dir else None,
-                       tuple(Path(p) for p in ckpt.update_dirs))
+    model = ModelAfter(
+        ckpt.cycle or 0, Path(ckpt.base_dir) if ckpt.base_dir else None, tuple(Path(p) for p in ckpt.update_dirs)
+    )
     try:
         pipe = load_pipeline_after(model, ckpt.pretrained, cfg.model.arch, cfg.model.dtype, device)
     except ModelError as exc:
@@ -88,8 +91,15 @@ def build_pipeline(ckpt: ResolvedCheckpoint, cfg: Any, device: str | None = None
     return pipe
 
 
-def generate(pipe: Any, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, resolution: int,
-             max_sequence_length: int) -> list:
+def generate(
+    pipe: Any,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance_scale: float,
+    resolution: int,
+    max_sequence_length: int,
+) -> list:
     """One batch of images, each from its own CPU ``torch.Generator`` (portable across devices and batch sizes)."""
     import torch
 

@@ -73,16 +73,14 @@ def plan_batches(num_prompts: int, samples: int, batch_size: int, seed: int) -> 
     """The global batches: the work list (prompt-major) cut into chunks of ``batch_size``."""
     if samples < 1 or batch_size < 1:
         raise EvalError(f"--samples ({samples}) and --batch-size ({batch_size}) must be >= 1")
-    items = [
-        WorkItem(i, k, sample_seed(seed, i, k)) for i in range(num_prompts) for k in range(samples)
-    ]
-    return [items[j:j + batch_size] for j in range(0, len(items), batch_size)]
+    items = [WorkItem(i, k, sample_seed(seed, i, k)) for i in range(num_prompts) for k in range(samples)]
+    return [items[j : j + batch_size] for j in range(0, len(items), batch_size)]
 
 
 def shard_batches(batches: list[list[WorkItem]], shard: Shard) -> list[list[WorkItem]]:
     """The contiguous run of whole batches that ``shard`` computes (possibly none for tiny prompt sets)."""
     n = len(batches)
-    return batches[shard.index * n // shard.count:(shard.index + 1) * n // shard.count]
+    return batches[shard.index * n // shard.count : (shard.index + 1) * n // shard.count]
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,9 @@ def load_prompts(path: str | Path) -> list[EvalPrompt]:
 
     path = Path(path)
     if not path.is_file():
-        raise EvalError(f"prompt file {path} does not exist; give a GenEval metadata .jsonl or a text file "
-                        "with one prompt per line")
+        raise EvalError(
+            f"prompt file {path} does not exist; give a GenEval metadata .jsonl or a text file with one prompt per line"
+        )
     try:
         items = load_prompt_source(str(path), 0)
     except RewardError as exc:  # PromptSourceError names the file and the line

@@ -66,8 +66,10 @@ def comparable(data: dict | None) -> dict | None:
     """A recorded mix as compared between reruns: the files by content (sha256), not by where they lie."""
     if data is None:
         return None
-    return {"spec": " ".join(str(data["spec"]).split()),
-            "tokens": sorted((t["token"], t["sha256"]) for t in data["tokens"])}
+    return {
+        "spec": " ".join(str(data["spec"]).split()),
+        "tokens": sorted((t["token"], t["sha256"]) for t in data["tokens"]),
+    }
 
 
 def label(checkpoint_label: str, rate: dict) -> str:
@@ -85,8 +87,10 @@ def checkpoint_note(checkpoint: dict) -> str | None:
     """The sentence recorded in summary.json when a mix is applied to something other than a base model."""
     if steers_a_base(checkpoint):
         return None
-    return (f"RaTE tokens are distilled to steer a base model; this mix was applied to {checkpoint.get('label')!r} "
-            f"(kind {checkpoint.get('kind')}), a model the tokens were not trained for")
+    return (
+        f"RaTE tokens are distilled to steer a base model; this mix was applied to {checkpoint.get('label')!r} "
+        f"(kind {checkpoint.get('kind')}), a model the tokens were not trained for"
+    )
 
 
 def _header_metadata(path: Path) -> dict[str, str]:
@@ -101,8 +105,10 @@ def _header_metadata(path: Path) -> dict[str, str]:
                 raise ValueError(f"header size {size} is implausible")
             header = json.loads(fh.read(size).decode("utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise EvalError(f"--rate-tokens: {path} is not a readable safetensors file ({exc}); give RaTE token files "
-                        "(RUN/cycle_XXXX/rate/<reward>/token.safetensors)") from None
+        raise EvalError(
+            f"--rate-tokens: {path} is not a readable safetensors file ({exc}); give RaTE token files "
+            "(RUN/cycle_XXXX/rate/<reward>/token.safetensors)"
+        ) from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else {}
 
@@ -118,29 +124,45 @@ def resolve_mix(token_files: Sequence[str] | None, spec: str | None) -> RateMix 
         return None
     if not token_files or spec is None:
         given, missing = ("--rate-tokens", "--rate-spec") if token_files else ("--rate-spec", "--rate-tokens")
-        raise EvalError(f"{given} needs {missing}: give both (the token files to load and the mix to generate with, "
-                        "e.g. --rate-tokens RUN/cycle_0003/rate/ocr/token.safetensors --rate-spec '<ocr> 2') or "
-                        "neither")
+        raise EvalError(
+            f"{given} needs {missing}: give both (the token files to load and the mix to generate with, "
+            "e.g. --rate-tokens RUN/cycle_0003/rate/ocr/token.safetensors --rate-spec '<ocr> 2') or "
+            "neither"
+        )
     if not spec.split():
         raise EvalError("--rate-spec is empty; name at least one token, e.g. --rate-spec '<ocr> 2'")
     records: list[TokenRecord] = []
     for item in token_files:
         path = Path(item).expanduser()
         if not path.is_file():
-            raise EvalError(f"--rate-tokens: token file {path} does not exist; distill one with "
-                            "`python -m mrlora.rate distill` (in a run: RUN/cycle_XXXX/rate/<reward>/token.safetensors)")
+            raise EvalError(
+                f"--rate-tokens: token file {path} does not exist; distill one with "
+                "`python -m mrlora.rate distill` (in a run: RUN/cycle_XXXX/rate/<reward>/token.safetensors)"
+            )
         meta = _header_metadata(path)
         if meta.get("format") != TOKEN_FORMAT or not meta.get("token"):
-            raise EvalError(f"--rate-tokens: {path} is not a RaTE token file (metadata format="
-                            f"{meta.get('format')!r}); give the token.safetensors written by `python -m mrlora.rate`")
+            raise EvalError(
+                f"--rate-tokens: {path} is not a RaTE token file (metadata format="
+                f"{meta.get('format')!r}); give the token.safetensors written by `python -m mrlora.rate`"
+            )
         path = path.resolve()
-        records.append(TokenRecord(str(path), file_digest(path), meta["token"], meta.get("reward", ""),
-                                   meta.get("arch", ""), meta.get("base", "")))
+        records.append(
+            TokenRecord(
+                str(path),
+                file_digest(path),
+                meta["token"],
+                meta.get("reward", ""),
+                meta.get("arch", ""),
+                meta.get("base", ""),
+            )
+        )
     seen: dict[str, str] = {}
     for rec in records:
         if rec.token in seen:
-            raise EvalError(f"--rate-tokens: two files define {rec.token!r} ({seen[rec.token]} and {rec.path}); "
-                            "load only one of them")
+            raise EvalError(
+                f"--rate-tokens: two files define {rec.token!r} ({seen[rec.token]} and {rec.path}); "
+                "load only one of them"
+            )
         seen[rec.token] = rec.path
     from mrlora.rate.spec import check_known, parse_token_spec  # torch-free: the full check on the login node
 

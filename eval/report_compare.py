@@ -71,18 +71,21 @@ def prompt_files(labels: list[str], settings: list[dict]) -> str:
 
 def mixed_settings_error(differences: list[SettingDifference]) -> str:
     """The message of a refused mix: what differs, and the two ways on."""
-    return ("these evals were made with different settings, so their numbers are not comparable: "
-            + " | ".join(d.sentence() for d in differences)
-            + ". Evaluate them again with the same settings (python -m eval.run ... with the same --prompts, "
-              "--seed, --samples, --sample-steps, --cfg, --resolution), or pass --allow-mixed to draw them together "
-              "under a warning section")
+    return (
+        "these evals were made with different settings, so their numbers are not comparable: "
+        + " | ".join(d.sentence() for d in differences)
+        + ". Evaluate them again with the same settings (python -m eval.run ... with the same --prompts, "
+        "--seed, --samples, --sample-steps, --cfg, --resolution), or pass --allow-mixed to draw them together "
+        "under a warning section"
+    )
 
 
 def missing_rewards(labels: list[str], scored: list[set[str]]) -> dict[str, list[str]]:
     """Reward -> labels of the evals that did not score it (only rewards some eval lacks)."""
     every = sorted(set().union(*scored)) if scored else []
-    return {r: [label for label, s in zip(labels, scored) if r not in s] for r in every
-            if not all(r in s for s in scored)}
+    return {
+        r: [label for label, s in zip(labels, scored) if r not in s] for r in every if not all(r in s for s in scored)
+    }
 
 
 def direction_conflicts(labels: list[str], directions: list[dict[str, bool]]) -> dict[str, dict[bool, list[str]]]:

@@ -35,8 +35,12 @@ def same_noise_members(inputs: list, reference) -> tuple[list, list]:
     """(inputs whose images share ``reference``'s noise, the others): same prompt set, seed and resolution, and
     the same per-image seeds on the rows they share."""
     ref_settings = reference.summary.get("settings", {})
-    ref_seeds = dict(zip(rows_key(reference.results.prompt_index, reference.results.sample_index).tolist(),
-                         reference.results.seed.tolist()))
+    ref_seeds = dict(
+        zip(
+            rows_key(reference.results.prompt_index, reference.results.sample_index).tolist(),
+            reference.results.seed.tolist(),
+        )
+    )
     members, others = [], []
     for inp in inputs:
         settings = inp.summary.get("settings", {})
@@ -68,8 +72,9 @@ def choose_columns(members: list, rewards: list[str], top: int, random_count: in
     keys = sorted(set.intersection(*key_sets))
     first = members[0].results
     where = {k: j for j, k in enumerate(rows_key(first.prompt_index, first.sample_index).tolist())}
-    prompt_of = {k: (int(first.prompt_index[where[k]]), int(first.sample_index[where[k]]), first.prompt[where[k]])
-                 for k in keys}
+    prompt_of = {
+        k: (int(first.prompt_index[where[k]]), int(first.sample_index[where[k]]), first.prompt[where[k]]) for k in keys
+    }
     spread = np.zeros(len(keys))
     driver = [""] * len(keys)
     if len(members) >= 2:

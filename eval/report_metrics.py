@@ -25,15 +25,17 @@ class Metric:
     reward: str
     higher_is_better: bool
     detail: str | None = None  # None: the reward's score; else a numeric detail column (correct, exact, ...)
-    by_tag: bool = False       # the unweighted mean over tags of the per-tag means (GenEval overall)
+    by_tag: bool = False  # the unweighted mean over tags of the per-tag means (GenEval overall)
 
 
 def metrics_for(inputs: list, rewards: list[str]) -> list[Metric]:
     """Each reward's score, then GenEval overall / strict overall and OCR exact match where an eval has them."""
     out = []
     for r in rewards:
-        higher = next((bool(i.summary["rewards"][r].get("higher_is_better", True)) for i in inputs
-                       if r in i.summary["rewards"]), True)
+        higher = next(
+            (bool(i.summary["rewards"][r].get("higher_is_better", True)) for i in inputs if r in i.summary["rewards"]),
+            True,
+        )
         out.append(Metric(r, r, higher))
     for r in rewards:
         details = [set(i.results.details.get(r, {})) for i in inputs]
@@ -106,6 +108,7 @@ def change(base, inp, m: Metric) -> Delta | None:
         return None
     if not m.by_tag:
         return parts[0]
-    half = (float(np.sqrt(sum(d.half ** 2 for d in parts))) / len(parts)
-            if all(d.half is not None for d in parts) else None)
+    half = (
+        float(np.sqrt(sum(d.half**2 for d in parts))) / len(parts) if all(d.half is not None for d in parts) else None
+    )
     return Delta(float(np.mean([d.value for d in parts])), half, all(d.paired for d in parts))

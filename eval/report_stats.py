@@ -33,7 +33,7 @@ CI_METHOD = (
     "overall ± combines the tag half-widths (root of the sum of squares, divided by the number of tags). "
     "Δ vs base is paired (per-image differences under identical noise, same interval) when both evals hold the "
     "same prompts and seeds, otherwise unpaired (marked so). ± 0 means every prompt gave the same value: the "
-    "interval is then uninformative, not exact. \"no CI\": fewer than 2 prompts (for an overall: in some tag)."
+    'interval is then uninformative, not exact. "no CI": fewer than 2 prompts (for an overall: in some tag).'
 )
 
 
@@ -74,8 +74,7 @@ def mean_of_means(parts: list[MeanCI]) -> MeanCI:
     if not parts:
         return MeanCI(None, None, 0, 0)
     mean = float(np.mean([m.mean for m in parts]))
-    half = (math.sqrt(sum(m.half ** 2 for m in parts)) / len(parts)
-            if all(m.half is not None for m in parts) else None)
+    half = math.sqrt(sum(m.half**2 for m in parts)) / len(parts) if all(m.half is not None for m in parts) else None
     return MeanCI(mean, half, sum(m.n for m in parts), sum(m.prompts for m in parts))
 
 
@@ -103,8 +102,7 @@ def delta(base: tuple, other: tuple, base_ci: MeanCI, other_ci: MeanCI) -> Delta
         ci = mean_ci(np.asarray(ov, np.float64) - np.asarray(bv, np.float64), bp)
         if ci.mean is not None:
             return Delta(ci.mean, ci.half, True)
-    half = (math.hypot(base_ci.half, other_ci.half)
-            if base_ci.half is not None and other_ci.half is not None else None)
+    half = math.hypot(base_ci.half, other_ci.half) if base_ci.half is not None and other_ci.half is not None else None
     return Delta(other_ci.mean - base_ci.mean, half, False)
 
 

@@ -50,8 +50,17 @@ class Results:
     @classmethod
     def empty(cls, rewards: dict[str, bool], settings: dict, checkpoint: dict) -> "Results":
         return cls(
-            np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), [], [], [], [],
-            {r: np.zeros(0, np.float32) for r in rewards}, {r: {} for r in rewards}, dict(rewards), settings,
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            [],
+            [],
+            [],
+            [],
+            {r: np.zeros(0, np.float32) for r in rewards},
+            {r: {} for r in rewards},
+            dict(rewards),
+            settings,
             checkpoint,
         )
 
@@ -78,7 +87,9 @@ class Results:
             [s for p in parts for s in p.image],
             {r: cat([p.scores[r] for p in parts]).astype(np.float32) for r in first.scores},
             {r: {k: cat([p.details[r][k] for p in parts]) for k in first.details[r]} for r in first.scores},
-            dict(first.higher_is_better), first.settings, first.checkpoint,
+            dict(first.higher_is_better),
+            first.settings,
+            first.checkpoint,
         )
         return out.sorted()
 
@@ -86,10 +97,18 @@ class Results:
         order = np.lexsort((self.sample_index, self.prompt_index))
         take = lambda xs: [xs[i] for i in order]  # noqa: E731
         return Results(
-            self.prompt_index[order], self.sample_index[order], self.seed[order], take(self.prompt), take(self.tag),
-            take(self.metadata), take(self.image), {r: v[order] for r, v in self.scores.items()},
+            self.prompt_index[order],
+            self.sample_index[order],
+            self.seed[order],
+            take(self.prompt),
+            take(self.tag),
+            take(self.metadata),
+            take(self.image),
+            {r: v[order] for r, v in self.scores.items()},
             {r: {k: v[order] for k, v in d.items()} for r, d in self.details.items()},
-            self.higher_is_better, self.settings, self.checkpoint,
+            self.higher_is_better,
+            self.settings,
+            self.checkpoint,
         )
 
 
@@ -151,7 +170,9 @@ def read_results(path: Path | str) -> Results:
                     np.asarray(strings(ds), dtype=object) if h5py.check_string_dtype(ds.dtype) else ds[()]
                 )
         return Results(
-            fh["prompt_index"][()], fh["sample_index"][()], fh["seed"][()],
+            fh["prompt_index"][()],
+            fh["sample_index"][()],
+            fh["seed"][()],
             *(strings(fh[name]) for name in _STR_COLUMNS),
             {reward: fh["scores"][reward][()] for reward in fh["scores"]},
             details,

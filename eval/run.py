@@ -24,13 +24,13 @@ import sys
 from pathlib import Path
 
 from eval.checkpoint import FORMS_HINT, resolve_checkpoint
-from mrlora.cli import add_version_flag, run_cli
 from eval.errors import EvalError
 from eval.plan import EvalDir, Shard
 from eval.prompts import load_prompts
 from eval.rate import RateMix, checkpoint_note, install_mix, resolve_mix
 from eval.scoring import SUITES, build_rewards, suite_rewards
 from eval.settings import EvalSettings, check_same, read_settings, record_settings
+from mrlora.cli import add_version_flag, run_cli
 from mrlora.config import config_from_dict
 from mrlora.runstore import file_digest
 
@@ -38,40 +38,81 @@ log = logging.getLogger("eval.run")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m eval.run",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help=f"what to evaluate: {FORMS_HINT}")
-    p.add_argument("--suite", required=True,
-                   help=f"{' | '.join(SUITES)}, any registered reward name (e.g. brightness), or a comma list")
-    p.add_argument("--prompts", required=True,
-                   help="prompt file: GenEval metadata .jsonl (one JSON object with 'prompt' per line) or text, "
-                        "one prompt per line")
+    p.add_argument(
+        "--suite",
+        required=True,
+        help=f"{' | '.join(SUITES)}, any registered reward name (e.g. brightness), or a comma list",
+    )
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt file: GenEval metadata .jsonl (one JSON object with 'prompt' per line) or text, "
+        "one prompt per line",
+    )
     p.add_argument("--out", required=True, help="output directory (images/, results.h5, summary.json)")
     p.add_argument("--shard", default="0/1", help="compute only shard i of n (0-based), e.g. 3/8 (default 0/1)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="eval seed; image (p, k) always gets the same noise for a given seed, whatever the "
-                        "checkpoint, so checkpoints are compared on identical noise (default 0)")
-    p.add_argument("--samples", type=int, default=None,
-                   help="images per prompt (default 4 when the suite includes geneval, as GenEval does, else 1)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="eval seed; image (p, k) always gets the same noise for a given seed, whatever the "
+        "checkpoint, so checkpoints are compared on identical noise (default 0)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="images per prompt (default 4 when the suite includes geneval, as GenEval does, else 1)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default sample.batch_size)")
-    p.add_argument("--sample-steps", dest="steps", type=int, default=None,
-                   help="ODE sampling steps (default sample.eval_num_steps, 40 for SD3.5-M)")
+    p.add_argument(
+        "--sample-steps",
+        dest="steps",
+        type=int,
+        default=None,
+        help="ODE sampling steps (default sample.eval_num_steps, 40 for SD3.5-M)",
+    )
     p.add_argument("--steps", dest="steps", type=int, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default sample.guidance_scale)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default sample.resolution)")
     p.add_argument("--config", dest="config", help=argparse.SUPPRESS)  # the old spelling of --model
-    p.add_argument("--model", dest="config", default=None, metavar="PRESET",
-                   help="preset (sd35m, flux, tiny-sd3, tiny-flux, or a .py) for `base` and exported models; "
-                        "checkpoints of a run use the run's run.json")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable (e.g. reward_models.pickscore.model=/models/pickscore)")
+    p.add_argument(
+        "--model",
+        dest="config",
+        default=None,
+        metavar="PRESET",
+        help="preset (sd35m, flux, tiny-sd3, tiny-flux, or a .py) for `base` and exported models; "
+        "checkpoints of a run use the run's run.json",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, repeatable (e.g. reward_models.pickscore.model=/models/pickscore)",
+    )
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     r = p.add_argument_group("RaTE token mix (both or neither)")
-    r.add_argument("--rate-tokens", nargs="+", default=None, metavar="FILE",
-                   help="RaTE token files to load (e.g. RUN/cycle_0003/rate/ocr/token.safetensors)")
-    r.add_argument("--rate-spec", default=None, metavar="SPEC",
-                   help="token mix appended to every prompt: '<token>[@scale] [count] ...', e.g. '<ocr> 2 "
-                        "<picks>@1.5'; recorded prompts and scoring keep the original text")
+    r.add_argument(
+        "--rate-tokens",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="RaTE token files to load (e.g. RUN/cycle_0003/rate/ocr/token.safetensors)",
+    )
+    r.add_argument(
+        "--rate-spec",
+        default=None,
+        metavar="SPEC",
+        help="token mix appended to every prompt: '<token>[@scale] [count] ...', e.g. '<ocr> 2 "
+        "<picks>@1.5'; recorded prompts and scoring keep the original text",
+    )
     return p
 
 
@@ -101,8 +142,11 @@ def prepare(args: argparse.Namespace):
         shards=shard.count,
         rate=mix.to_dict() if mix is not None else None,
     )
-    for name, value in (("--samples", settings.samples), ("--batch-size", settings.batch_size),
-                        ("--sample-steps", settings.steps)):
+    for name, value in (
+        ("--samples", settings.samples),
+        ("--batch-size", settings.batch_size),
+        ("--sample-steps", settings.steps),
+    ):
         if value < 1:
             raise EvalError(f"{name} must be >= 1, got {value}")
     if settings.resolution < 16 or settings.resolution % 16:
@@ -144,8 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     if out.shard_done(shard) is not None:
         log.info("shard %s of %s is already complete; skipping it", shard, out.root)
     else:
-        log.info("evaluating %s on %d prompts x %d samples, rewards %s", ckpt.label, settings.num_prompts,
-                 settings.samples, ", ".join(settings.rewards))
+        log.info(
+            "evaluating %s on %d prompts x %d samples, rewards %s",
+            ckpt.label,
+            settings.num_prompts,
+            settings.samples,
+            ", ".join(settings.rewards),
+        )
         rewards = build_rewards(list(settings.rewards), ckpt.config)
         from eval.model import build_pipeline
         from eval.shard import run_shard
@@ -160,13 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         from eval.aggregate import aggregate
 
         summary = aggregate(out)
-        print(f"{out.root}: {summary['images']} images; " + ", ".join(
-            f"{k}={v:.4g}" for k, v in summary["headline"].items() if v is not None))
+        print(
+            f"{out.root}: {summary['images']} images; "
+            + ", ".join(f"{k}={v:.4g}" for k, v in summary["headline"].items() if v is not None)
+        )
         if ckpt.kind == "merged" and ckpt.run_root is not None and ckpt.cycle is not None and mix is None:
             _track(ckpt.run_root, ckpt.cycle, summary["headline"])
     else:
-        print(f"shard {shard} of {out.root} complete; when all {shard.count} are, run "
-              f"`python -m eval.aggregate --out {out.root}`")
+        print(
+            f"shard {shard} of {out.root} complete; when all {shard.count} are, run "
+            f"`python -m eval.aggregate --out {out.root}`"
+        )
     return 0
 
 

@@ -38,8 +38,9 @@ def suite_rewards(suite: str) -> list[str]:
             ) from None
         names.append(part)
     if not names:
-        raise EvalError(f"--suite {suite!r} names no reward; use {', '.join(SUITES)} or one of "
-                        f"{', '.join(available_rewards())}")
+        raise EvalError(
+            f"--suite {suite!r} names no reward; use {', '.join(SUITES)} or one of {', '.join(available_rewards())}"
+        )
     return list(dict.fromkeys(names))
 
 

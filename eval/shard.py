@@ -33,20 +33,20 @@ def save_png(image: Any, path) -> None:
         image.save(tmp, format="PNG")
 
 
-def run_shard(out: EvalDir, shard: Shard, settings: EvalSettings, prompts: list[EvalPrompt], pipe: Any,
-              rewards: dict[str, Any]) -> dict:
+def run_shard(
+    out: EvalDir, shard: Shard, settings: EvalSettings, prompts: list[EvalPrompt], pipe: Any, rewards: dict[str, Any]
+) -> dict:
     """Compute ``shard`` and return its marker. ``rewards`` are built Reward objects keyed by name.
 
     With ``settings.rate`` the mix's tokens must already be installed in ``pipe`` (``eval.rate.install_mix``).
     """
     shard_dir = reset_incomplete_dir(out.shard_dir(shard), DONE_MARKER)
-    batches = shard_batches(
-        plan_batches(len(prompts), settings.samples, settings.batch_size, settings.seed), shard
-    )
+    batches = shard_batches(plan_batches(len(prompts), settings.samples, settings.batch_size, settings.seed), shard)
     total = sum(len(b) for b in batches)
     log.info("shard %s: %d images in %d batches", shard, total, len(batches))
-    cols: dict[str, list] = {k: [] for k in ("prompt_index", "sample_index", "seed", "prompt", "tag", "metadata",
-                                             "image")}
+    cols: dict[str, list] = {
+        k: [] for k in ("prompt_index", "sample_index", "seed", "prompt", "tag", "metadata", "image")
+    }
     scores: dict[str, list[np.ndarray]] = {r: [] for r in rewards}
     details: dict[str, list[dict[str, np.ndarray]]] = {r: [] for r in rewards}
     written_metadata: set[int] = set()
@@ -55,8 +55,15 @@ def run_shard(out: EvalDir, shard: Shard, settings: EvalSettings, prompts: list[
         texts = [prompts[w.prompt_index].prompt for w in batch]
         metas = [prompts[w.prompt_index].metadata for w in batch]
         generated = mixed_prompts(pipe, settings.rate["spec"], texts) if settings.rate is not None else texts
-        images = generate(pipe, generated, [w.seed for w in batch], settings.steps, settings.guidance_scale,
-                          settings.resolution, settings.max_sequence_length)
+        images = generate(
+            pipe,
+            generated,
+            [w.seed for w in batch],
+            settings.steps,
+            settings.guidance_scale,
+            settings.resolution,
+            settings.max_sequence_length,
+        )
         for w, image in zip(batch, images):
             save_png(image, out.image_path(w.prompt_index, w.sample_index))
             item = prompts[w.prompt_index]
@@ -79,16 +86,23 @@ def run_shard(out: EvalDir, shard: Shard, settings: EvalSettings, prompts: list[
         log.info("shard %s: %d/%d images (%.1f s)", shard, done, total, time.monotonic() - t0)
 
     res = Results(
-        np.asarray(cols["prompt_index"], np.int64), np.asarray(cols["sample_index"], np.int64),
-        np.asarray(cols["seed"], np.int64), cols["prompt"], cols["tag"], cols["metadata"], cols["image"],
+        np.asarray(cols["prompt_index"], np.int64),
+        np.asarray(cols["sample_index"], np.int64),
+        np.asarray(cols["seed"], np.int64),
+        cols["prompt"],
+        cols["tag"],
+        cols["metadata"],
+        cols["image"],
         {r: np.concatenate(v).astype(np.float32) if v else np.zeros(0, np.float32) for r, v in scores.items()},
         {r: _stack_details(v) for r, v in details.items()},
         {r: bool(getattr(reward, "higher_is_better", True)) for r, reward in rewards.items()},
-        settings.to_dict(), settings.checkpoint,
+        settings.to_dict(),
+        settings.checkpoint,
     )
     write_results(shard_dir / "results.h5", res)
-    return write_marker(shard_dir, DONE_MARKER, extra={"shard": str(shard), "images": total,
-                                                       "settings": settings.to_dict()})
+    return write_marker(
+        shard_dir, DONE_MARKER, extra={"shard": str(shard), "images": total, "settings": settings.to_dict()}
+    )
 
 
 def _stack_details(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -90,7 +90,9 @@ def summarize(res: Results) -> dict:
     }
     mix = res.settings.get("rate")
     if mix is not None:
-        out["rate"] = {**mix, "label": rate_mix.label(res.checkpoint.get("label") or "?", mix),
-                       "note": rate_mix.checkpoint_note(res.checkpoint)}
+        out["rate"] = {
+            **mix,
+            "label": rate_mix.label(res.checkpoint.get("label") or "?", mix),
+            "note": rate_mix.checkpoint_note(res.checkpoint),
+        }
     return out
-

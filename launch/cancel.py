@@ -25,8 +25,8 @@ from launch import slurm
 from launch.mapreduce import find_run, out_root_of
 from launch.runs import LaunchError, resume_command
 from mrlora.claim import Claim, process_start, read_holder
-from mrlora.runstore import RunDir, RunStoreError, is_run_ts, pid_alive
 from mrlora.cli import add_version_flag, run_cli
+from mrlora.runstore import RunDir, RunStoreError, is_run_ts, pid_alive
 
 
 def local_workers(run: RunDir) -> list[Claim]:
@@ -72,17 +72,26 @@ def stop_local(run: RunDir, launcher_pid: int | None, wait_s: float) -> tuple[li
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.cancel", description="Cancel every queued or running job of one run.")
+    p = argparse.ArgumentParser(
+        prog="python -m launch.cancel", description="Cancel every queued or running job of one run."
+    )
     p.add_argument("run_ts", help="the run's id (as printed by launch.mapreduce)")
     p.add_argument("--out-root", metavar="DIR", help="where runs live (to stop a local run; default ./runs)")
     p.add_argument("--model", help="the run's model directory (to stop a local run)")
-    p.add_argument("--wait", type=float, default=120.0, metavar="S",
-                   help="seconds to wait for a local run to checkpoint and exit (default 120)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds to wait for a local run to checkpoint and exit (default 120)",
+    )
     add_version_flag(p)
     args = p.parse_args(argv)
     if not is_run_ts(args.run_ts):
-        print(f"error: {args.run_ts!r} is not a run id (YYYYmmdd_HHMMSS, optionally followed by _<suffix>)",
-              file=sys.stderr)
+        print(
+            f"error: {args.run_ts!r} is not a run id (YYYYmmdd_HHMMSS, optionally followed by _<suffix>)",
+            file=sys.stderr,
+        )
         return 2
     cancelled: list[str] = []
     still_alive: list[int] = []
@@ -104,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                 jobs = slurm.run_jobs_in_queue(args.run_ts, set(lease.job_ids) if lease else set())
             except slurm.SlurmError as exc:
                 if not local:
-                    raise slurm.SlurmError(f"{not_found + '; and ' if not_found else ''}Slurm does not answer, so its "
-                                           f"queue cannot be searched for the run's jobs: {exc}") from None
+                    raise slurm.SlurmError(
+                        f"{not_found + '; and ' if not_found else ''}Slurm does not answer, so its "
+                        f"queue cannot be searched for the run's jobs: {exc}"
+                    ) from None
                 print(f"note: Slurm does not answer ({exc}); run {args.run_ts} is local, so nothing of it is queued")
                 jobs = []
             ids = sorted({j.base_id for j in jobs})
@@ -116,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if run is not None and local:
         if lease is not None and lease.host != socket.gethostname():
-            print(f"error: run {args.run_ts} is run by a local launcher on host {lease.host} (pid {lease.pid}); "
-                  f"run this command there", file=sys.stderr)
+            print(
+                f"error: run {args.run_ts} is run by a local launcher on host {lease.host} (pid {lease.pid}); "
+                f"run this command there",
+                file=sys.stderr,
+            )
             return 2
         signalled, still_alive = stop_local(run, lease.pid if lease is not None else None, args.wait)
         cancelled.extend(signalled)
@@ -129,10 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"cancelled run {args.run_ts}: {', '.join(cancelled)}")
     if still_alive:
-        print(f"still checkpointing after {args.wait:.0f} s: pid(s) {', '.join(map(str, still_alive))}; they exit at "
-              f"the end of their round. Resume once they are gone (a second writer is refused meanwhile).")
-    hint = resume_command(run) if run is not None else f"python -m launch.mapreduce --resume {args.run_ts} " \
+        print(
+            f"still checkpointing after {args.wait:.0f} s: pid(s) {', '.join(map(str, still_alive))}; they exit at "
+            f"the end of their round. Resume once they are gone (a second writer is refused meanwhile)."
+        )
+    hint = (
+        resume_command(run)
+        if run is not None
+        else f"python -m launch.mapreduce --resume {args.run_ts} "
         f"--out-root {out_root_of(args)}" + (f" --model {args.model}" if args.model else "")
+    )
     print(f"finished work is kept; continue with: {hint}")
     return 0
 

@@ -28,6 +28,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
 from mrlora.cli import UserError, add_version_flag, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,9 @@ def render_template(text: str, values: dict[str, str]) -> str:
         def substitute(match: re.Match) -> str:
             name = match.group(1)
             if name not in values:
-                raise TemplateError(f"template variable {{{{{name}}}}} has no value; known: {', '.join(sorted(values))}")
+                raise TemplateError(
+                    f"template variable {{{{{name}}}}} has no value; known: {', '.join(sorted(values))}"
+                )
             used.add(name)
             return values[name]
 
@@ -87,8 +90,12 @@ class JobSize:
         for key, value in (("partition", self.partition), ("account", self.account), ("qos", self.qos)):
             if value:
                 lines.append(f"#SBATCH --{key}={value}")
-        lines += [f"#SBATCH --time={self.time_min}", "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
-                  f"#SBATCH --cpus-per-task={self.cpus}"]
+        lines += [
+            f"#SBATCH --time={self.time_min}",
+            "#SBATCH --nodes=1",
+            "#SBATCH --ntasks=1",
+            f"#SBATCH --cpus-per-task={self.cpus}",
+        ]
         if self.mem_gb > 0:
             lines.append(f"#SBATCH --mem={int(round(self.mem_gb * 1024))}M")
         if self.gpus > 0:
@@ -98,50 +105,80 @@ class JobSize:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch.eval", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.eval",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     e = p.add_argument_group("eval (passed to python -m eval.run; see its --help)")
-    e.add_argument("--checkpoint", required=True,
-                   help="base | RUN_DIR:<cycle> (0 = base) | expert dir RUN_DIR/cycle_XXXX/<reward> | exported dir")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="base | RUN_DIR:<cycle> (0 = base) | expert dir RUN_DIR/cycle_XXXX/<reward> | exported dir",
+    )
     e.add_argument("--suite", required=True, help="geneval | ocr | pickscore | all | a reward name | a comma list")
     e.add_argument("--prompts", required=True, help="GenEval metadata .jsonl or a text file, one prompt per line")
     e.add_argument("--out", required=True, help="eval output directory")
     e.add_argument("--seed", type=int, default=0, help="eval seed (default 0)")
     e.add_argument("--samples", type=int, default=None, help="images per prompt (default 4 for geneval, else 1)")
     e.add_argument("--batch-size", type=int, default=None, help="images per pipeline call")
-    e.add_argument("--sample-steps", dest="steps", type=int, default=None,
-                   help="ODE sampling steps (default sample.eval_num_steps)")
+    e.add_argument(
+        "--sample-steps",
+        dest="steps",
+        type=int,
+        default=None,
+        help="ODE sampling steps (default sample.eval_num_steps)",
+    )
     e.add_argument("--steps", dest="steps", type=int, help=argparse.SUPPRESS)  # the old spelling
     e.add_argument("--cfg", type=float, default=None, help="guidance scale (default sample.guidance_scale)")
     e.add_argument("--resolution", type=int, default=None, help="image side (default sample.resolution)")
-    e.add_argument("--model", dest="config", default=None, metavar="PRESET",
-                   help="preset for base / exported checkpoints (sd35m, flux, tiny-sd3, tiny-flux)")
+    e.add_argument(
+        "--model",
+        dest="config",
+        default=None,
+        metavar="PRESET",
+        help="preset for base / exported checkpoints (sd35m, flux, tiny-sd3, tiny-flux)",
+    )
     e.add_argument("--config", dest="config", help=argparse.SUPPRESS)  # the old spelling
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    e.add_argument("--rate-tokens", nargs="+", default=None, metavar="FILE",
-                   help="RaTE token files; with --rate-spec every prompt is generated with that token mix")
+    e.add_argument(
+        "--rate-tokens",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="RaTE token files; with --rate-spec every prompt is generated with that token mix",
+    )
     e.add_argument("--rate-spec", default=None, metavar="SPEC", help="RaTE token mix, e.g. '<ocr> 2 <picks>@1.5'")
     s = p.add_argument_group("slurm")
     s.add_argument("--shards", type=int, default=1, help="array tasks the prompt set is split into (default 1)")
     s.add_argument("--profile", dest="profile", help=argparse.SUPPRESS)  # the old spelling of --cluster
-    s.add_argument("--cluster", dest="profile", default=None, metavar="PROFILE",
-                   help="cluster profile (configs/clusters/<name>.toml or a path): partition, account, qos, "
-                        "setup lines, env; default: the built-in one-process profile")
+    s.add_argument(
+        "--cluster",
+        dest="profile",
+        default=None,
+        metavar="PROFILE",
+        help="cluster profile (configs/clusters/<name>.toml or a path): partition, account, qos, "
+        "setup lines, env; default: the built-in one-process profile",
+    )
     s.add_argument("--partition", default=None, help="override the profile's partition for the eval tasks")
     s.add_argument("--time", type=int, default=60, help="time limit of one shard in minutes (default 60)")
-    s.add_argument("--gpus", type=int, default=None,
-                   help="GPUs per shard (default 1 if the profile has GPUs, else 0)")
+    s.add_argument("--gpus", type=int, default=None, help="GPUs per shard (default 1 if the profile has GPUs, else 0)")
     s.add_argument("--cpus", type=int, default=None, help="CPUs per shard (default: the profile's cpus_per_gpu)")
     s.add_argument("--mem-gb", type=float, default=None, help="memory per shard in GB (default: the profile's)")
     s.add_argument("--max-parallel", type=int, default=0, help="run at most this many shards at once (0: no cap)")
-    s.add_argument("--dry-run", dest="print", action="store_true",
-                   help="print the rendered sbatch scripts; submit and write nothing")
+    s.add_argument(
+        "--dry-run",
+        dest="print",
+        action="store_true",
+        help="print the rendered sbatch scripts; submit and write nothing",
+    )
     s.add_argument("--print", dest="print", action="store_true", help=argparse.SUPPRESS)  # the old spelling
     return p
 
 
 def eval_run_args(args: argparse.Namespace) -> list[str]:
     """The eval.run arguments (absolute paths, so the job's working directory does not matter)."""
+
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().resolve())
 
@@ -149,10 +186,26 @@ def eval_run_args(args: argparse.Namespace) -> list[str]:
     if checkpoint != "base":
         run, sep, cycle = checkpoint.rpartition(":")
         checkpoint = f"{absolute(run)}:{cycle}" if sep and cycle.isdigit() and run else absolute(checkpoint)
-    argv = ["--checkpoint", checkpoint, "--suite", args.suite, "--prompts", absolute(args.prompts),
-            "--out", absolute(args.out), "--seed", str(args.seed)]
-    for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size), ("--sample-steps", args.steps),
-                        ("--cfg", args.cfg), ("--resolution", args.resolution), ("--model", args.config)):
+    argv = [
+        "--checkpoint",
+        checkpoint,
+        "--suite",
+        args.suite,
+        "--prompts",
+        absolute(args.prompts),
+        "--out",
+        absolute(args.out),
+        "--seed",
+        str(args.seed),
+    ]
+    for flag, value in (
+        ("--samples", args.samples),
+        ("--batch-size", args.batch_size),
+        ("--sample-steps", args.steps),
+        ("--cfg", args.cfg),
+        ("--resolution", args.resolution),
+        ("--model", args.config),
+    ):
         if value is not None:
             argv += [flag, str(value)]
     for item in args.set:
@@ -175,14 +228,22 @@ def render_scripts(args: argparse.Namespace, run_argv: list[str], array: str, ou
     gpus = args.gpus if args.gpus is not None else (1 if profile.gpus_per_node > 0 else 0)
     shard_size = JobSize(
         partition=args.partition if args.partition is not None else profile.partition,
-        account=profile.account, qos=profile.qos, time_min=args.time,
+        account=profile.account,
+        qos=profile.qos,
+        time_min=args.time,
         cpus=args.cpus if args.cpus is not None else profile.cpus_per_gpu,
         mem_gb=args.mem_gb if args.mem_gb is not None else profile.mem_per_gpu_gb * max(1, gpus),
-        gpus=gpus, gres_gpu=profile.gres_gpu,
+        gpus=gpus,
+        gres_gpu=profile.gres_gpu,
     )
-    aggregate_size = JobSize(partition=profile.merge_partition, account=profile.account, qos=profile.qos,
-                             time_min=max(10, profile.merge_time_min), cpus=profile.merge_cpus,
-                             mem_gb=profile.merge_mem_gb)
+    aggregate_size = JobSize(
+        partition=profile.merge_partition,
+        account=profile.account,
+        qos=profile.qos,
+        time_min=max(10, profile.merge_time_min),
+        cpus=profile.merge_cpus,
+        mem_gb=profile.merge_mem_gb,
+    )
     comment = f"mrlora-eval:{out.name}"
     common = {
         "log_dir": shlex.quote(str(out / "logs")),
@@ -190,14 +251,26 @@ def render_scripts(args: argparse.Namespace, run_argv: list[str], array: str, ou
         "workdir": shlex.quote(str(REPO_ROOT)),
         "python": shlex.quote(sys.executable),
     }
-    eval_script = render_template(EVAL_TEMPLATE.read_text(), {
-        **common, "job_name": f"mrlora-eval-{out.name}", "array": array, "num_shards": str(args.shards),
-        "sbatch_options": shard_size.sbatch_lines(comment), "eval_args": shlex.join(run_argv),
-    })
-    aggregate_script = render_template(AGGREGATE_TEMPLATE.read_text(), {
-        **common, "job_name": f"mrlora-eval-{out.name}-aggregate",
-        "sbatch_options": aggregate_size.sbatch_lines(comment), "out": shlex.quote(str(out)),
-    })
+    eval_script = render_template(
+        EVAL_TEMPLATE.read_text(),
+        {
+            **common,
+            "job_name": f"mrlora-eval-{out.name}",
+            "array": array,
+            "num_shards": str(args.shards),
+            "sbatch_options": shard_size.sbatch_lines(comment),
+            "eval_args": shlex.join(run_argv),
+        },
+    )
+    aggregate_script = render_template(
+        AGGREGATE_TEMPLATE.read_text(),
+        {
+            **common,
+            "job_name": f"mrlora-eval-{out.name}-aggregate",
+            "sbatch_options": aggregate_size.sbatch_lines(comment),
+            "out": shlex.quote(str(out)),
+        },
+    )
     return eval_script, aggregate_script
 
 
@@ -217,9 +290,11 @@ def sbatch(script: Path, extra: list[str]) -> str:
     """Submit ``script``; return the job id. Raises SlurmError with Slurm's own message."""
     from launch.slurm import clean_submission_env, run_slurm_command
 
-    out = run_slurm_command(["sbatch", "--parsable", *extra, str(script)], env=clean_submission_env(),
-                            not_found="run this on a Slurm login node, or use `python -m eval.run` to evaluate "
-                                      "locally")
+    out = run_slurm_command(
+        ["sbatch", "--parsable", *extra, str(script)],
+        env=clean_submission_env(),
+        not_found="run this on a Slurm login node, or use `python -m eval.run` to evaluate locally",
+    )
     return out.strip().split(";")[0]
 
 
@@ -236,14 +311,17 @@ def main(argv: list[str] | None = None) -> int:
         raise EvalError(f"--shards must be >= 1, got {args.shards}")
     run_argv = eval_run_args(args)
     # validate exactly as the job will (checkpoint markers, prompt file, rewards, settings of an existing --out)
-    settings, ckpt, _cfg, _prompts, _shard = prepare(eval_parser().parse_args([*run_argv, "--shard", f"0/{args.shards}"]))
+    settings, ckpt, _cfg, _prompts, _shard = prepare(
+        eval_parser().parse_args([*run_argv, "--shard", f"0/{args.shards}"])
+    )
     out = EvalDir(Path(args.out).expanduser().resolve())
     if out_complete(out, settings):
         print(f"{out.root} is already complete (DONE.json); nothing to submit")
         return 0
     pending = out.pending_shards(args.shards)
-    eval_script, aggregate_script = render_scripts(args, run_argv, array_spec(pending, args.max_parallel) or "0",
-                                                   out.root)
+    eval_script, aggregate_script = render_scripts(
+        args, run_argv, array_spec(pending, args.max_parallel) or "0", out.root
+    )
     if args.print:
         if pending:
             print(f"# ---- {out.root / 'slurm' / 'eval.sbatch'} (shards {array_spec(pending, 0)} of {args.shards})")

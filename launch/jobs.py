@@ -70,8 +70,10 @@ def handle_preemption(what: str, max_requeues: int) -> None:
 
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     if restarts >= max_requeues:
-        raise JobFailed(f"{what}: interrupted again after {restarts} requeues (limit {max_requeues}); "
-                        f"raise max_requeues in the cluster profile or a longer time_min, then --resume")
+        raise JobFailed(
+            f"{what}: interrupted again after {restarts} requeues (limit {max_requeues}); "
+            f"raise max_requeues in the cluster profile or a longer time_min, then --resume"
+        )
     state = slurm.job_state(job)
     if state != "RUNNING":
         # scancel (CANCELLED) or the hard time limit: requeueing would undo the user's decision
@@ -191,19 +193,24 @@ class MergeTask(_Rerunnable):
         from launch.submit import extend_chain
 
         if profile_of(meta).chain_extension == "login-node":
-            _log(f"cycle {self.cycle} merged; the profile extends the chain from the login node: "
-                 f"{resume_command(run)} --adopt")
+            _log(
+                f"cycle {self.cycle} merged; the profile extends the chain from the login node: "
+                f"{resume_command(run)} --adopt"
+            )
             return
         try:
             extend_chain(self.run_root, self.owner_id)
         except Exception as exc:  # noqa: BLE001 - see the docstring; the message says what to do
-            _log(f"cycle {self.cycle} merged, but submitting the next cycles failed ({type(exc).__name__}: {exc}); "
-                 f"continue from the login node with: {resume_command(run)} --adopt")
+            _log(
+                f"cycle {self.cycle} merged, but submitting the next cycles failed ({type(exc).__name__}: {exc}); "
+                f"continue from the login node with: {resume_command(run)} --adopt"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.jobs",
-                                     description="Run one job of a MapReduce LoRA run (what the executors call).")
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.jobs", description="Run one job of a MapReduce LoRA run (what the executors call)."
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     e = sub.add_parser("expert", help="train one expert of one cycle")
     e.add_argument("run_root")

@@ -25,12 +25,12 @@ class JobRecord:
     key: str
     name: str
     cycle: int
-    kind: str                 # "expert" | "merge" | "rate"
+    kind: str  # "expert" | "merge" | "rate"
     rewards: tuple[str, ...]  # array task i trains rewards[i]
     array: bool
     window: int
-    after: tuple[str, ...]    # job ids it waited for at submission
-    log_dir: str              # submitit folder: <job>_<task>_log.out / .err (arrays: <array>_<task>_0_log.*)
+    after: tuple[str, ...]  # job ids it waited for at submission
+    log_dir: str  # submitit folder: <job>_<task>_log.out / .err (arrays: <array>_<task>_0_log.*)
     submitted_at: str
     submitted_from: str
 

@@ -48,8 +48,7 @@ def local_tasks(plan: Plan, run_root: str) -> list[LocalTask]:
     tasks = []
     for job in plan.topological():
         if job.kind == MERGE:
-            tasks.append(LocalTask(job.key, job.cycle, MERGE, None,
-                                   ("merge", run_root, str(job.cycle))))
+            tasks.append(LocalTask(job.key, job.cycle, MERGE, None, ("merge", run_root, str(job.cycle))))
         else:
             verb = "rate" if job.kind == RATE else "expert"
             for r in job.rewards:
@@ -108,8 +107,10 @@ def trend_table(run: RunDir, plan: Plan) -> str:
     if not rewards:
         return ""
     width = max(22, *(len(r) + 2 for r in rewards))
-    lines = ["reward mean of each expert, first step -> last step:",
-             "cycle " + "".join(f"{r:>{width}}" for r in rewards)]
+    lines = [
+        "reward mean of each expert, first step -> last step:",
+        "cycle " + "".join(f"{r:>{width}}" for r in rewards),
+    ]
     for c in cycles:
         cells = []
         for r in rewards:
@@ -142,14 +143,17 @@ def merge_table(run: RunDir, plan: Plan) -> str:
             continue
         trends = [reward_trend(run, c, r) for r in rewards]
         if any(trends):
-            rows.append(("base" if c == 1 else f"merge of cycle {c - 1}",
-                         [f"{t[0]:.4g}" if t else "-" for t in trends]))
+            rows.append(
+                ("base" if c == 1 else f"merge of cycle {c - 1}", [f"{t[0]:.4g}" if t else "-" for t in trends])
+            )
     if len(rows) < 2:
         return ""
     width = max(22, *(len(r) + 2 for r in rewards))
     label = max(len(name) for name, _ in rows)
-    lines = ["reward mean of the model each cycle starts from (its experts' first step), what each merge traded:",
-             f"{'model':<{label}}" + "".join(f"{r:>{width}}" for r in rewards)]
+    lines = [
+        "reward mean of the model each cycle starts from (its experts' first step), what each merge traded:",
+        f"{'model':<{label}}" + "".join(f"{r:>{width}}" for r in rewards),
+    ]
     lines += [f"{name:<{label}}" + "".join(f"{cell:>{width}}" for cell in cells) for name, cells in rows]
     return "\n".join(lines) + "\n"
 
@@ -228,8 +232,14 @@ class Supervisor:
         return 128 + int(self.signum or 0)
 
 
-def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO = sys.stdout,
-                     poll_s: float = 0.5, rate_steps_of: dict[str, int] | None = None) -> int:
+def run_plan_locally(
+    run: RunDir,
+    plan: Plan,
+    steps_of: dict[str, int],
+    out: TextIO = sys.stdout,
+    poll_s: float = 0.5,
+    rate_steps_of: dict[str, int] | None = None,
+) -> int:
     """Run every task of ``plan`` in order; return 0 when all finished, else the failing exit code.
 
     ``steps_of`` / ``rate_steps_of`` map reward -> optimizer steps of its expert / RaTE distillation (for the
@@ -243,15 +253,24 @@ def run_plan_locally(run: RunDir, plan: Plan, steps_of: dict[str, int], out: Tex
 
 def _stopped(run: RunDir, supervisor: Supervisor, out: TextIO, prefix: str = "") -> int:
     name = signal.Signals(supervisor.signum or 0).name
-    out.write(f"\n{prefix + ': ' if prefix else ''}stopped by {name}"
-              f"{' (killed: the round in progress is lost, the last checkpoint is kept)' if supervisor.forced else ''}"
-              f". Continue with: {resume_command(run)}\n")
+    out.write(
+        f"\n{prefix + ': ' if prefix else ''}stopped by {name}"
+        f"{' (killed: the round in progress is lost, the last checkpoint is kept)' if supervisor.forced else ''}"
+        f". Continue with: {resume_command(run)}\n"
+    )
     out.flush()
     return supervisor.exit_code
 
 
-def _run_tasks(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO, poll_s: float,
-               rate_steps_of: dict[str, int], supervisor: Supervisor) -> int:
+def _run_tasks(
+    run: RunDir,
+    plan: Plan,
+    steps_of: dict[str, int],
+    out: TextIO,
+    poll_s: float,
+    rate_steps_of: dict[str, int],
+    supervisor: Supervisor,
+) -> int:
     rate_failures: list[tuple[LocalTask, Path, int]] = []
     tasks = local_tasks(plan, str(run.root))
     (run.logs_dir / LOCAL_LOG_DIR).mkdir(parents=True, exist_ok=True)
@@ -269,8 +288,12 @@ def _run_tasks(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO, p
             fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(task.argv)}\n")
             fh.flush()
             supervisor.worker = proc = subprocess.Popen(
-                [sys.executable, "-u", "-m", "launch.jobs", *task.argv], stdout=fh, stderr=subprocess.STDOUT,
-                env=_child_env(), start_new_session=True)
+                [sys.executable, "-u", "-m", "launch.jobs", *task.argv],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=_child_env(),
+                start_new_session=True,
+            )
             if supervisor.signum is not None:  # a signal between the check above and Popen
                 supervisor._signal_worker(signal.SIGTERM)
             last_shown, announced = None, False
@@ -279,8 +302,10 @@ def _run_tasks(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO, p
                 if supervisor.signum is not None:
                     if not announced:
                         announced = True
-                        out.write(f"\n{prefix}: {signal.Signals(supervisor.signum).name}: asking it to checkpoint "
-                                  f"and stop (signal again to kill it at once)...\n")
+                        out.write(
+                            f"\n{prefix}: {signal.Signals(supervisor.signum).name}: asking it to checkpoint "
+                            f"and stop (signal again to kill it at once)...\n"
+                        )
                         out.flush()
                     continue
                 if task.kind != MERGE and task.reward is not None:
@@ -297,7 +322,9 @@ def _run_tasks(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO, p
             return _stopped(run, supervisor, out, prefix)
         rc = proc.returncode
         elapsed = time.monotonic() - t0
-        status = "done" if rc == 0 else ("interrupted (checkpointed)" if rc == EXIT_INTERRUPTED else f"FAILED (exit {rc})")
+        status = (
+            "done" if rc == 0 else ("interrupted (checkpointed)" if rc == EXIT_INTERRUPTED else f"FAILED (exit {rc})")
+        )
         extra = ""
         if task.kind == "expert" and rc == 0 and task.reward is not None:
             done, _ = metrics_tail(run, task.cycle, task.reward)
@@ -315,10 +342,12 @@ def _run_tasks(run: RunDir, plan: Plan, steps_of: dict[str, int], out: TextIO, p
             out.write(f"read the log: {log}\n")
             return rc
     if rate_failures:
-        out.write(f"{len(tasks) - len(rate_failures)} of {len(tasks)} tasks finished in "
-                  f"{time.monotonic() - t_run:.1f} s; failed RaTE task(s): "
-                  f"{', '.join(t.label for t, _, _ in rate_failures)}. Fix the cause in their logs, then run "
-                  f"{resume_command(run)}\n")
+        out.write(
+            f"{len(tasks) - len(rate_failures)} of {len(tasks)} tasks finished in "
+            f"{time.monotonic() - t_run:.1f} s; failed RaTE task(s): "
+            f"{', '.join(t.label for t, _, _ in rate_failures)}. Fix the cause in their logs, then run "
+            f"{resume_command(run)}\n"
+        )
         out.write(trend_table(run, plan) + merge_table(run, plan))
         return rate_failures[0][2]
     out.write(f"all {len(tasks)} tasks finished in {time.monotonic() - t_run:.1f} s\n")

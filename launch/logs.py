@@ -27,12 +27,19 @@ from mrlora.runstore import RunDir
 def local_log(run: RunDir, cycle: int, unit: str) -> Path | None:
     """The local executor's log of ``unit`` ("<reward>", "merge" or "rate:<reward>") in ``cycle``, if written."""
     folder = run.logs_dir / LOCAL_LOG_DIR
-    names: tuple[str, ...] = (f"c{cycle:04d}-{unit}.log", f"c{cycle:04d}-experts-{unit}.log", f"c{cycle:04d}-{safe_name(unit)}.log",
-             f"c{cycle:04d}-experts-{safe_name(unit)}.log")
+    names: tuple[str, ...] = (
+        f"c{cycle:04d}-{unit}.log",
+        f"c{cycle:04d}-experts-{unit}.log",
+        f"c{cycle:04d}-{safe_name(unit)}.log",
+        f"c{cycle:04d}-experts-{safe_name(unit)}.log",
+    )
     if unit.startswith(f"{RATE}:"):
         reward = unit.split(":", 1)[1]
-        names = (f"c{cycle:04d}-{RATE}-{safe_name(reward)}.log", f"c{cycle:04d}-{RATE}-{reward}.log",
-                 f"c{cycle:04d}-{RATE}.log")
+        names = (
+            f"c{cycle:04d}-{RATE}-{safe_name(reward)}.log",
+            f"c{cycle:04d}-{RATE}-{reward}.log",
+            f"c{cycle:04d}-{RATE}.log",
+        )
     for name in names:
         if (folder / name).exists():
             return folder / name
@@ -142,8 +149,10 @@ def _main(argv: list[str] | None) -> int:
         paths = [p for p in paths if p.suffix != ".err"] or paths
     if not paths:
         known = ", ".join(_units(run, cycle))
-        raise LaunchError(f"no log of {unit} in cycle {cycle} of run {run.run_ts} (units: {known}); the job may not "
-                          f"have started yet: python -m launch.status {run.run_ts}")
+        raise LaunchError(
+            f"no log of {unit} in cycle {cycle} of run {run.run_ts} (units: {known}); the job may not "
+            f"have started yet: python -m launch.status {run.run_ts}"
+        )
     path = paths[0]
     print(f"==> {path} <==", file=sys.stderr)
     for line in tail_lines(path, args.lines):

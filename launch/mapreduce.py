@@ -20,14 +20,21 @@ from pathlib import Path
 
 from launch import runs, slurm
 from launch.plan import MERGE, RATE, build_plan, format_plan, safe_name, submission_dependencies
-from launch.profiles import ClusterProfile, default_profile, load_profile
 from launch.preflight import absolute_paths, preflight
+from launch.profiles import ClusterProfile, default_profile, load_profile
 from launch.runs import LaunchError
-from mrlora.config import (apply_overrides, config_from_dict, config_sources, config_to_dict, format_config, load_config,
-                           validate)
+from mrlora.cli import add_version_flag, run_cli
+from mrlora.config import (
+    apply_overrides,
+    config_from_dict,
+    config_sources,
+    config_to_dict,
+    format_config,
+    load_config,
+    validate,
+)
 from mrlora.memory_plan import format_plan_memory
 from mrlora.runstore import RUN_NAME_RE, LeaseInfo, RunDir, is_run_ts, new_run_ts
-from mrlora.cli import add_version_flag, run_cli
 
 DEFAULT_OUT_ROOT = "runs"
 
@@ -36,47 +43,97 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m launch.mapreduce",
         description="Run MapReduce LoRA: per cycle, one expert per reward (a Slurm job array), then an exact merge. "
-                    "Submits and exits on Slurm; runs in the foreground with the local executor.",
+        "Submits and exits on Slurm; runs in the foreground with the local executor.",
         epilog="Example: python -m launch.mapreduce --model tiny-sd3 --cycles 2   (runs locally where there is no "
-               "Slurm). Watch a cluster run with python -m launch.status RUN_TS --watch.",
+        "Slurm). Watch a cluster run with python -m launch.status RUN_TS --watch.",
     )
-    p.add_argument("--model", help="preset: sd35m, flux, tiny-sd3, tiny-flux, or a path to a config .py "
-                                   "(required for a new run; picks the model directory on --resume)")
+    p.add_argument(
+        "--model",
+        help="preset: sd35m, flux, tiny-sd3, tiny-flux, or a path to a config .py "
+        "(required for a new run; picks the model directory on --resume)",
+    )
     p.add_argument("--cycles", type=int, help="number of MapReduce cycles (default: the preset's)")
     p.add_argument("--rewards", nargs="+", metavar="REWARD", help="rewards to train one expert each for")
-    p.add_argument("--weights", nargs="+", type=float, metavar="W",
-                   help="merge weights, one per reward, normalised to sum 1 (default: equal)")
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        metavar="W",
+        help="merge weights, one per reward, normalised to sum 1 (default: equal)",
+    )
     p.add_argument("--merge-steps", type=int, metavar="N", help="optimizer steps per expert per cycle (train.steps)")
-    p.add_argument("--cluster", metavar="PROFILE",
-                   help="cluster profile: a name in configs/clusters/ or a .toml path (default: built-in 1-process)")
-    p.add_argument("--mode", choices=("parallel", "sequential"),
-                   help="parallel: experts of a cycle run at once; sequential: one after the other (small allocations)")
-    p.add_argument("--executor", choices=("slurm", "local", "auto"),
-                   help="slurm submits and exits; local runs here in the foreground; auto (default): slurm when "
-                        "squeue answers, else local")
-    p.add_argument("--out-root", metavar="DIR",
-                   help=f"where runs live: DIR/<model>/<RUN_TS>/ (default: $MRLORA_OUT_ROOT or ./{DEFAULT_OUT_ROOT})")
-    p.add_argument("--write-sbatch", metavar="DIR",
-                   help="write one plain sbatch script per job (the real job command, no pickles) and a submit.sh to "
-                        "DIR instead of submitting; with --dry-run only the scripts are written")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan and the sbatch text of each distinct job; submit and write nothing")
-    p.add_argument("--print-config", action="store_true",
-                   help="print every config key with its value (after --set) and exit")
-    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_TS",
-                   help="continue a run (the newest one without RUN_TS) from its last completed cycle")
-    p.add_argument("--adopt", action="store_true",
-                   help="with --resume: take over the run's jobs still in the queue instead of refusing")
-    p.add_argument("--rate-after-cycle", dest="rate_after_cycles", nargs="+", type=int, metavar="C",
-                   help="after the experts of cycle C, distil each of them into a RaTE token (one job per reward, "
-                        "beside the chain: nothing waits for it); repeatable cycles, e.g. --rate-after-cycle 10 80. "
-                        "On --resume, adds to the run's cycles (mapreduce.rate_after_cycles)")
-    p.add_argument("--name", metavar="NAME",
-                   help="part of a new run's id (RUN_TS becomes <start time>_NAME; letters, digits, '_', '.'); "
-                        "default: a short random suffix")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable); on --resume, the way to "
-                        "change the frozen config (recorded in run.json history)")
+    p.add_argument(
+        "--cluster",
+        metavar="PROFILE",
+        help="cluster profile: a name in configs/clusters/ or a .toml path (default: built-in 1-process)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("parallel", "sequential"),
+        help="parallel: experts of a cycle run at once; sequential: one after the other (small allocations)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("slurm", "local", "auto"),
+        help="slurm submits and exits; local runs here in the foreground; auto (default): slurm when "
+        "squeue answers, else local",
+    )
+    p.add_argument(
+        "--out-root",
+        metavar="DIR",
+        help=f"where runs live: DIR/<model>/<RUN_TS>/ (default: $MRLORA_OUT_ROOT or ./{DEFAULT_OUT_ROOT})",
+    )
+    p.add_argument(
+        "--write-sbatch",
+        metavar="DIR",
+        help="write one plain sbatch script per job (the real job command, no pickles) and a submit.sh to "
+        "DIR instead of submitting; with --dry-run only the scripts are written",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and the sbatch text of each distinct job; submit and write nothing",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print every config key with its value (after --set) and exit"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN_TS",
+        help="continue a run (the newest one without RUN_TS) from its last completed cycle",
+    )
+    p.add_argument(
+        "--adopt",
+        action="store_true",
+        help="with --resume: take over the run's jobs still in the queue instead of refusing",
+    )
+    p.add_argument(
+        "--rate-after-cycle",
+        dest="rate_after_cycles",
+        nargs="+",
+        type=int,
+        metavar="C",
+        help="after the experts of cycle C, distil each of them into a RaTE token (one job per reward, "
+        "beside the chain: nothing waits for it); repeatable cycles, e.g. --rate-after-cycle 10 80. "
+        "On --resume, adds to the run's cycles (mapreduce.rate_after_cycles)",
+    )
+    p.add_argument(
+        "--name",
+        metavar="NAME",
+        help="part of a new run's id (RUN_TS becomes <start time>_NAME; letters, digits, '_', '.'); "
+        "default: a short random suffix",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=1e-4 (repeatable); on --resume, the way to "
+        "change the frozen config (recorded in run.json history)",
+    )
     return p
 
 
@@ -95,12 +152,16 @@ def resolve_executor(choice: str | None, profile: ClusterProfile, dry_run: bool 
     if not slurm.have_slurm():
         if dry_run:
             return "slurm"
-        raise LaunchError("--executor slurm: sbatch/squeue not found on PATH. Run on a Slurm login node, or use "
-                          "--executor local to run here")
+        raise LaunchError(
+            "--executor slurm: sbatch/squeue not found on PATH. Run on a Slurm login node, or use "
+            "--executor local to run here"
+        )
     problem = None if dry_run else slurm.slurm_reachable()
     if problem:
-        raise LaunchError(f"--executor slurm: Slurm does not answer ({problem}). Check SLURM_CONF / slurmctld, "
-                          "or use --executor local")
+        raise LaunchError(
+            f"--executor slurm: Slurm does not answer ({problem}). Check SLURM_CONF / slurmctld, "
+            "or use --executor local"
+        )
     return "slurm"
 
 
@@ -137,8 +198,10 @@ def check_reward_names(names: list[str]) -> None:
     known = set(available_rewards())
     unknown = [n for n in names if n not in known and ":" not in n]
     if unknown:
-        raise LaunchError(f"unknown reward(s) {', '.join(repr(n) for n in unknown)}; known rewards: "
-                          f"{', '.join(sorted(known))} (or package.module:factory for your own)")
+        raise LaunchError(
+            f"unknown reward(s) {', '.join(repr(n) for n in unknown)}; known rewards: "
+            f"{', '.join(sorted(known))} (or package.module:factory for your own)"
+        )
 
 
 def _normalised_sbatch(text: str, run_ts: str) -> str:
@@ -167,11 +230,15 @@ def print_dry_run(plan, profile: ClusterProfile, run_root: Path, executor: str, 
         norm = _normalised_sbatch(text, plan.run_ts)
         seen.setdefault(norm, []).append(job.key)
         texts.setdefault(norm, text)
-    out.write(f"\n{len(seen)} distinct sbatch file(s) (jobs differing only in cycle number and dependency ids share "
-              f"one):\n")
+    out.write(
+        f"\n{len(seen)} distinct sbatch file(s) (jobs differing only in cycle number and dependency ids share one):\n"
+    )
     for norm, keys in seen.items():
-        also = f" (and {len(keys) - 1} more like it: {', '.join(keys[1:4])}{', ...' if len(keys) > 4 else ''})" \
-            if len(keys) > 1 else ""
+        also = (
+            f" (and {len(keys) - 1} more like it: {', '.join(keys[1:4])}{', ...' if len(keys) > 4 else ''})"
+            if len(keys) > 1
+            else ""
+        )
         out.write(f"\n# ---- {keys[0]}{also}\n{texts[norm]}\n")
 
 
@@ -181,16 +248,19 @@ def _model_dir_name(cfg, model_arg: str) -> str:
 
 def _watch_hint(run: RunDir, out_root: Path) -> str:
     model = run.root.parent.name
-    return (f"  status:  python -m launch.status {run.run_ts} --out-root {shlex.quote(str(out_root))} --model {model}"
-            f" --watch\n"
-            f"  queue:   squeue -u $USER -o '%.12i %.45j %.10T %r'\n"
-            f"  cancel:  python -m launch.cancel {run.run_ts} --out-root {shlex.quote(str(out_root))} --model {model}\n"
-            f"  resume:  python -m launch.mapreduce --resume {run.run_ts} --out-root {shlex.quote(str(out_root))} "
-            f"--model {model}\n")
+    return (
+        f"  status:  python -m launch.status {run.run_ts} --out-root {shlex.quote(str(out_root))} --model {model}"
+        f" --watch\n"
+        f"  queue:   squeue -u $USER -o '%.12i %.45j %.10T %r'\n"
+        f"  cancel:  python -m launch.cancel {run.run_ts} --out-root {shlex.quote(str(out_root))} --model {model}\n"
+        f"  resume:  python -m launch.mapreduce --resume {run.run_ts} --out-root {shlex.quote(str(out_root))} "
+        f"--model {model}\n"
+    )
 
 
-def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: LeaseInfo, cfg,
-             out_root: Path, fresh: bool) -> int:
+def _execute(
+    run: RunDir, plan, profile: ClusterProfile, executor: str, lease: LeaseInfo, cfg, out_root: Path, fresh: bool
+) -> int:
     """Submit window 0 (Slurm) or run the whole plan here (local). The lease is ours on entry."""
     if plan.complete:
         run.release_lease(lease)
@@ -201,8 +271,10 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
         # window's last merge submits the next one (it reads the run's cycle count when it has finished)
         run.update_lease(lease)
         print(f"run directory: {run.root}")
-        print(f"nothing new to submit: the queued jobs ({', '.join(lease.job_ids)}) cover the current window; "
-              f"their last merge submits cycles up to {plan.cycles}")
+        print(
+            f"nothing new to submit: the queued jobs ({', '.join(lease.job_ids)}) cover the current window; "
+            f"their last merge submits cycles up to {plan.cycles}"
+        )
         print("watch it:")
         print(_watch_hint(run, out_root), end="")
         return 0
@@ -224,15 +296,20 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
         chain = [j for j in window if j.kind != RATE] or window
         rate_cycles = sorted({j.cycle for j in window if j.kind == RATE})
         print(f"run directory: {run.root}")
-        print(f"submitted cycles {chain[0].cycle}..{chain[-1].cycle} of {plan.cycles} "
-              f"({plan.mode}, {len(ids)} jobs"
-              + (f"; RaTE after cycle(s) {', '.join(map(str, rate_cycles))}" if rate_cycles else "") + "):")
+        print(
+            f"submitted cycles {chain[0].cycle}..{chain[-1].cycle} of {plan.cycles} "
+            f"({plan.mode}, {len(ids)} jobs"
+            + (f"; RaTE after cycle(s) {', '.join(map(str, rate_cycles))}" if rate_cycles else "")
+            + "):"
+        )
         by_key = plan.by_key()
         for key, job_id in ids.items():
             print(f"  {job_id:>10}  {by_key[key].name(plan.run_ts)}")
         if plan.n_windows > 1:
-            print(f"the last merge of each window submits the next {plan.window_cycles} cycle(s) itself "
-                  f"({plan.n_windows} windows in all)")
+            print(
+                f"the last merge of each window submits the next {plan.window_cycles} cycle(s) itself "
+                f"({plan.n_windows} windows in all)"
+            )
         print("watch it:")
         print(_watch_hint(run, out_root), end="")
         return 0
@@ -244,24 +321,30 @@ def _execute(run: RunDir, plan, profile: ClusterProfile, executor: str, lease: L
     rate_steps = {r: config_for_reward(cfg, r).rate.steps for r in cfg.rewards}
     print(f"run directory: {run.root}")
     n_tasks = sum(1 if job.kind == MERGE else len(job.rewards) for job in plan.jobs)
-    print(f"running {max(0, plan.cycles - plan.first_cycle + 1)} cycle(s) locally ({n_tasks} tasks); "
-          f"Ctrl-C checkpoints and stops")
+    print(
+        f"running {max(0, plan.cycles - plan.first_cycle + 1)} cycle(s) locally ({n_tasks} tasks); "
+        f"Ctrl-C checkpoints and stops"
+    )
     try:
         rc = run_plan_locally(run, plan, steps, rate_steps_of=rate_steps)
     finally:
         run.release_lease(lease)
     if rc == 0:
         print(f"done: {run.root}")
-        print(f"  status:  python -m launch.status {run.run_ts} --out-root {shlex.quote(str(out_root))} "
-              f"--model {run.root.parent.name}")
+        print(
+            f"  status:  python -m launch.status {run.run_ts} --out-root {shlex.quote(str(out_root))} "
+            f"--model {run.root.parent.name}"
+        )
         suite = ",".join(cfg.rewards)
         evals = shlex.quote(str(run.evals_dir))
-        print(f"  compare the base with the merged cycles on every reward (the trade-off the merge makes):\n"
-              f"    python -m rewards.prompts --kind simple --n 8 --seed 1 --out {evals}/prompts.txt\n"
-              f"    for c in $(seq 0 {plan.cycles}); do python -m eval.run --checkpoint "
-              f"{shlex.quote(str(run.root))}:$c --suite {suite} --prompts {evals}/prompts.txt --out {evals}/c$c; "
-              f"done\n"
-              f"    python -m eval.report --inputs {evals}/c* --out {evals}/report")
+        print(
+            f"  compare the base with the merged cycles on every reward (the trade-off the merge makes):\n"
+            f"    python -m rewards.prompts --kind simple --n 8 --seed 1 --out {evals}/prompts.txt\n"
+            f"    for c in $(seq 0 {plan.cycles}); do python -m eval.run --checkpoint "
+            f"{shlex.quote(str(run.root))}:$c --suite {suite} --prompts {evals}/prompts.txt --out {evals}/c$c; "
+            f"done\n"
+            f"    python -m eval.report --inputs {evals}/c* --out {evals}/report"
+        )
     if rc > 128:  # stopped by a signal (the worker checkpointed): 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
         return rc
     return 0 if rc == 0 else 1
@@ -298,8 +381,10 @@ def new_run(args, out_root: Path) -> int:
         raise LaunchError("--adopt only makes sense with --resume")
     check_reward_names(args.rewards or [])
     if args.name is not None and not RUN_NAME_RE.fullmatch(args.name):
-        raise LaunchError(f"--name {args.name!r}: use letters, digits, '_' and '.' (it becomes part of the run id "
-                          f"and of Slurm job names), e.g. --name lr3e4_seed1")
+        raise LaunchError(
+            f"--name {args.name!r}: use letters, digits, '_' and '.' (it becomes part of the run id "
+            f"and of Slurm job names), e.g. --name lr3e4_seed1"
+        )
     overrides = shortcut_overrides(args) + list(args.overrides)
     cfg = load_config(args.model, overrides)
     absolute_paths(cfg)  # run.json means the same files from any directory
@@ -314,8 +399,14 @@ def new_run(args, out_root: Path) -> int:
     runs.check_out_root(out_root)
     model_dir = _model_dir_name(cfg, args.model)
     run_ts = new_run_ts(name=args.name)
-    plan = build_plan(run_ts=run_ts, rewards=list(cfg.rewards), cycles=cfg.mapreduce.cycles, profile=profile,
-                      mode=cfg.mapreduce.mode, rate_after_cycles=runs.rate_cycles_of(cfg))
+    plan = build_plan(
+        run_ts=run_ts,
+        rewards=list(cfg.rewards),
+        cycles=cfg.mapreduce.cycles,
+        profile=profile,
+        mode=cfg.mapreduce.mode,
+        rate_after_cycles=runs.rate_cycles_of(cfg),
+    )
     if args.dry_run:
         print_dry_run(plan, profile, out_root / model_dir / run_ts, executor)
         print(format_plan_memory(cfg, plan.jobs))  # per-process weights + optimizer, from the config
@@ -326,8 +417,14 @@ def new_run(args, out_root: Path) -> int:
     run = RunDir.create(out_root, model_dir, run_ts if args.name is not None else None)  # a taken random id is redrawn
     try:
         if run.run_ts != run_ts:
-            plan = build_plan(run_ts=run.run_ts, rewards=list(cfg.rewards), cycles=cfg.mapreduce.cycles,
-                              profile=profile, mode=cfg.mapreduce.mode, rate_after_cycles=runs.rate_cycles_of(cfg))
+            plan = build_plan(
+                run_ts=run.run_ts,
+                rewards=list(cfg.rewards),
+                cycles=cfg.mapreduce.cycles,
+                profile=profile,
+                mode=cfg.mapreduce.mode,
+                rate_after_cycles=runs.rate_cycles_of(cfg),
+            )
         run.write_run_json(runs.new_run_json(run, model_dir, config_to_dict(cfg), profile, executor))
         lease = run.acquire_lease(LeaseInfo.new(executor, runs.command_line()), runs.lease_is_stale(run.run_ts))
     except BaseException:
@@ -349,36 +446,54 @@ def _write_sbatch(plan, profile: ClusterProfile, run_root: Path, out: Path, crea
     paths = write_sbatch_scripts(plan, profile, run_root, out)
     print(f"wrote {len(paths) - 1} sbatch script(s) and submit.sh to {out}")
     if created:
-        print(f"run directory: {run_root}\nsubmit them all (in dependency order) with: bash {out / 'submit.sh'}\n"
-              f"or one by one with sbatch; each script says which jobs it waits for")
+        print(
+            f"run directory: {run_root}\nsubmit them all (in dependency order) with: bash {out / 'submit.sh'}\n"
+            f"or one by one with sbatch; each script says which jobs it waits for"
+        )
     else:
-        print(f"(dry run: they refer to {run_root}, which was not created; drop --dry-run to create the run and "
-              f"submit the scripts by hand)")
+        print(
+            f"(dry run: they refer to {run_root}, which was not created; drop --dry-run to create the run and "
+            f"submit the scripts by hand)"
+        )
 
 
 def find_run(out_root: Path, model: str | None, run_ts: str | None) -> RunDir:
     """A run by timestamp (any model when --model is not given), or the newest run."""
     if model:
         return RunDir.find(out_root, model, run_ts)
-    candidates = sorted(
-        (p for p in out_root.glob("*/*") if is_run_ts(p.name) and (p / "run.json").exists()),
-        key=lambda p: p.name,
-    ) if out_root.is_dir() else []
+    candidates = (
+        sorted(
+            (p for p in out_root.glob("*/*") if is_run_ts(p.name) and (p / "run.json").exists()),
+            key=lambda p: p.name,
+        )
+        if out_root.is_dir()
+        else []
+    )
     if run_ts:
         candidates = [p for p in candidates if p.name == run_ts]
         if not candidates:
             raise LaunchError(f"no run {run_ts} under {out_root}; pass --out-root (and --model) where it lives")
         if len(candidates) > 1:
-            raise LaunchError(f"run {run_ts} exists for several models ({', '.join(p.parent.name for p in candidates)}); "
-                              f"pass --model")
+            raise LaunchError(
+                f"run {run_ts} exists for several models ({', '.join(p.parent.name for p in candidates)}); pass --model"
+            )
     if not candidates:
         raise LaunchError(f"no runs under {out_root}; start one with python -m launch.mapreduce --model ...")
     return RunDir(candidates[-1])
 
 
 def resume_run(args, out_root: Path) -> int:
-    given = [flag for flag, value in (("--cycles", args.cycles), ("--rewards", args.rewards), ("--weights", args.weights),
-                                      ("--merge-steps", args.merge_steps), ("--mode", args.mode)) if value]
+    given = [
+        flag
+        for flag, value in (
+            ("--cycles", args.cycles),
+            ("--rewards", args.rewards),
+            ("--weights", args.weights),
+            ("--merge-steps", args.merge_steps),
+            ("--mode", args.mode),
+        )
+        if value
+    ]
     if args.name is not None:
         given.append("--name")
     if given:
@@ -419,9 +534,15 @@ def resume_run(args, out_root: Path) -> int:
         raise LaunchError("--adopt takes over Slurm jobs: use --executor slurm")
     live = runs.live_units(run, queued) if queued else {}
     rewards = list(cfg.rewards)
-    plan = build_plan(run_ts=run.run_ts, rewards=rewards, cycles=cfg.mapreduce.cycles, profile=profile,
-                      mode=cfg.mapreduce.mode, progress=runs.progress_of(run, rewards, live),
-                      rate_after_cycles=runs.rate_cycles_of(cfg))
+    plan = build_plan(
+        run_ts=run.run_ts,
+        rewards=rewards,
+        cycles=cfg.mapreduce.cycles,
+        profile=profile,
+        mode=cfg.mapreduce.mode,
+        progress=runs.progress_of(run, rewards, live),
+        rate_after_cycles=runs.rate_cycles_of(cfg),
+    )
     # what the remaining jobs read, e.g. a model path just fixed with --set model.pretrained=...
     problem = check_inputs(cfg, profile, executor, args.dry_run) if not plan.complete else ""
     if args.dry_run:
@@ -444,13 +565,21 @@ def resume_run(args, out_root: Path) -> int:
     meta["config"] = new
     meta["cluster"] = profile.to_dict()
     meta["executor"] = executor
-    meta.setdefault("history", []).append({"at": runs.now(), "command": runs.command_line(), "changes": changes,
-                                           "action": "adopt" if queued else "resume",
-                                           "from_cycle": plan.first_cycle})
+    meta.setdefault("history", []).append(
+        {
+            "at": runs.now(),
+            "command": runs.command_line(),
+            "changes": changes,
+            "action": "adopt" if queued else "resume",
+            "from_cycle": plan.first_cycle,
+        }
+    )
     run.write_run_json(meta)
-    print(f"resuming run {run.run_ts} from cycle {plan.first_cycle}"
-          + (f" (adopting jobs {', '.join(info.job_ids)})" if queued else "")
-          + (f"; config changes: {changes}" if changes else ""))
+    print(
+        f"resuming run {run.run_ts} from cycle {plan.first_cycle}"
+        + (f" (adopting jobs {', '.join(info.job_ids)})" if queued else "")
+        + (f"; config changes: {changes}" if changes else "")
+    )
     return _execute(run, plan, profile, executor, info, cfg, out_root, fresh=False)
 
 

@@ -61,16 +61,16 @@ class Job:
 
     key: str
     cycle: int
-    kind: str                       # "expert" | "merge" | "rate"
-    rewards: tuple[str, ...]        # expert / RaTE tasks in array order; empty for a merge
+    kind: str  # "expert" | "merge" | "rate"
+    rewards: tuple[str, ...]  # expert / RaTE tasks in array order; empty for a merge
     resources: Resources
     after: tuple[str, ...] = ()
     after_ids: tuple[str, ...] = ()
     window: int = 0
     # What the plan expects of a merge, shown by --dry-run; the merge job itself decides at run time from the
     # run directory (launch.jobs.MergeTask), so a run whose cycle count was raised after submission still extends.
-    extends: bool = False           # merge that submits the next window when it has finished
-    final: bool = False             # merge of the run's last cycle
+    extends: bool = False  # merge that submits the next window when it has finished
+    final: bool = False  # merge of the run's last cycle
 
     @property
     def array(self) -> bool:
@@ -100,10 +100,10 @@ class Progress:
     that will produce it.
     """
 
-    done: frozenset = frozenset()          # {(cycle, reward)}
-    merged: frozenset = frozenset()        # {cycle}
+    done: frozenset = frozenset()  # {(cycle, reward)}
+    merged: frozenset = frozenset()  # {cycle}
     live: dict = field(default_factory=dict)
-    rate_done: frozenset = frozenset()     # {(cycle, reward)} with cycle_XXXX/rate/<reward>/DONE.json
+    rate_done: frozenset = frozenset()  # {(cycle, reward)} with cycle_XXXX/rate/<reward>/DONE.json
 
     @property
     def last_merged(self) -> int:
@@ -165,8 +165,10 @@ def build_plan(
     rate_cycles = tuple(sorted(set(int(c) for c in rate_after_cycles)))
     bad = [c for c in rate_cycles if not 1 <= c <= cycles]
     if bad:
-        raise PlanError(f"--rate-after-cycle {' '.join(map(str, bad))}: a RaTE cycle must be one of the run's "
-                        f"cycles 1..{cycles}; pick cycles in that range (or raise --cycles)")
+        raise PlanError(
+            f"--rate-after-cycle {' '.join(map(str, bad))}: a RaTE cycle must be one of the run's "
+            f"cycles 1..{cycles}; pick cycles in that range (or raise --cycles)"
+        )
     if not rewards:
         raise PlanError("no rewards to train; name at least one with --rewards")
     if len(set(rewards)) != len(rewards):
@@ -178,17 +180,29 @@ def build_plan(
     if window < 1:
         raise PlanError(f"window_cycles must be >= 1, got {window}")
     first = progress.last_merged + 1
-    plan = Plan(run_ts=run_ts, mode=mode, rewards=rewards, cycles=cycles, first_cycle=first,
-                window_cycles=window, jobs=[], rate_after_cycles=rate_cycles)
+    plan = Plan(
+        run_ts=run_ts,
+        mode=mode,
+        rewards=rewards,
+        cycles=cycles,
+        first_cycle=first,
+        window_cycles=window,
+        jobs=[],
+        rate_after_cycles=rate_cycles,
+    )
 
     def add_rate_jobs(cycle: int, after: tuple[str, ...], after_ids: tuple[str, ...], win: int) -> None:
         """RaTE of ``cycle``: grouped like the experts (one array when every reward needs the same resources)."""
         if cycle not in rate_cycles:
             return
-        todo = [r for r in rewards
-                if (cycle, r) not in progress.rate_done and (cycle, rate_unit(r)) not in progress.live]
-        plan.jobs.extend(_array_or_one_per_reward(cycle, RATE, todo, profile, after, after_ids, win, RATE,
-                                                  lambda r: f"{RATE}-{safe_name(r)}"))
+        todo = [
+            r for r in rewards if (cycle, r) not in progress.rate_done and (cycle, rate_unit(r)) not in progress.live
+        ]
+        plan.jobs.extend(
+            _array_or_one_per_reward(
+                cycle, RATE, todo, profile, after, after_ids, win, RATE, lambda r: f"{RATE}-{safe_name(r)}"
+            )
+        )
 
     for cycle in rate_cycles:
         if cycle < first:  # merged, so every expert of it is DONE
@@ -207,12 +221,11 @@ def build_plan(
 
         expert_keys: list[str] = []
         if mode == "parallel":
-            jobs = _array_or_one_per_reward(cycle, "expert", todo, profile, prev_key, prev_ids, win, EXPERTS,
-                                            safe_name)
+            jobs = _array_or_one_per_reward(cycle, "expert", todo, profile, prev_key, prev_ids, win, EXPERTS, safe_name)
             plan.jobs.extend(jobs)
             expert_keys.extend(job.key for job in jobs)
             merge_after, merge_ids = tuple(expert_keys), live_ids
-            if not expert_keys and not live_ids:    # every expert already done: merge right after the last one
+            if not expert_keys and not live_ids:  # every expert already done: merge right after the last one
                 merge_after, merge_ids = prev_key, prev_ids
         else:
             # sequential: each expert waits for the previous one of its cycle (or the previous merge)
@@ -223,8 +236,16 @@ def build_plan(
                 if (cycle, r) in progress.live:
                     chain_key, chain_ids = (), (progress.live[(cycle, r)],)
                     continue
-                job = Job(job_key(cycle, safe_name(r)), cycle, "expert", (r,), profile.expert_resources(r),
-                          chain_key, chain_ids, win)
+                job = Job(
+                    job_key(cycle, safe_name(r)),
+                    cycle,
+                    "expert",
+                    (r,),
+                    profile.expert_resources(r),
+                    chain_key,
+                    chain_ids,
+                    win,
+                )
                 plan.jobs.append(job)
                 expert_keys.append(job.key)
                 chain_key, chain_ids = (job.key,), ()
@@ -236,25 +257,55 @@ def build_plan(
             prev_key, prev_ids = (), (progress.live[(cycle, MERGE)],)
             add_rate_jobs(cycle, *rate_after, win)
             continue
-        merge = Job(job_key(cycle, MERGE), cycle, MERGE, (), profile.merge, merge_after, merge_ids, win,
-                    extends=last_of_window and cycle < cycles, final=cycle == cycles)
+        merge = Job(
+            job_key(cycle, MERGE),
+            cycle,
+            MERGE,
+            (),
+            profile.merge,
+            merge_after,
+            merge_ids,
+            win,
+            extends=last_of_window and cycle < cycles,
+            final=cycle == cycles,
+        )
         plan.jobs.append(merge)
         add_rate_jobs(cycle, *rate_after, win)
         prev_key, prev_ids = (merge.key,), ()
     return plan
 
 
-def _array_or_one_per_reward(cycle: int, kind: str, todo: list[str], profile: ClusterProfile,
-                             after: tuple[str, ...], after_ids: tuple[str, ...], win: int, array_name: str,
-                             single_name: Callable[[str], str]) -> list[Job]:
+def _array_or_one_per_reward(
+    cycle: int,
+    kind: str,
+    todo: list[str],
+    profile: ClusterProfile,
+    after: tuple[str, ...],
+    after_ids: tuple[str, ...],
+    win: int,
+    array_name: str,
+    single_name: Callable[[str], str],
+) -> list[Job]:
     """The jobs running ``todo``'s tasks of ``kind`` in ``cycle``: one array when every reward needs the same
     resources (one line in squeue, one dependency for the merge), else one job per reward (a Slurm array has a
     single resource request)."""
     if len(todo) > 1 and len({profile.expert_resources(r).key() for r in todo}) == 1:
-        return [Job(job_key(cycle, array_name), cycle, kind, tuple(todo), profile.expert_resources(todo[0]),
-                    after, after_ids, win)]
-    return [Job(job_key(cycle, single_name(r)), cycle, kind, (r,), profile.expert_resources(r), after, after_ids,
-                win) for r in todo]
+        return [
+            Job(
+                job_key(cycle, array_name),
+                cycle,
+                kind,
+                tuple(todo),
+                profile.expert_resources(todo[0]),
+                after,
+                after_ids,
+                win,
+            )
+        ]
+    return [
+        Job(job_key(cycle, single_name(r)), cycle, kind, (r,), profile.expert_resources(r), after, after_ids, win)
+        for r in todo
+    ]
 
 
 def submission_dependencies(job: Job, plan_ids: dict[str, str]) -> list[str]:
@@ -278,8 +329,12 @@ def format_plan(plan: Plan, profile: ClusterProfile) -> str:
         f"run {plan.run_ts}: cycles {plan.first_cycle}..{plan.cycles}, {plan.mode} mode, rewards "
         f"{', '.join(plan.rewards)}, {len(plan.jobs)} jobs in {plan.n_windows} window(s) of "
         f"{plan.window_cycles} cycle(s); profile {profile.name}"
-        + (f"; RaTE tokens after cycle(s) {', '.join(map(str, plan.rate_after_cycles))} (beside the chain: "
-           f"nothing waits for them)" if plan.rate_after_cycles else ""),
+        + (
+            f"; RaTE tokens after cycle(s) {', '.join(map(str, plan.rate_after_cycles))} (beside the chain: "
+            f"nothing waits for them)"
+            if plan.rate_after_cycles
+            else ""
+        ),
     ]
     by_key = plan.by_key()
     rows = []
@@ -291,8 +346,9 @@ def format_plan(plan: Plan, profile: ClusterProfile) -> str:
         if job.window > 0 and job.after and all(by_key[k].window < job.window for k in job.after):
             after = ["(previous window's merge submits it)"]
         note = f"  -> submits window {job.window + 1}" if job.extends else ""
-        rows.append((str(job.window), job.name(plan.run_ts), tasks, job.resources.describe(),
-                     (" ".join(after) or "-") + note))
+        rows.append(
+            (str(job.window), job.name(plan.run_ts), tasks, job.resources.describe(), (" ".join(after) or "-") + note)
+        )
     heads = ("window", "job name", "tasks", "resources", "after")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads[:-1])]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
@@ -303,6 +359,8 @@ def format_plan(plan: Plan, profile: ClusterProfile) -> str:
     window_h = sum(j.resources.gpu_hours for j in plan.window(0))
     total_h = sum(j.resources.gpu_hours for j in plan.jobs)
     if total_h:
-        lines.append(f"GPU-hours at the time limits (an upper bound): {window_h:,.0f} for the jobs submitted now, "
-                     f"{total_h:,.0f} for the rest of the run (cycles {plan.first_cycle}..{plan.cycles})")
+        lines.append(
+            f"GPU-hours at the time limits (an upper bound): {window_h:,.0f} for the jobs submitted now, "
+            f"{total_h:,.0f} for the rest of the run (cycles {plan.first_cycle}..{plan.cycles})"
+        )
     return "\n".join(lines)

@@ -87,12 +87,16 @@ def check_model(spec: str) -> None:
     local = _local_path(spec)
     if local is not None:
         if not local.is_dir():
-            raise LaunchError(f"model.pretrained: {local} does not exist{' (or is not a directory)' if local.exists() else ''}. "
-                              f"Fix the path with --set model.pretrained=/path/to/diffusers-model, or give a hub id "
-                              f"(org/name)")
+            raise LaunchError(
+                f"model.pretrained: {local} does not exist{' (or is not a directory)' if local.exists() else ''}. "
+                f"Fix the path with --set model.pretrained=/path/to/diffusers-model, or give a hub id "
+                f"(org/name)"
+            )
         if not (local / "model_index.json").is_file():
-            raise LaunchError(f"model.pretrained: {local} is not a diffusers model directory (no model_index.json); "
-                              f"point it at the directory from `save_pretrained` or `hf download`")
+            raise LaunchError(
+                f"model.pretrained: {local} is not a diffusers model directory (no model_index.json); "
+                f"point it at the directory from `save_pretrained` or `hf download`"
+            )
         return
     if not hub_offline():
         return  # the job downloads it
@@ -100,9 +104,11 @@ def check_model(spec: str) -> None:
 
     cache = hub_cache_dir()
     if not isinstance(try_to_load_from_cache(spec, "model_index.json", cache_dir=cache), str):
-        raise LaunchError(f"model.pretrained: hub model {spec!r} is not in the Hugging Face cache {cache} and "
-                          f"HF_HUB_OFFLINE=1 forbids the jobs to download it. On a node with internet run "
-                          f"`HF_HUB_CACHE={cache} hf download {spec}`, or set model.pretrained to a local directory")
+        raise LaunchError(
+            f"model.pretrained: hub model {spec!r} is not in the Hugging Face cache {cache} and "
+            f"HF_HUB_OFFLINE=1 forbids the jobs to download it. On a node with internet run "
+            f"`HF_HUB_CACHE={cache} hf download {spec}`, or set model.pretrained to a local directory"
+        )
 
 
 def check_prompts(cfg) -> None:
@@ -115,8 +121,10 @@ def check_prompts(cfg) -> None:
         try:
             items = load_prompt_source(spec, int(cfg.seed))
         except (RewardError, OSError, ValueError) as exc:
-            raise LaunchError(f"prompts.{reward}: {exc}. Fix it with --set prompts.{reward}=<file, one prompt per "
-                              f"line (or GenEval .jsonl)> or gen:<kind>:<n>") from None
+            raise LaunchError(
+                f"prompts.{reward}: {exc}. Fix it with --set prompts.{reward}=<file, one prompt per "
+                f"line (or GenEval .jsonl)> or gen:<kind>:<n>"
+            ) from None
         if not items:
             raise LaunchError(f"prompts.{reward}: {spec} holds no prompts; give a file with one prompt per line")
 
@@ -133,9 +141,13 @@ def check_reward_models(cfg) -> None:
         kwargs = kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs or {})
         try:
             spec = get_reward_spec(reward)
-            for ref in (spec.models(**kwargs) if spec.models else []):
-                resolve_model(ref.repo_id, reward=reward, purpose=ref.purpose,
-                              cache_dir=kwargs.get("cache_dir") or hub_cache_dir())
+            for ref in spec.models(**kwargs) if spec.models else []:
+                resolve_model(
+                    ref.repo_id,
+                    reward=reward,
+                    purpose=ref.purpose,
+                    cache_dir=kwargs.get("cache_dir") or hub_cache_dir(),
+                )
         except RewardError as exc:
             raise LaunchError(str(exc)) from None
 

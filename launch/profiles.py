@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli
+
 from mrlora.cli import UserError
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "configs" / "clusters"
@@ -67,8 +68,14 @@ TOP_KEYS: dict[str, tuple[type, Any]] = {
     "max_mem_per_node_gb": (float, 0.0),
 }
 POSITIVE = ("expert_time_min", "nodes_per_expert", "cpus_per_gpu", "merge_time_min", "merge_cpus", "window_cycles")
-NON_NEGATIVE = ("gpus_per_node", "mem_per_gpu_gb", "merge_mem_gb", "signal_delay_s", "max_requeues",
-                "max_mem_per_node_gb")
+NON_NEGATIVE = (
+    "gpus_per_node",
+    "mem_per_gpu_gb",
+    "merge_mem_gb",
+    "signal_delay_s",
+    "max_requeues",
+    "max_mem_per_node_gb",
+)
 
 
 class ProfileError(UserError, ValueError):
@@ -81,9 +88,9 @@ class Resources:
 
     nodes: int = 1
     gpus_per_node: int = 0
-    gres_gpu: bool = True          # --gres=gpu:N (True) or --gpus-per-node=N (False)
+    gres_gpu: bool = True  # --gres=gpu:N (True) or --gpus-per-node=N (False)
     cpus_per_task: int = 1
-    mem_gb: float = 0.0            # per node; 0 = the partition's default
+    mem_gb: float = 0.0  # per node; 0 = the partition's default
     time_min: int = 60
     partition: str = ""
     account: str = ""
@@ -99,8 +106,17 @@ class Resources:
 
     def key(self) -> tuple:
         """Hashable identity: jobs with equal keys can be tasks of one Slurm array."""
-        return (self.nodes, self.gpus_per_node, self.gres_gpu, self.cpus_per_task, self.mem_gb, self.time_min,
-                self.partition, self.account, self.qos)
+        return (
+            self.nodes,
+            self.gpus_per_node,
+            self.gres_gpu,
+            self.cpus_per_task,
+            self.mem_gb,
+            self.time_min,
+            self.partition,
+            self.account,
+            self.qos,
+        )
 
     @property
     def gpu_hours(self) -> float:
@@ -113,8 +129,10 @@ class Resources:
         if self.gpus_per_node:
             size += f" x {self.gpus_per_node} GPU"
         mem = f"{self.mem_gb:g} GB/node" if self.mem_gb else "default mem"
-        return (f"{size}, {self.procs} proc, {self.cpus_per_task} CPU/proc, {mem}, {self.time_min} min "
-                f"@{self.partition or 'default'}")
+        return (
+            f"{size}, {self.procs} proc, {self.cpus_per_task} CPU/proc, {mem}, {self.time_min} min "
+            f"@{self.partition or 'default'}"
+        )
 
 
 @dataclass(frozen=True)
@@ -122,7 +140,7 @@ class ClusterProfile:
     """A validated profile. Build with ``load_profile`` / ``profile_from_dict``; store with ``to_dict``."""
 
     name: str
-    values: dict = field(repr=False)                  # every top-level key, validated, defaults filled in
+    values: dict = field(repr=False)  # every top-level key, validated, defaults filled in
     reward_overrides: dict = field(default_factory=dict, repr=False)
     path: str = ""
 
@@ -142,9 +160,15 @@ class ClusterProfile:
     def _expert(self, v: dict) -> Resources:
         gpus = v["gpus_per_node"]
         return Resources(
-            nodes=v["nodes_per_expert"], gpus_per_node=gpus, gres_gpu=v["gres_gpu"], cpus_per_task=v["cpus_per_gpu"],
-            mem_gb=v["mem_per_gpu_gb"] * max(1, gpus), time_min=v["expert_time_min"], partition=v["partition"],
-            account=v["account"], qos=v["qos"],
+            nodes=v["nodes_per_expert"],
+            gpus_per_node=gpus,
+            gres_gpu=v["gres_gpu"],
+            cpus_per_task=v["cpus_per_gpu"],
+            mem_gb=v["mem_per_gpu_gb"] * max(1, gpus),
+            time_min=v["expert_time_min"],
+            partition=v["partition"],
+            account=v["account"],
+            qos=v["qos"],
         )
 
     @property
@@ -157,9 +181,16 @@ class ClusterProfile:
     @property
     def merge(self) -> Resources:
         v = self.values
-        return Resources(nodes=1, gpus_per_node=0, cpus_per_task=v["merge_cpus"], mem_gb=v["merge_mem_gb"],
-                         time_min=v["merge_time_min"], partition=v["merge_partition"], account=v["account"],
-                         qos=v["qos"])
+        return Resources(
+            nodes=1,
+            gpus_per_node=0,
+            cpus_per_task=v["merge_cpus"],
+            mem_gb=v["merge_mem_gb"],
+            time_min=v["merge_time_min"],
+            partition=v["merge_partition"],
+            account=v["account"],
+            qos=v["qos"],
+        )
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.values.items() if k != "rewards"}
@@ -205,9 +236,11 @@ def _check_node_memory(where: str, expert: dict, top: dict) -> None:
         return
     asked = float(expert["mem_per_gpu_gb"]) * max(1, int(expert["gpus_per_node"]))
     if asked > cap:
-        raise ProfileError(f"{where}: mem_per_gpu_gb {expert['mem_per_gpu_gb']:g} x gpus_per_node "
-                           f"{expert['gpus_per_node']} = {asked:g} GB per node, more than max_mem_per_node_gb "
-                           f"{cap:g}; lower mem_per_gpu_gb to at most {cap / max(1, int(expert['gpus_per_node'])):g}")
+        raise ProfileError(
+            f"{where}: mem_per_gpu_gb {expert['mem_per_gpu_gb']:g} x gpus_per_node "
+            f"{expert['gpus_per_node']} = {asked:g} GB per node, more than max_mem_per_node_gb "
+            f"{cap:g}; lower mem_per_gpu_gb to at most {cap / max(1, int(expert['gpus_per_node'])):g}"
+        )
     if float(top["merge_mem_gb"]) > cap:
         raise ProfileError(f"{where}: merge_mem_gb {top['merge_mem_gb']:g} is more than max_mem_per_node_gb {cap:g}")
 
@@ -224,8 +257,10 @@ def profile_from_dict(data: dict, name: str = "", where: str = "cluster profile"
     values.setdefault("name", name)
     missing = [k for k, (_, default) in TOP_KEYS.items() if default is None and k not in values]
     if missing:
-        raise ProfileError(f"{where}: missing key(s) {', '.join(missing)}; every cluster key is required "
-                           f"(see configs/clusters/example-gpu.toml for what each means)")
+        raise ProfileError(
+            f"{where}: missing key(s) {', '.join(missing)}; every cluster key is required "
+            f"(see configs/clusters/example-gpu.toml for what each means)"
+        )
     for key, (_, default) in TOP_KEYS.items():
         values.setdefault(key, dict(default) if isinstance(default, dict) else default)  # no shared {} between profiles
     if not all(isinstance(s, str) for s in values["setup"]):
@@ -236,13 +271,17 @@ def profile_from_dict(data: dict, name: str = "", where: str = "cluster profile"
     if values["executor"] not in EXECUTORS:
         raise ProfileError(f"{where}: executor must be one of {EXECUTORS}, got {values['executor']!r}")
     if values["chain_extension"] not in CHAIN_EXTENSIONS:
-        raise ProfileError(f"{where}: chain_extension must be one of {CHAIN_EXTENSIONS}, got "
-                           f"{values['chain_extension']!r} (login-node where compute nodes may not call sbatch)")
+        raise ProfileError(
+            f"{where}: chain_extension must be one of {CHAIN_EXTENSIONS}, got "
+            f"{values['chain_extension']!r} (login-node where compute nodes may not call sbatch)"
+        )
     _check_ranges(where, values)
     _check_node_memory(where, values, values)
     if values["expert_time_min"] * 60 <= values["signal_delay_s"]:
-        raise ProfileError(f"{where}: signal_delay_s ({values['signal_delay_s']}) must be shorter than "
-                           f"expert_time_min ({values['expert_time_min']} min), or jobs are signalled at once")
+        raise ProfileError(
+            f"{where}: signal_delay_s ({values['signal_delay_s']}) must be shorter than "
+            f"expert_time_min ({values['expert_time_min']} min), or jobs are signalled at once"
+        )
     overrides: dict = {}
     for reward, table in values.pop("rewards").items():
         rwhere = f"{where} [rewards.{reward}]"
@@ -276,8 +315,10 @@ def profile_path(name_or_path: str) -> Path:
         known = available_profiles()
         close = difflib.get_close_matches(name_or_path, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ProfileError(f"unknown cluster profile {name_or_path!r}.{hint} Known profiles: "
-                           f"{', '.join(known) or 'none'} (in {PROFILES_DIR}); or pass a path to a .toml file")
+        raise ProfileError(
+            f"unknown cluster profile {name_or_path!r}.{hint} Known profiles: "
+            f"{', '.join(known) or 'none'} (in {PROFILES_DIR}); or pass a path to a .toml file"
+        )
     return path
 
 
@@ -294,9 +335,24 @@ def load_profile(name_or_path: str) -> ClusterProfile:
 
 def default_profile() -> ClusterProfile:
     """The profile used when none is named: one process per job on the default partition."""
-    return profile_from_dict({
-        "name": "default", "description": "built-in: 1 node x 1 process per job, default partition",
-        "partition": "", "account": "", "qos": "", "expert_time_min": 60, "nodes_per_expert": 1,
-        "gpus_per_node": 0, "cpus_per_gpu": 1, "mem_per_gpu_gb": 0, "gres_gpu": False, "merge_time_min": 30,
-        "merge_partition": "", "merge_cpus": 1, "merge_mem_gb": 0, "window_cycles": 4, "setup": [],
-    })
+    return profile_from_dict(
+        {
+            "name": "default",
+            "description": "built-in: 1 node x 1 process per job, default partition",
+            "partition": "",
+            "account": "",
+            "qos": "",
+            "expert_time_min": 60,
+            "nodes_per_expert": 1,
+            "gpus_per_node": 0,
+            "cpus_per_gpu": 1,
+            "mem_per_gpu_gb": 0,
+            "gres_gpu": False,
+            "merge_time_min": 30,
+            "merge_partition": "",
+            "merge_cpus": 1,
+            "merge_mem_gb": 0,
+            "window_cycles": 4,
+            "setup": [],
+        }
+    )

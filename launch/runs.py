@@ -18,9 +18,8 @@ from pathlib import Path
 from launch.journal import read_records
 from launch.plan import MERGE, RATE, Progress, rate_unit
 from launch.profiles import ClusterProfile, profile_from_dict
-from mrlora.runstore import DONE_MARKER, LeaseInfo, RunDir, pid_alive, read_marker
 from mrlora.cli import UserError, code_version
-
+from mrlora.runstore import DONE_MARKER, LeaseInfo, RunDir, pid_alive, read_marker
 
 
 class LaunchError(UserError, RuntimeError):
@@ -37,8 +36,10 @@ def command_line() -> str:
 
 def resume_command(run: RunDir) -> str:
     """The exact command that continues ``run`` from any directory (its out-root and model spelled out)."""
-    return (f"python -m launch.mapreduce --resume {run.run_ts} --out-root {shlex.quote(str(run.root.parent.parent))} "
-            f"--model {shlex.quote(run.root.parent.name)}")
+    return (
+        f"python -m launch.mapreduce --resume {run.run_ts} --out-root {shlex.quote(str(run.root.parent.parent))} "
+        f"--model {shlex.quote(run.root.parent.name)}"
+    )
 
 
 def profile_of(meta: dict) -> ClusterProfile:
@@ -122,8 +123,10 @@ def check_out_root(out_root: Path) -> None:
     if probe.exists() and not probe.is_dir():
         raise LaunchError(f"--out-root {out_root}: {probe} exists and is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise LaunchError(f"--out-root {out_root} is not writable ({probe} denies write access); "
-                          f"pass --out-root with a directory you can write on the shared filesystem")
+        raise LaunchError(
+            f"--out-root {out_root} is not writable ({probe} denies write access); "
+            f"pass --out-root with a directory you can write on the shared filesystem"
+        )
 
 
 def new_run_json(run: RunDir, model: str, cfg_dict: dict, profile: ClusterProfile, executor: str) -> dict:

@@ -15,8 +15,21 @@ from dataclasses import dataclass
 from launch.plan import job_prefix, run_comment
 from mrlora.cli import UserError
 
-ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED",
-                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "RESIZING",
+    "SUSPENDED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+    "RESV_DEL_HOLD",
+}
 
 
 class SlurmError(UserError, RuntimeError):
@@ -27,8 +40,12 @@ def have_slurm() -> bool:
     return shutil.which("sbatch") is not None and shutil.which("squeue") is not None
 
 
-def run_slurm_command(cmd: list[str], timeout: float = 60.0, env: dict[str, str] | None = None,
-                      not_found: str = "is Slurm installed on this machine?") -> str:
+def run_slurm_command(
+    cmd: list[str],
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    not_found: str = "is Slurm installed on this machine?",
+) -> str:
     """stdout of a Slurm client command; any failure is a SlurmError carrying Slurm's own message.
 
     ``not_found`` is the advice when the command does not exist (e.g. where to run it instead).
@@ -41,7 +58,9 @@ def run_slurm_command(cmd: list[str], timeout: float = 60.0, env: dict[str, str]
         raise SlurmError(f"`{' '.join(cmd[:3])} ...` did not answer within {timeout:.0f} s; is slurmctld up?") from None
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip()
-        raise SlurmError(f"`{' '.join(cmd[:4])}{' ...' if len(cmd) > 4 else ''}` failed (exit {proc.returncode}): {msg}")
+        raise SlurmError(
+            f"`{' '.join(cmd[:4])}{' ...' if len(cmd) > 4 else ''}` failed (exit {proc.returncode}): {msg}"
+        )
     return proc.stdout
 
 
@@ -59,7 +78,7 @@ def slurm_reachable() -> str | None:
 
 @dataclass(frozen=True)
 class _SlurmJob:
-    job_id: str          # "123" or "123_1" (or "123_[0-2]" for array tasks not yet split)
+    job_id: str  # "123" or "123_1" (or "123_[0-2]" for array tasks not yet split)
     name: str
     state: str
 
@@ -94,9 +113,9 @@ def run_jobs_in_queue(run_ts: str, extra_ids: set[str] | frozenset = frozenset()
     """Queued or running jobs of run ``run_ts``: found by comment, name prefix, or one of ``extra_ids``."""
     prefix, comment = job_prefix(run_ts), run_comment(run_ts)
     return [
-        j for j in squeue_all()
-        if (j.comment == comment or j.name.startswith(prefix) or j.base_id in extra_ids)
-        and j.state in ACTIVE_STATES
+        j
+        for j in squeue_all()
+        if (j.comment == comment or j.name.startswith(prefix) or j.base_id in extra_ids) and j.state in ACTIVE_STATES
     ]
 
 
@@ -114,16 +133,35 @@ def sacct_jobs(job_ids: list[str]) -> list[AccountedJob]:
     """Accounting records of ``job_ids`` (array ids expand to their tasks), one call; [] if no ids."""
     if not job_ids:
         return []
-    out = run_slurm_command(["sacct", "-X", "-P", "-n", "-j", ",".join(sorted(set(job_ids))),
-                             "-o", "JobID,JobName%200,State,Start,End,ElapsedRaw,ExitCode"])
+    out = run_slurm_command(
+        [
+            "sacct",
+            "-X",
+            "-P",
+            "-n",
+            "-j",
+            ",".join(sorted(set(job_ids))),
+            "-o",
+            "JobID,JobName%200,State,Start,End,ElapsedRaw,ExitCode",
+        ]
+    )
     rows = []
     for line in out.splitlines():
         parts = line.split("|")
         if len(parts) < 7:
             continue
         job_id, name, state, start, end, elapsed, code = parts[:7]
-        rows.append(AccountedJob(job_id, name, state.split()[0] if state else "", start, end,
-                                 int(elapsed) if elapsed.isdigit() else 0, code))
+        rows.append(
+            AccountedJob(
+                job_id,
+                name,
+                state.split()[0] if state else "",
+                start,
+                end,
+                int(elapsed) if elapsed.isdigit() else 0,
+                code,
+            )
+        )
     return rows
 
 
@@ -155,6 +193,11 @@ def clean_submission_env() -> dict[str, str]:
     hand its own task counts, node list and submitit folder to the next window.
     """
     keep = {"SLURM_CONF"}
-    return {k: v for k, v in os.environ.items()
-            if not ((k.startswith("SLURM_") or k.startswith("SBATCH_") or k.startswith("SUBMITIT_")
-                     or k.startswith("SRUN_")) and k not in keep)}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not (
+            (k.startswith("SLURM_") or k.startswith("SBATCH_") or k.startswith("SUBMITIT_") or k.startswith("SRUN_"))
+            and k not in keep
+        )
+    }

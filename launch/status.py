@@ -24,8 +24,8 @@ from launch.logs import local_log
 from launch.mapreduce import find_run, out_root_of
 from launch.plan import MERGE, RATE, rate_unit
 from launch.runs import rate_cycles_of, rate_is_done
-from mrlora.config import config_for_reward, config_from_dict
 from mrlora.cli import add_version_flag, run_cli
+from mrlora.config import config_for_reward, config_from_dict
 from mrlora.runstore import RunDir, RunStoreError, disk_usage, is_run_ts, pid_alive, storage_summary
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -33,12 +33,12 @@ FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
 
 @dataclass
 class Cell:
-    state: str = "-"           # what to show: DONE / RUNNING / PENDING(reason) / FAILED / -
+    state: str = "-"  # what to show: DONE / RUNNING / PENDING(reason) / FAILED / -
     steps: str = ""
     rewards: str = ""
-    failure: str = ""          # "<state>: read <log>" when it failed
-    job_id: str = ""           # the Slurm task that runs / ran it (<array>_<task> in an array)
-    log: str = ""              # where its output goes (python -m launch.logs prints it)
+    failure: str = ""  # "<state>: read <log>" when it failed
+    job_id: str = ""  # the Slurm task that runs / ran it (<array>_<task> in an array)
+    log: str = ""  # where its output goes (python -m launch.logs prints it)
 
 
 @dataclass
@@ -50,7 +50,7 @@ class RunStatus:
     cycles: int
     last_merged: int
     rows: dict[int, dict[str, Cell]] = field(default_factory=dict)
-    rate_rows: dict[int, dict[str, Cell]] = field(default_factory=dict)   # cycle -> reward -> its RaTE token
+    rate_rows: dict[int, dict[str, Cell]] = field(default_factory=dict)  # cycle -> reward -> its RaTE token
     elapsed_s: float = 0.0
     eta_s: float | None = None
     queued: int = 0
@@ -63,8 +63,10 @@ class RunStatus:
 
     @property
     def rate_missing(self) -> list[str]:
-        """"cycle C <reward>" for every chosen RaTE token without its DONE marker."""
-        return [f"cycle {c} {r}" for c, row in self.rate_rows.items() for r, cell in row.items() if cell.state != "DONE"]
+        """ "cycle C <reward>" for every chosen RaTE token without its DONE marker."""
+        return [
+            f"cycle {c} {r}" for c, row in self.rate_rows.items() for r, cell in row.items() if cell.state != "DONE"
+        ]
 
     @property
     def finished(self) -> bool:
@@ -93,8 +95,17 @@ def _reward_mean(metrics: dict) -> str:
     return f"r={metrics[keys[0]]:.3g}" if keys else ""
 
 
-def _fill_state(cell: Cell, run: RunDir, launcher_alive: bool | None, rec: JobRecord | None, c: int, unit: str,
-                done: bool, queue: dict, acct: dict) -> None:
+def _fill_state(
+    cell: Cell,
+    run: RunDir,
+    launcher_alive: bool | None,
+    rec: JobRecord | None,
+    c: int,
+    unit: str,
+    done: bool,
+    queue: dict,
+    acct: dict,
+) -> None:
     """The state of one unit (an expert, a merge or a RaTE token "rate:<reward>"): marker first, then Slurm.
 
     ``launcher_alive``: whether a local run's launcher still runs (None for a run on Slurm).
@@ -136,8 +147,14 @@ def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
     cfg = config_from_dict(meta["config"])
     rewards = list(cfg.rewards)
     state = run.scan(rewards)
-    status = RunStatus(run=run, model=meta.get("model", run.root.parent.name), executor=meta.get("executor", "?"),
-                       rewards=rewards, cycles=cfg.mapreduce.cycles, last_merged=state.last_complete_cycle)
+    status = RunStatus(
+        run=run,
+        model=meta.get("model", run.root.parent.name),
+        executor=meta.get("executor", "?"),
+        rewards=rewards,
+        cycles=cfg.mapreduce.cycles,
+        last_merged=state.last_complete_cycle,
+    )
     records = read_records(run)
     latest = latest_by_unit(records)
 
@@ -185,8 +202,17 @@ def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
             cell = Cell()
             n, _ = metrics_tail(run, c, r, RATE)
             cell.steps = f"{n}/{rate_steps[r]}"
-            _fill_state(cell, run, launcher_alive, latest.get((c, rate_unit(r))), c, rate_unit(r), rate_is_done(run, c, r),
-                        queue, acct)
+            _fill_state(
+                cell,
+                run,
+                launcher_alive,
+                latest.get((c, rate_unit(r))),
+                c,
+                rate_unit(r),
+                rate_is_done(run, c, r),
+                queue,
+                acct,
+            )
             rate_row[r] = cell
         status.rate_rows[c] = rate_row
 
@@ -212,16 +238,27 @@ def collect(run: RunDir, use_slurm: bool = True) -> RunStatus:
 
 def to_json(status: RunStatus) -> dict:
     """The status as plain data (``--json``): what scripts and dashboards read instead of the table."""
+
     def cells(rows: dict[int, dict[str, Cell]]) -> dict[str, dict[str, dict]]:
         return {str(c): {u: asdict(cell) for u, cell in row.items()} for c, row in rows.items()}
 
     return {
-        "run": status.run.run_ts, "path": str(status.run.root), "model": status.model,
-        "executor": status.executor, "rewards": status.rewards, "cycles": status.cycles,
-        "last_merged": status.last_merged, "finished": status.finished, "elapsed_s": round(status.elapsed_s, 1),
-        "eta_s": None if status.eta_s is None else round(status.eta_s, 1), "queued": status.queued,
-        "slurm_note": status.slurm_note, "storage": status.storage, "disk_bytes": disk_usage(status.run.root),
-        "rows": cells(status.rows), "rate_rows": cells(status.rate_rows),
+        "run": status.run.run_ts,
+        "path": str(status.run.root),
+        "model": status.model,
+        "executor": status.executor,
+        "rewards": status.rewards,
+        "cycles": status.cycles,
+        "last_merged": status.last_merged,
+        "finished": status.finished,
+        "elapsed_s": round(status.elapsed_s, 1),
+        "eta_s": None if status.eta_s is None else round(status.eta_s, 1),
+        "queued": status.queued,
+        "slurm_note": status.slurm_note,
+        "storage": status.storage,
+        "disk_bytes": disk_usage(status.run.root),
+        "rows": cells(status.rows),
+        "rate_rows": cells(status.rate_rows),
     }
 
 
@@ -240,10 +277,19 @@ def list_runs(out_root: Path) -> list[dict]:
             runs.append({"run": path.name, "model": path.parent.name, "path": str(path), "error": str(exc)})
             continue
         lease = run.read_lease()
-        runs.append({"run": path.name, "model": path.parent.name, "path": str(path), "created": meta.get("created", ""),
-                     "executor": meta.get("executor", "?"), "last_merged": merged,
-                     "cycles": int(cfg.mapreduce.cycles), "owned": lease is not None,
-                     "disk_bytes": sum(disk_usage(path).values())})
+        runs.append(
+            {
+                "run": path.name,
+                "model": path.parent.name,
+                "path": str(path),
+                "created": meta.get("created", ""),
+                "executor": meta.get("executor", "?"),
+                "last_merged": merged,
+                "cycles": int(cfg.mapreduce.cycles),
+                "owned": lease is not None,
+                "disk_bytes": sum(disk_usage(path).values()),
+            }
+        )
     return runs
 
 
@@ -260,8 +306,9 @@ def render_runs(runs: list[dict], out_root: Path) -> str:
             rows.append((r["run"], r["model"], "?", "?", "?", f"unreadable: {r['error']}"))
             continue
         state = "finished" if r["last_merged"] >= r["cycles"] else ("active" if r["owned"] else "stopped")
-        rows.append((r["run"], r["model"], f"{r['last_merged']}/{r['cycles']}", r["executor"],
-                     _size(r["disk_bytes"]), state))
+        rows.append(
+            (r["run"], r["model"], f"{r['last_merged']}/{r['cycles']}", r["executor"], _size(r["disk_bytes"]), state)
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(f"{v:<{w}}" for v, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -285,7 +332,7 @@ def render(status: RunStatus) -> str:
         for u in units:
             cell = row[u]
             text = cell.state if u == MERGE else f"{cell.state} {cell.steps} {cell.rewards}".strip()
-            cells.append(f"{text[:width - 1]:<{width}}")
+            cells.append(f"{text[: width - 1]:<{width}}")
             if cell.failure:
                 failures.append(f"  cycle {c} {u}: {cell.failure}")
         lines.append(f"{c:<6}" + "".join(cells))
@@ -293,19 +340,23 @@ def render(status: RunStatus) -> str:
             rate_cells = []
             for u in status.rewards:
                 cell = status.rate_rows[c][u]
-                rate_cells.append(f"{f'{cell.state} {cell.steps}'.strip()[:width - 1]:<{width}}")
+                rate_cells.append(f"{f'{cell.state} {cell.steps}'.strip()[: width - 1]:<{width}}")
                 if cell.failure:
                     failures.append(f"  cycle {c} RaTE {u}: {cell.failure}")
             lines.append(" RaTE " + "".join(rate_cells))
     if status.finished:
-        lines.append("finished: every cycle is merged" + (" and every RaTE token distilled" if status.rate_rows else ""))
+        lines.append(
+            "finished: every cycle is merged" + (" and every RaTE token distilled" if status.rate_rows else "")
+        )
     elif status.all_merged and status.rate_missing:
         lines.append(f"every cycle is merged; RaTE tokens still to come: {', '.join(status.rate_missing)}")
     if failures:
         lines.append("failures:")
         lines.extend(failures)
-        lines.append(f"continue with: python -m launch.mapreduce --resume {status.run.run_ts} "
-                     f"--out-root {status.run.root.parent.parent} --model {status.run.root.parent.name}")
+        lines.append(
+            f"continue with: python -m launch.mapreduce --resume {status.run.run_ts} "
+            f"--out-root {status.run.root.parent.parent} --model {status.run.root.parent.name}"
+        )
     return "\n".join(lines)
 
 
@@ -319,8 +370,14 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("run_ts", nargs="?", help="the run's timestamp (default: the newest run)")
     p.add_argument("--out-root", metavar="DIR", help="where runs live (default: $MRLORA_OUT_ROOT or ./runs)")
     p.add_argument("--model", help="the model directory to look in (default: any)")
-    p.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
-                   help="refresh every SECONDS (default 10) until the run finishes or nothing is queued")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=10.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 10) until the run finishes or nothing is queued",
+    )
     p.add_argument("--no-slurm", action="store_true", help="do not ask Slurm; show the run directory only")
     p.add_argument("--json", action="store_true", help="print the status (or with --all the runs) as JSON")
     p.add_argument("--all", action="store_true", help="list every run under --out-root with progress and disk use")

@@ -73,8 +73,14 @@ def submit_command(folder: Path | str, python: str | None = None) -> str:
     return " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
 
 
-def render_sbatch(job: Job, run_ts: str, profile: ClusterProfile, dependencies: list[str], folder: Path | str,
-                  python: str | None = None) -> str:
+def render_sbatch(
+    job: Job,
+    run_ts: str,
+    profile: ClusterProfile,
+    dependencies: list[str],
+    folder: Path | str,
+    python: str | None = None,
+) -> str:
     """The sbatch file submitit writes for ``job``, rendered by submitit itself without submitting."""
     from submitit.slurm import slurm as submitit_slurm
 
@@ -82,8 +88,6 @@ def render_sbatch(job: Job, run_ts: str, profile: ClusterProfile, dependencies: 
     if job.array:
         params["map_count"] = len(job.rewards)
     return submitit_slurm._make_sbatch_string(command=submit_command(folder, python), folder=folder, **params)
-
-
 
 
 def job_script(job: Job, run_ts: str, run_root: Path | str, profile: ClusterProfile, after: list[str]) -> str:
@@ -98,15 +102,24 @@ def job_script(job: Job, run_ts: str, run_root: Path | str, profile: ClusterProf
     params = sbatch_parameters(job, run_ts, profile, [])
     logs = Path(run_root) / "logs" / "sbatch"
     pattern = "%x_%A_%a" if job.array else "%x_%j"
-    lines = ["#!/bin/bash", f"# mrlora run {run_ts}: cycle {job.cycle} {job.role} "
-             f"({'array: task i runs REWARDS[i]' if job.array else 'one job'})"]
+    lines = [
+        "#!/bin/bash",
+        f"# mrlora run {run_ts}: cycle {job.cycle} {job.role} "
+        f"({'array: task i runs REWARDS[i]' if job.array else 'one job'})",
+    ]
     if after:
-        lines.append(f"# waits for: afterok:{':'.join(f'<job of {k}>' for k in after)}  (submit with "
-                     f"sbatch --dependency=afterok:<ids> {job.key}.sbatch; submit.sh does this)")
+        lines.append(
+            f"# waits for: afterok:{':'.join(f'<job of {k}>' for k in after)}  (submit with "
+            f"sbatch --dependency=afterok:<ids> {job.key}.sbatch; submit.sh does this)"
+        )
     flags = {
-        "job-name": params["job_name"], "comment": params["comment"], "wckey": params["wckey"],
-        "nodes": params["nodes"], "ntasks-per-node": params["ntasks_per_node"],
-        "cpus-per-task": params["cpus_per_task"], "time": params["time"],
+        "job-name": params["job_name"],
+        "comment": params["comment"],
+        "wckey": params["wckey"],
+        "nodes": params["nodes"],
+        "ntasks-per-node": params["ntasks_per_node"],
+        "cpus-per-task": params["cpus_per_task"],
+        "time": params["time"],
     }
     if "gres" in params:
         flags["gres"] = params["gres"]
@@ -117,11 +130,23 @@ def job_script(job: Job, run_ts: str, run_root: Path | str, profile: ClusterProf
             flags[key] = params[key]
     if job.array:
         flags["array"] = f"0-{len(job.rewards) - 1}"
-    flags.update({"kill-on-invalid-dep": "yes", "signal": f"USR2@{profile.signal_delay_s}",
-                  "output": f"{logs}/{pattern}.out", "error": f"{logs}/{pattern}.err", "open-mode": "append"})
+    flags.update(
+        {
+            "kill-on-invalid-dep": "yes",
+            "signal": f"USR2@{profile.signal_delay_s}",
+            "output": f"{logs}/{pattern}.out",
+            "error": f"{logs}/{pattern}.err",
+            "open-mode": "append",
+        }
+    )
     lines += [f"#SBATCH --{k}={v}" for k, v in flags.items()]
-    lines += ["#SBATCH --requeue", "", "set -eo pipefail", *profile.setup_lines,
-              'PYTHON="${MRLORA_PYTHON:-python}"  # the environment the setup lines activated']
+    lines += [
+        "#SBATCH --requeue",
+        "",
+        "set -eo pipefail",
+        *profile.setup_lines,
+        'PYTHON="${MRLORA_PYTHON:-python}"  # the environment the setup lines activated',
+    ]
     root = shlex.quote(str(run_root))
     if job.kind == MERGE:
         command = f'"$PYTHON" -u -m launch.jobs merge {root} {job.cycle}'
@@ -145,11 +170,16 @@ def write_sbatch_scripts(plan: Plan, profile: ClusterProfile, run_root: Path | s
     if Path(run_root).is_dir():  # Slurm opens the log files before the job starts: the folder must exist
         (Path(run_root) / "logs" / "sbatch").mkdir(parents=True, exist_ok=True)
     written = []
-    submit = ["#!/bin/bash", f"# Submit every job of run {plan.run_ts} ({len(plan.jobs)} jobs, cycles "
-              f"{plan.first_cycle}..{plan.cycles}) in dependency order; prints each job id.",
-              "set -euo pipefail", 'cd "$(dirname "${BASH_SOURCE[0]}")"', "declare -A ID",
-              'submit() { local key=$1; shift; ID[$key]=$(sbatch --parsable "$@" "$key.sbatch" | cut -d";" -f1); '
-              'echo "$key ${ID[$key]}"; }']
+    submit = [
+        "#!/bin/bash",
+        f"# Submit every job of run {plan.run_ts} ({len(plan.jobs)} jobs, cycles "
+        f"{plan.first_cycle}..{plan.cycles}) in dependency order; prints each job id.",
+        "set -euo pipefail",
+        'cd "$(dirname "${BASH_SOURCE[0]}")"',
+        "declare -A ID",
+        'submit() { local key=$1; shift; ID[$key]=$(sbatch --parsable "$@" "$key.sbatch" | cut -d";" -f1); '
+        'echo "$key ${ID[$key]}"; }',
+    ]
     for job in plan.jobs:
         after = list(job.after)
         path = out / f"{job.key}.sbatch"
@@ -199,8 +229,14 @@ def _environment(env: dict[str, str] | None):
         os.environ.update(saved)
 
 
-def submit_window(run_root: Path | str, plan: Plan, profile: ClusterProfile, owner_id: str, index: int = 0,
-                  env: dict[str, str] | None = None) -> dict[str, str]:
+def submit_window(
+    run_root: Path | str,
+    plan: Plan,
+    profile: ClusterProfile,
+    owner_id: str,
+    index: int = 0,
+    env: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Submit window ``index`` of ``plan``; return {job key: Slurm job id}. All or nothing.
 
     If sbatch fails midway, the jobs already submitted for this window are cancelled before the error is
@@ -227,10 +263,21 @@ def submit_window(run_root: Path | str, plan: Plan, profile: ClusterProfile, own
                 else:
                     job_id = executor.submit(calls[0]).job_id
                 ids[job.key] = job_id
-                journal.write_record(run, journal.new_record(
-                    job_id=job_id, key=job.key, name=job.name(plan.run_ts), cycle=job.cycle, kind=job.kind,
-                    rewards=job.rewards, array=job.array, window=job.window, after=deps, log_dir=str(folder),
-                ))
+                journal.write_record(
+                    run,
+                    journal.new_record(
+                        job_id=job_id,
+                        key=job.key,
+                        name=job.name(plan.run_ts),
+                        cycle=job.cycle,
+                        kind=job.kind,
+                        rewards=job.rewards,
+                        array=job.array,
+                        window=job.window,
+                        after=deps,
+                        log_dir=str(folder),
+                    ),
+                )
     except BaseException:
         if ids:
             with contextlib.suppress(Exception):
@@ -255,8 +302,11 @@ def extend_chain(run_root: str, owner_id: str) -> dict[str, str]:
     run = RunDir(run_root)
     lease = run.read_lease()
     if lease is None or lease.owner_id != owner_id:
-        print(f"[mrlora] not extending the chain of {run.root}: the run is now owned by "
-              f"{lease.owner_id if lease else 'nobody'}", flush=True)
+        print(
+            f"[mrlora] not extending the chain of {run.root}: the run is now owned by "
+            f"{lease.owner_id if lease else 'nobody'}",
+            flush=True,
+        )
         return {}
     meta = run.read_run_json()
     cfg = config_from_dict(meta["config"])
@@ -265,13 +315,23 @@ def extend_chain(run_root: str, owner_id: str) -> dict[str, str]:
     # RaTE jobs of cycles already merged were submitted with their own window (and may still be queued):
     # the chain only adds those of the cycles it is about to submit
     rate_cycles = [c for c in runs.rate_cycles_of(cfg) if c > progress.last_merged]
-    plan = build_plan(run_ts=run.run_ts, rewards=list(cfg.rewards), cycles=cfg.mapreduce.cycles, profile=profile,
-                      mode=cfg.mapreduce.mode, progress=progress, rate_after_cycles=rate_cycles)
+    plan = build_plan(
+        run_ts=run.run_ts,
+        rewards=list(cfg.rewards),
+        cycles=cfg.mapreduce.cycles,
+        profile=profile,
+        mode=cfg.mapreduce.mode,
+        progress=progress,
+        rate_after_cycles=rate_cycles,
+    )
     if plan.complete:
         return {}
     owned = set(lease.job_ids)
-    submitted = [r.job_id for r in journal.read_records(run)
-                 if r.cycle == plan.first_cycle and r.kind != RATE and r.job_id in owned]
+    submitted = [
+        r.job_id
+        for r in journal.read_records(run)
+        if r.cycle == plan.first_cycle and r.kind != RATE and r.job_id in owned
+    ]
     if submitted:
         return {}
     prefix = job_prefix(run.run_ts) + job_key(plan.first_cycle, "")
@@ -282,6 +342,9 @@ def extend_chain(run_root: str, owner_id: str) -> dict[str, str]:
     ids = submit_window(run.root, plan, profile, owner_id, env=slurm.clean_submission_env())
     lease.job_ids = list(ids.values())
     run.update_lease(lease)
-    print(f"[mrlora] submitted cycles {plan.first_cycle}..{max(j.cycle for j in plan.window(0))}: "
-          f"{', '.join(f'{k}={v}' for k, v in ids.items())}", flush=True)
+    print(
+        f"[mrlora] submitted cycles {plan.first_cycle}..{max(j.cycle for j in plan.window(0))}: "
+        f"{', '.join(f'{k}={v}' for k, v in ids.items())}",
+        flush=True,
+    )
     return ids

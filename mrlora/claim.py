@@ -86,9 +86,16 @@ class Claim:
 
     @classmethod
     def mine(cls, path: Path, what: str) -> "Claim":
-        return cls(path=str(path), owner_id=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
-                   pid_start=process_start(os.getpid()), slurm_job=_slurm_job(),
-                   created=_dt.datetime.now().isoformat(timespec="seconds"), what=what)
+        return cls(
+            path=str(path),
+            owner_id=uuid.uuid4().hex,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_start=process_start(os.getpid()),
+            slurm_job=_slurm_job(),
+            created=_dt.datetime.now().isoformat(timespec="seconds"),
+            what=what,
+        )
 
     def describe(self) -> str:
         job = f", Slurm job {self.slurm_job}" if self.slurm_job else ""
@@ -117,8 +124,16 @@ def read_holder(path: Path) -> Claim | None:
             except FileNotFoundError:
                 return None
             if old or time.monotonic() > deadline:
-                return Claim(path=str(path), owner_id="torn", host="?", pid=-1, pid_start="", slurm_job=None,
-                             created="?", what="a writer killed while claiming")
+                return Claim(
+                    path=str(path),
+                    owner_id="torn",
+                    host="?",
+                    pid=-1,
+                    pid_start="",
+                    slurm_job=None,
+                    created="?",
+                    what="a writer killed while claiming",
+                )
             time.sleep(0.2)
 
 

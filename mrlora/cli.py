@@ -53,8 +53,9 @@ def code_version() -> str:
     from mrlora import __version__ as version
 
     try:
-        sha = subprocess.run(["git", "-C", str(CODE_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(CODE_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         sha = ""
     return f"{version}+g{sha}" if sha else str(version)
@@ -114,8 +115,9 @@ def error_line(prog: str, exc: BaseException) -> str:
     return f"{prog}: error: {exc}"
 
 
-def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
-            prog: str | None = None) -> int:
+def run_cli(
+    main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, prog: str | None = None
+) -> int:
     """Run ``main(argv)`` with the shared logging setup and return its exit status.
 
     A :class:`UserError` prints one ``error:`` line and returns its ``exit_code`` (2); Ctrl-C returns 130;

@@ -34,8 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items())
-    return (f"usage: mrlora COMMAND [ARGS...]   (mrlora COMMAND --help for its options)\n\ncommands:\n{rows}\n\n"
-            f"Each command is also `python -m <module>`; e.g. mrlora status = python -m launch.status.")
+    return (
+        f"usage: mrlora COMMAND [ARGS...]   (mrlora COMMAND --help for its options)\n\ncommands:\n{rows}\n\n"
+        f"Each command is also `python -m <module>`; e.g. mrlora status = python -m launch.status."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import ml_collections
+
 from mrlora.cli import UserError
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,9 @@ def set_value(cfg: ml_collections.ConfigDict, key: str, raw: Any, parse: bool = 
                 node[part] = ml_collections.ConfigDict()
         node = node[part]
         if not isinstance(node, ml_collections.ConfigDict):
-            raise ConfigError(f"config key {'.'.join(parts[:depth + 1])!r} is a value, not a group: cannot set {key!r}")
+            raise ConfigError(
+                f"config key {'.'.join(parts[: depth + 1])!r} is a value, not a group: cannot set {key!r}"
+            )
     leaf = parts[-1]
     if leaf not in node:
         if not (open_map and len(parts) >= 2):
@@ -241,7 +244,9 @@ def set_value(cfg: ml_collections.ConfigDict, key: str, raw: Any, parse: bool = 
         return
     current = node[leaf]
     if isinstance(current, ml_collections.ConfigDict) and not open_map:
-        raise ConfigError(f"config key {key!r} is a group; set one of its fields, e.g. {key}.{next(iter(current.keys()), 'x')}")
+        raise ConfigError(
+            f"config key {key!r} is a group; set one of its fields, e.g. {key}.{next(iter(current.keys()), 'x')}"
+        )
     value = _parse_value(raw, current, key) if parse and isinstance(raw, str) else raw
     if isinstance(current, ml_collections.ConfigDict):
         if not isinstance(value, dict):
@@ -274,8 +279,15 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
         keys.append(key)
         if key.split(".")[0] not in OPEN_MAPS:
             for reward, old in _drop_per_reward(cfg, key):
-                log.warning("%s also replaces the per-reward value of %s (%r); to keep a value for one "
-                            "reward, also set per_reward.%s.%s", item, reward, old, reward, key)
+                log.warning(
+                    "%s also replaces the per-reward value of %s (%r); to keep a value for one "
+                    "reward, also set per_reward.%s.%s",
+                    item,
+                    reward,
+                    old,
+                    reward,
+                    key,
+                )
     if "rewards" in keys and "weights" not in keys:
         cfg.weights = [1.0] * len(cfg.rewards)
     return cfg
@@ -404,7 +416,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(cfg.sample.group_size >= 2, "sample.group_size", "must be >= 2 (advantages compare samples of a prompt)")
     need(cfg.sample.prompts_per_step >= 1, "sample.prompts_per_step", "must be >= 1")
     need(cfg.sample.batch_size >= 1, "sample.batch_size", "must be >= 1")
-    need(cfg.sample.resolution % 16 == 0 and cfg.sample.resolution > 0, "sample.resolution", "must be a positive multiple of 16")
+    need(
+        cfg.sample.resolution % 16 == 0 and cfg.sample.resolution > 0,
+        "sample.resolution",
+        "must be a positive multiple of 16",
+    )
     need(0 <= cfg.sample.noise_level <= 2, "sample.noise_level", "must be in [0, 2]")
     need(cfg.train.steps >= 1, "train.steps", "must be >= 1")
     need(cfg.train.lr > 0, "train.lr", "must be > 0")
@@ -417,26 +433,41 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(cfg.train.ema_every >= 1, "train.ema_every", "must be >= 1")
     need(0 <= cfg.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     need(cfg.train.adv_std in ADV_STD, "train.adv_std", f"must be one of {ADV_STD}")
-    need(cfg.train.ema_schedule in EMA_SCHEDULES, "train.ema_schedule",
-         f"must be one of {EMA_SCHEDULES} ('published': Flow-GRPO's cadence, see docs/recipe.md), "
-         f"got {cfg.train.ema_schedule!r}")
-    need(cfg.train.kl_form in KL_FORMS, "train.kl_form",
-         f"must be one of {KL_FORMS} ('published': Flow-GRPO's form, see docs/recipe.md), got {cfg.train.kl_form!r}")
+    need(
+        cfg.train.ema_schedule in EMA_SCHEDULES,
+        "train.ema_schedule",
+        f"must be one of {EMA_SCHEDULES} ('published': Flow-GRPO's cadence, see docs/recipe.md), "
+        f"got {cfg.train.ema_schedule!r}",
+    )
+    need(
+        cfg.train.kl_form in KL_FORMS,
+        "train.kl_form",
+        f"must be one of {KL_FORMS} ('published': Flow-GRPO's form, see docs/recipe.md), got {cfg.train.kl_form!r}",
+    )
     need(cfg.train.deepspeed in ("", "zero2"), "train.deepspeed", "must be '' or 'zero2'")
     need(cfg.mapreduce.cycles >= 1, "mapreduce.cycles", "must be >= 1")
     need(cfg.mapreduce.mode in MODES, "mapreduce.mode", f"must be one of {MODES}")
     need(cfg.mapreduce.merge_mode in MERGE_MODES, "mapreduce.merge_mode", f"must be one of {MERGE_MODES}")
     # .get: run.json of runs started before these keys existed lacks them (the merge job uses the same defaults)
-    need(cfg.mapreduce.get("materialise_every", 1) >= 0, "mapreduce.materialise_every",
-         "must be >= 0 (materialise when K updates would be folded; 0 never)")
+    need(
+        cfg.mapreduce.get("materialise_every", 1) >= 0,
+        "mapreduce.materialise_every",
+        "must be >= 0 (materialise when K updates would be folded; 0 never)",
+    )
     need(cfg.mapreduce.get("keep_bases", 1) >= 1, "mapreduce.keep_bases", "must be >= 1 (the newest base is kept)")
     rate_cycles = list(cfg.mapreduce.get("rate_after_cycles", None) or [])
-    need(all(isinstance(c, int) and not isinstance(c, bool) for c in rate_cycles), "mapreduce.rate_after_cycles",
-         f"must be a list of cycle numbers, got {rate_cycles!r}")
+    need(
+        all(isinstance(c, int) and not isinstance(c, bool) for c in rate_cycles),
+        "mapreduce.rate_after_cycles",
+        f"must be a list of cycle numbers, got {rate_cycles!r}",
+    )
     outside = [c for c in rate_cycles if not 1 <= c <= cfg.mapreduce.cycles]
-    need(not outside, "mapreduce.rate_after_cycles",
-         f"cycle(s) {outside} are outside the run's cycles 1..{cfg.mapreduce.cycles}; choose cycles in that range "
-         f"(or raise mapreduce.cycles)")
+    need(
+        not outside,
+        "mapreduce.rate_after_cycles",
+        f"cycle(s) {outside} are outside the run's cycles 1..{cfg.mapreduce.cycles}; choose cycles in that range "
+        f"(or raise mapreduce.cycles)",
+    )
     need(cfg.rate.steps >= 1, "rate.steps", "must be >= 1")
     need(cfg.rate.lr > 0, "rate.lr", "must be > 0")
     need(cfg.rate.logit_std > 0, "rate.logit_std", "must be > 0")
@@ -446,13 +477,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(len(set(rewards)) == len(rewards), "rewards", f"names a reward twice: {rewards}")
     for reward in rewards:
         # reward names become directory and job names: cycle_XXXX/<reward>/, mrlora-<ts>-c0001-<reward>
-        need(reward not in RESERVED_REWARD_NAMES and not reward.startswith("rate-"), "rewards",
-             f"{reward!r} is reserved for the run directory's own entries ({', '.join(RESERVED_REWARD_NAMES)}); "
-             "register the reward under another name")
-        need(bool(reward) and "/" not in reward and not reward.startswith("."), "rewards",
-             f"{reward!r} cannot be a directory name; use letters, digits, '_' or '-'")
+        need(
+            reward not in RESERVED_REWARD_NAMES and not reward.startswith("rate-"),
+            "rewards",
+            f"{reward!r} is reserved for the run directory's own entries ({', '.join(RESERVED_REWARD_NAMES)}); "
+            "register the reward under another name",
+        )
+        need(
+            bool(reward) and "/" not in reward and not reward.startswith("."),
+            "rewards",
+            f"{reward!r} cannot be a directory name; use letters, digits, '_' or '-'",
+        )
     need(
-        len(cfg.weights) == len(rewards), "weights",
+        len(cfg.weights) == len(rewards),
+        "weights",
         f"has {len(cfg.weights)} values for {len(rewards)} rewards {rewards}; give one weight per reward",
     )
     try:
@@ -460,15 +498,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     except ConfigError as exc:
         raise ConfigError(f"weights: {exc}") from None
     for reward in rewards:
-        need(reward in cfg.prompts and bool(cfg.prompts[reward]), f"prompts.{reward}",
-             f"no prompt source for reward {reward!r}; set prompts.{reward}=<file or gen:kind:n>")
+        need(
+            reward in cfg.prompts and bool(cfg.prompts[reward]),
+            f"prompts.{reward}",
+            f"no prompt source for reward {reward!r}; set prompts.{reward}=<file or gen:kind:n>",
+        )
     known = _known_rewards()
     if known is not None:
         for reward in rewards:
             if ":" in reward:  # "package.module:factory" user rewards are resolved when the job builds them
                 continue
-            need(reward in known, "rewards",
-                 f"unknown reward {reward!r}; known rewards: {', '.join(sorted(known))}")
+            need(reward in known, "rewards", f"unknown reward {reward!r}; known rewards: {', '.join(sorted(known))}")
     for reward in cfg.per_reward:
         try:
             probe = config_for_reward(cfg, reward)

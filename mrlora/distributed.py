@@ -16,6 +16,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
+
 from mrlora.cli import UserError
 
 PORT_BASE = 20000
@@ -55,8 +56,9 @@ def port_for_job(job_id: str) -> int:
 def first_host(nodelist: str) -> str:
     """The first hostname of a Slurm nodelist (``node[1-3]`` -> ``node1``) via ``scontrol show hostnames``."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError) as exc:
         raise DistributedError(
             f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with `scontrol show hostnames` ({exc}); "
@@ -75,8 +77,9 @@ def reachable_address(host: str) -> str:
     except OSError:
         pass
     try:
-        out = subprocess.run(["scontrol", "show", "node", host, "-o"], capture_output=True, text=True, timeout=30,
-                             check=True).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "node", host, "-o"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise DistributedError(f"host {host!r} does not resolve and `scontrol show node` failed: {exc}") from None
     for field in out.split():
@@ -90,9 +93,12 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(
-            rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(env.get("LOCAL_RANK", 0)), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)), source="torchrun",
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            source="torchrun",
         )
     ntasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1)
     if "SLURM_PROCID" in env and ntasks > 1:
@@ -101,9 +107,12 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
             raise DistributedError("SLURM_NTASKS > 1 but SLURM_JOB_NODELIST is not set; is this an srun step?")
         job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "0"
         return DistEnv(
-            rank=int(env["SLURM_PROCID"]), world_size=ntasks, local_rank=int(env.get("SLURM_LOCALID", 0)),
+            rank=int(env["SLURM_PROCID"]),
+            world_size=ntasks,
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or reachable_address(first_host(nodelist)),
-            master_port=int(env.get("MASTER_PORT") or port_for_job(job_id)), source="slurm",
+            master_port=int(env.get("MASTER_PORT") or port_for_job(job_id)),
+            source="slurm",
         )
     return DistEnv()
 
@@ -112,14 +121,20 @@ def export(dist: DistEnv) -> None:
     """Publish ``dist`` in torchrun's variables so accelerate and torch.distributed pick it up (env://)."""
     if not dist.is_distributed:
         return
-    os.environ.update({
-        "RANK": str(dist.rank), "WORLD_SIZE": str(dist.world_size), "LOCAL_RANK": str(dist.local_rank),
-        "LOCAL_WORLD_SIZE": os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")),
-        "MASTER_ADDR": dist.master_addr, "MASTER_PORT": str(dist.master_port),
-    })
+    os.environ.update(
+        {
+            "RANK": str(dist.rank),
+            "WORLD_SIZE": str(dist.world_size),
+            "LOCAL_RANK": str(dist.local_rank),
+            "LOCAL_WORLD_SIZE": os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")),
+            "MASTER_ADDR": dist.master_addr,
+            "MASTER_PORT": str(dist.master_port),
+        }
+    )
 
 
 # ------------------------------------------------------------------------------ collectives used by training
+
 
 def all_gather_cat(tensor, accelerator):
     """Concatenate a tensor of the same shape from every rank, in rank order (a no-op with one process)."""

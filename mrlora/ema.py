@@ -21,15 +21,19 @@ import torch
 
 from mrlora.config import EMA_SCHEDULES
 
-
 PUBLISHED_BATCHES_PER_STEP = 2  # sampling batches per optimizer step in the published 32-GPU configs
 
 
 class LoraEMA:
     """EMA of named parameters (the LoRA A/B matrices)."""
 
-    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], decay: float, every: int,
-                 schedule: str = "per_update"):
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        decay: float,
+        every: int,
+        schedule: str = "per_update",
+    ):
         if schedule not in EMA_SCHEDULES:
             raise ValueError(f"EMA schedule must be one of {EMA_SCHEDULES}, got {schedule!r}")
         self.schedule = schedule

@@ -137,7 +137,9 @@ def grpo_loss(
     weight both terms, whose means are then taken as usual.
     """
     ratio = torch.exp(log_prob - old_log_prob)
-    per_sample = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range))
+    per_sample = torch.maximum(
+        -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    )
     clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean()
     w = torch.ones_like(per_sample) if weights is None else weights.to(per_sample)
     policy = (w * per_sample).mean()

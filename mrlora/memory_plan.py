@@ -36,6 +36,7 @@ class MemoryPlanError(ValueError):
 
 # ------------------------------------------------------------------------------------- transformer tensors
 
+
 def _linear(t: dict, name: str, out_f: int, in_f: int, bias: bool = True) -> None:
     t[f"{name}.weight"] = (out_f, in_f)
     if bias:
@@ -47,8 +48,9 @@ def _timestep_mlp(t: dict, name: str, dim: int, in_f: int) -> None:
     _linear(t, f"{name}.linear_2", dim, dim)
 
 
-def _attention(t: dict, name: str, dim: int, head_dim: int, qk_norm: bool, added: bool, add_out: bool,
-               out: bool = True) -> None:
+def _attention(
+    t: dict, name: str, dim: int, head_dim: int, qk_norm: bool, added: bool, add_out: bool, out: bool = True
+) -> None:
     if qk_norm:
         t[f"{name}.norm_q.weight"] = (head_dim,)
         t[f"{name}.norm_k.weight"] = (head_dim,)
@@ -73,7 +75,10 @@ def _feed_forward(t: dict, name: str, dim: int) -> None:
 
 def sd3_tensors(c: dict) -> dict[str, tuple[int, ...]]:
     """State-dict names and shapes of ``SD3Transformer2DModel(**c)`` (the position table included)."""
-    hd, dim = int(c.get("attention_head_dim", 64)), int(c.get("num_attention_heads", 18)) * int(c.get("attention_head_dim", 64))
+    hd, dim = (
+        int(c.get("attention_head_dim", 64)),
+        int(c.get("num_attention_heads", 18)) * int(c.get("attention_head_dim", 64)),
+    )
     patch, layers = int(c.get("patch_size", 2)), int(c.get("num_layers", 18))
     out_ch = int(c.get("out_channels") or c.get("in_channels", 16))
     qk = c.get("qk_norm") is not None
@@ -151,6 +156,7 @@ def lora_modules(tensors: dict[str, tuple[int, ...]], suffixes: Iterable[str]) -
 
 # ----------------------------------------------------------------------------------------- other components
 
+
 def clip_params(c: dict, projection: bool) -> int:
     """Parameters of ``CLIPTextModel`` (``projection``: ``CLIPTextModelWithProjection``)."""
     h, i, layers = int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_hidden_layers"])
@@ -162,9 +168,18 @@ def clip_params(c: dict, projection: bool) -> int:
 def t5_encoder_params(c: dict) -> int:
     """Parameters of ``T5EncoderModel`` (the shared embedding counted once; it is tied to the encoder's)."""
     d, inner, layers = int(c["d_model"]), int(c["num_heads"]) * int(c["d_kv"]), int(c["num_layers"])
-    ff = 3 * d * int(c["d_ff"]) if str(c.get("feed_forward_proj", "relu")).startswith("gated") else 2 * d * int(c["d_ff"])
+    ff = (
+        3 * d * int(c["d_ff"])
+        if str(c.get("feed_forward_proj", "relu")).startswith("gated")
+        else 2 * d * int(c["d_ff"])
+    )
     per_layer = 4 * d * inner + d + ff + d
-    return int(c["vocab_size"]) * d + layers * per_layer + int(c["relative_attention_num_buckets"]) * int(c["num_heads"]) + d
+    return (
+        int(c["vocab_size"]) * d
+        + layers * per_layer
+        + int(c["relative_attention_num_buckets"]) * int(c["num_heads"])
+        + d
+    )
 
 
 def _resnet(cin: int, cout: int) -> int:
@@ -178,7 +193,9 @@ def vae_params(c: dict) -> int:
     lpb, lat = int(c.get("layers_per_block", 1)), int(c.get("latent_channels", 4))
     cin, cout = int(c.get("in_channels", 3)), int(c.get("out_channels", 3))
     last = ch[-1]
-    mid = 2 * _resnet(last, last) + (4 * (last * last + last) + 2 * last if c.get("mid_block_add_attention", True) else 0)
+    mid = 2 * _resnet(last, last) + (
+        4 * (last * last + last) + 2 * last if c.get("mid_block_add_attention", True) else 0
+    )
     enc = ch[0] * cin * 9 + ch[0]
     prev = ch[0]
     for k, out in enumerate(ch):
@@ -224,14 +241,16 @@ def _numel(shape) -> int:
 
 # -------------------------------------------------------------------------------------- where configs come from
 
+
 def read_model_dir(path: Path | str) -> dict[str, tuple[str, dict]]:
     """``{component: (class, config)}`` from a diffusers model directory's JSON files (no weights read)."""
     path = Path(path)
     try:
         index = json.loads((path / "model_index.json").read_text())
     except (OSError, ValueError) as exc:
-        raise MemoryPlanError(f"{path / 'model_index.json'} is unreadable ({exc}); is {path} a diffusers model "
-                              f"directory?") from None
+        raise MemoryPlanError(
+            f"{path / 'model_index.json'} is unreadable ({exc}); is {path} a diffusers model directory?"
+        ) from None
     components = {}
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[1] not in KNOWN_CLASSES:
@@ -265,12 +284,13 @@ def model_components(pretrained: str, arch: str) -> tuple[dict[str, tuple[str, d
 
 # ------------------------------------------------------------------------------------------------ the estimate
 
+
 @dataclass
 class ProcessMemory:
     """Bytes one training process holds for weights and optimizer (see the module docstring for what is left out)."""
 
     dtype: str
-    frozen: dict[str, int]           # component -> parameter count (held in ``dtype``)
+    frozen: dict[str, int]  # component -> parameter count (held in ``dtype``)
     lora_params: int
     lora_modules: int
     processes: int = 1
@@ -310,8 +330,14 @@ class ProcessMemory:
 
     @property
     def total_bytes(self) -> int:
-        return (sum(self.frozen_bytes.values()) + self.lora_bytes + self.grad_bytes + self.adam_bytes
-                + self.master_bytes + self.ema_bytes)
+        return (
+            sum(self.frozen_bytes.values())
+            + self.lora_bytes
+            + self.grad_bytes
+            + self.adam_bytes
+            + self.master_bytes
+            + self.ema_bytes
+        )
 
 
 def estimate(cfg: Any, processes: int = 1) -> ProcessMemory:
@@ -325,12 +351,19 @@ def estimate(cfg: Any, processes: int = 1) -> ProcessMemory:
     dtype = str(cfg.model.dtype).lower()
     if dtype not in BYTES:
         raise MemoryPlanError(f"model.dtype={cfg.model.dtype!r} is not one of fp32, bf16, fp16")
-    return ProcessMemory(dtype=dtype, frozen=frozen, lora_params=lora, lora_modules=len(modules),
-                         processes=int(processes), zero2=cfg.train.deepspeed == "zero2",
-                         ema=bool(cfg.train.ema), source=source)
+    return ProcessMemory(
+        dtype=dtype,
+        frozen=frozen,
+        lora_params=lora,
+        lora_modules=len(modules),
+        processes=int(processes),
+        zero2=cfg.train.deepspeed == "zero2",
+        ema=bool(cfg.train.ema),
+        source=source,
+    )
 
 
-def _gb(n: int) -> str:
+def _gb(n: float) -> str:
     """Bytes in GB, or MB / kB for the tiny models (so their lines do not read 0.00 GB)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6)):
         if abs(n) >= scale / 10:
@@ -345,8 +378,11 @@ def _count(n: int) -> str:
 def format_estimate(m: ProcessMemory, label: str) -> str:
     frozen = ", ".join(f"{name} {_count(m.frozen[name])} = {_gb(b)}" for name, b in sorted(m.frozen_bytes.items()))
     if m.zero2:
-        zero = f"ZeRO-2 over {m.processes} processes: gradients, Adam and fp32 master / {m.processes}" \
-            if m.processes > 1 else "ZeRO-2 on one process: nothing to shard"
+        zero = (
+            f"ZeRO-2 over {m.processes} processes: gradients, Adam and fp32 master / {m.processes}"
+            if m.processes > 1
+            else "ZeRO-2 on one process: nothing to shard"
+        )
     else:
         zero = f"DDP over {m.processes} processes, no sharding" if m.processes > 1 else "one process"
     lines = [
@@ -354,12 +390,16 @@ def format_estimate(m: ProcessMemory, label: str) -> str:
         f"    weights {m.dtype}: {frozen}",
         f"    LoRA fp32: {m.lora_modules} modules, {_count(m.lora_params)} params: weights {_gb(m.lora_bytes)}, "
         f"grads {_gb(m.grad_bytes)}, Adam {_gb(m.adam_bytes)}"
-        + (f", master {_gb(m.master_bytes)}" if m.zero2 else "") + (f", EMA {_gb(m.ema_bytes)}" if m.ema else ""),
+        + (f", master {_gb(m.master_bytes)}" if m.zero2 else "")
+        + (f", EMA {_gb(m.ema_bytes)}" if m.ema else ""),
     ]
     left = GPU_GB * 1e9 - m.total_bytes
-    lines.append(f"    on an {GPU_GB:.0f} GB GPU: {_gb(left)} left for activations" if left > 0 else
-                 f"    does NOT fit an {GPU_GB:.0f} GB GPU ({_gb(-left)} over): use train.deepspeed='zero2', more "
-                 f"processes, a lower lora.rank or model.dtype='bf16'")
+    lines.append(
+        f"    on an {GPU_GB:.0f} GB GPU: {_gb(left)} left for activations"
+        if left > 0
+        else f"    does NOT fit an {GPU_GB:.0f} GB GPU ({_gb(-left)} over): use train.deepspeed='zero2', more "
+        f"processes, a lower lora.rank or model.dtype='bf16'"
+    )
     return "\n".join(lines)
 
 
@@ -378,8 +418,14 @@ def format_plan_memory(cfg: Any, jobs: Iterable[Any]) -> str:
                 continue
             for reward in job.rewards:
                 rcfg = config_for_reward(cfg, reward)
-                key = (int(job.resources.procs), rcfg.lora.rank, tuple(rcfg.lora.target_modules),
-                       rcfg.train.deepspeed, rcfg.train.ema, rcfg.model.dtype)
+                key = (
+                    int(job.resources.procs),
+                    rcfg.lora.rank,
+                    tuple(rcfg.lora.target_modules),
+                    rcfg.train.deepspeed,
+                    rcfg.train.ema,
+                    rcfg.model.dtype,
+                )
                 if key not in estimates:
                     estimates[key] = estimate(rcfg, job.resources.procs)
                 names = seen.setdefault(key, [])

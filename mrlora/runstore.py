@@ -29,6 +29,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+
 from mrlora.cli import UserError
 
 RUN_TS_FORMAT = "%Y%m%d_%H%M%S"
@@ -38,8 +39,8 @@ CHECKPOINT_MARKER = "COMPLETE.json"
 DONE_MARKER = "DONE.json"
 MERGE_MARKER = "MERGE_DONE.json"
 BASE_MARKER = "BASE_DONE.json"
-UPDATE_JSON = "update.json"            # cycle_XXXX/merged/update.json: how the cycle's update was made
-CONTINUE_ADAPTER = "adapter"           # cycle_XXXX/merged/adapter/: reference mode's averaged LoRA
+UPDATE_JSON = "update.json"  # cycle_XXXX/merged/update.json: how the cycle's update was made
+CONTINUE_ADAPTER = "adapter"  # cycle_XXXX/merged/adapter/: reference mode's averaged LoRA
 MARKER_NAMES = (CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER, BASE_MARKER)
 DAMAGED_INFIX = ".damaged-"
 _TMP_PREFIX = ".tmp-"
@@ -76,6 +77,7 @@ class DamagedFileError(RunStoreError):
 
 
 # ----------------------------------------------------------------------------------------------- atomic writes
+
 
 def fsync_dir(path: Path | str) -> None:
     """Persist a directory entry (a rename or a new file) on filesystems that need it."""
@@ -153,6 +155,7 @@ def wait_for(path: Path | str, timeout: float = 60.0, interval: float = 0.5) -> 
 
 # --------------------------------------------------------------------------------------------------- markers
 
+
 def file_digest(path: Path | str, chunk: int = 8 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -169,8 +172,13 @@ def _payload_files(directory: Path) -> list[Path]:
     return files
 
 
-def write_marker(directory: Path | str, name: str, extra: dict | None = None, checksums: bool = True,
-                 digests: dict[str, str] | None = None) -> dict:
+def write_marker(
+    directory: Path | str,
+    name: str,
+    extra: dict | None = None,
+    checksums: bool = True,
+    digests: dict[str, str] | None = None,
+) -> dict:
     """Record every file of ``directory`` (size and sha256) in marker ``name``, written last and atomically.
 
     The marker is what makes the directory complete: call this only after every other file is in place.
@@ -294,8 +302,12 @@ def quarantine(exc: DamagedFileError, next_step: str) -> DamagedFileError:
     if exc.unit is None or not exc.unit.exists():
         return exc
     aside = set_aside_damaged(exc.unit)
-    return DamagedFileError(f"{exc.path} is damaged (it differs from what its marker recorded); moved "
-                            f"{exc.unit.name} aside to {aside}; {next_step}", exc.path, exc.unit)
+    return DamagedFileError(
+        f"{exc.path} is damaged (it differs from what its marker recorded); moved "
+        f"{exc.unit.name} aside to {aside}; {next_step}",
+        exc.path,
+        exc.unit,
+    )
 
 
 def reset_incomplete_dir(directory: Path | str, marker: str) -> Path:
@@ -331,6 +343,7 @@ def complete_checkpoints(directory: Path | str) -> list[tuple[int, Path]]:
 
 
 # ------------------------------------------------------------------------------------------------------- lease
+
 
 def create_exclusive_json(path: Path | str, obj) -> bool:
     """Create ``path`` holding ``obj`` unless it already exists; True when this call created it.
@@ -406,6 +419,7 @@ def pid_alive(pid: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------- layout
+
 
 @dataclass
 class ExpertState:
@@ -486,8 +500,10 @@ class RunDir:
                 return cls(parent / stamp)
             except FileExistsError:
                 if run_ts:
-                    raise RunStoreError(f"run {parent / stamp} already exists: choose another --name, or continue "
-                                        f"that run with --resume {stamp}") from None
+                    raise RunStoreError(
+                        f"run {parent / stamp} already exists: choose another --name, or continue "
+                        f"that run with --resume {stamp}"
+                    ) from None
                 stamp = new_run_ts()
         raise RunStoreError(f"could not create a fresh run directory under {parent}")
 
@@ -503,8 +519,11 @@ class RunDir:
                     f"--out-root {out_root} --model {model}` lists runs"
                 )
             return run
-        runs = sorted(p for p in parent.glob("*") if is_run_ts(p.name) and (p / RUN_JSON).exists()) \
-            if parent.is_dir() else []
+        runs = (
+            sorted(p for p in parent.glob("*") if is_run_ts(p.name) and (p / RUN_JSON).exists())
+            if parent.is_dir()
+            else []
+        )
         if not runs:
             raise RunStoreError(f"no runs of {model} under {out_root}; start one with python -m launch.mapreduce")
         return cls(runs[-1])
@@ -670,6 +689,7 @@ class RunDir:
 
 # ------------------------------------------------------------------------------------ the model after cycle c
 
+
 @dataclass(frozen=True)
 class ModelAfter:
     """The model after ``cycle``: ``base_dir`` (a materialised ``cycle_XXXX/base``, or None for base_0) with
@@ -755,7 +775,7 @@ def model_after(run_dir: Path | str, cycle: int) -> ModelAfter:
     for b in sorted((c for c in run.cycles_present() if c <= cycle), reverse=True):
         folded = base_chain(run.base_dir(b))
         if folded is not None and folded == chain_cycles[: len(folded)]:
-            return ModelAfter(cycle, run.base_dir(b), tuple(chain[len(folded):]), tuple(chain))
+            return ModelAfter(cycle, run.base_dir(b), tuple(chain[len(folded) :]), tuple(chain))
     return ModelAfter(cycle, None, tuple(chain), tuple(chain))
 
 

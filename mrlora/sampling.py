@@ -19,12 +19,12 @@ resumed or differently-sharded run seeing the same samples.
 from __future__ import annotations
 
 import abc
-
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+
 from mrlora.cli import UserError
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -35,6 +35,7 @@ class SamplingError(UserError, ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ the SDE step
+
 
 @dataclass
 class StepOutput:
@@ -105,6 +106,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 
 # --------------------------------------------------------------------------------------- per-architecture glue
 
+
 @dataclass
 class PromptEmbeds:
     """The text conditioning actually used, per sample (the unconditional one shared by all samples).
@@ -122,7 +124,10 @@ class PromptEmbeds:
     def select(self, index: torch.Tensor | slice | Sequence[int]) -> "PromptEmbeds":
         """The embeddings of a subset of samples (the shared negative is kept as is)."""
         return PromptEmbeds(
-            self.prompt_embeds[index], self.pooled[index], self.negative_prompt_embeds, self.negative_pooled,
+            self.prompt_embeds[index],
+            self.pooled[index],
+            self.negative_prompt_embeds,
+            self.negative_pooled,
             self.text_ids,
         )
 
@@ -130,8 +135,11 @@ class PromptEmbeds:
     def cat(parts: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
         first = parts[0]
         return PromptEmbeds(
-            torch.cat([p.prompt_embeds for p in parts]), torch.cat([p.pooled for p in parts]),
-            first.negative_prompt_embeds, first.negative_pooled, first.text_ids,
+            torch.cat([p.prompt_embeds for p in parts]),
+            torch.cat([p.pooled for p in parts]),
+            first.negative_prompt_embeds,
+            first.negative_pooled,
+            first.text_ids,
         )
 
 
@@ -164,20 +172,24 @@ class FlowModel(abc.ABC):
         return sched.timesteps.float().cpu(), sched.sigmas.float().cpu()
 
     @abc.abstractmethod
-    def _set_timesteps(self, sched, num_steps: int, resolution: int) -> None:
-        ...
+    def _set_timesteps(self, sched, num_steps: int, resolution: int) -> None: ...
 
     @abc.abstractmethod
-    def encode(self, prompts: list[str], guidance_scale: float, max_sequence_length: int) -> PromptEmbeds:
-        ...
+    def encode(self, prompts: list[str], guidance_scale: float, max_sequence_length: int) -> PromptEmbeds: ...
 
     @abc.abstractmethod
-    def initial_latents(self, generators: list[torch.Generator], resolution: int) -> torch.Tensor:
-        ...
+    def initial_latents(self, generators: list[torch.Generator], resolution: int) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def velocity(self, transformer, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
-                 guidance_scale: float, detach_uncond: bool = False) -> torch.Tensor:
+    def velocity(
+        self,
+        transformer,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: PromptEmbeds,
+        guidance_scale: float,
+        detach_uncond: bool = False,
+    ) -> torch.Tensor:
         """The (guided) velocity for ``latents`` at per-sample ``timesteps`` (scheduler scale, 0..1000).
 
         ``detach_uncond``: treat the unconditional prediction of true CFG as a constant for gradients.
@@ -185,8 +197,7 @@ class FlowModel(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def decode(self, latents: torch.Tensor, resolution: int) -> list:
-        ...
+    def decode(self, latents: torch.Tensor, resolution: int) -> list: ...
 
     @torch.no_grad()
     def _vae_decode(self, latents: torch.Tensor) -> list:
@@ -211,9 +222,13 @@ class SD3Model(FlowModel):
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
             seq = (self.latent_size(resolution) // self.pipeline.transformer.config.patch_size) ** 2
-            kwargs["mu"] = calculate_shift(seq, sched.config.get("base_image_seq_len", 256),
-                                           sched.config.get("max_image_seq_len", 4096),
-                                           sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.16))
+            kwargs["mu"] = calculate_shift(
+                seq,
+                sched.config.get("base_image_seq_len", 256),
+                sched.config.get("max_image_seq_len", 4096),
+                sched.config.get("base_shift", 0.5),
+                sched.config.get("max_shift", 1.16),
+            )
         sched.set_timesteps(num_steps, device="cpu", **kwargs)
 
     def encode(self, prompts, guidance_scale, max_sequence_length):
@@ -236,8 +251,12 @@ class SD3Model(FlowModel):
 
     def _encode(self, prompts, max_sequence_length):
         pe, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=self.device,
-            do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+            prompt=prompts,
+            prompt_2=prompts,
+            prompt_3=prompts,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
         )
         return pe, pooled
 
@@ -250,15 +269,22 @@ class SD3Model(FlowModel):
         x = latents.to(self.dtype)
         t = timesteps.to(device=x.device, dtype=x.dtype)
         if embeds.negative_prompt_embeds is None:
-            return transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds.prompt_embeds,
-                               pooled_projections=embeds.pooled, return_dict=False)[0]
+            return transformer(
+                hidden_states=x,
+                timestep=t,
+                encoder_hidden_states=embeds.prompt_embeds,
+                pooled_projections=embeds.pooled,
+                return_dict=False,
+            )[0]
         n = x.shape[0]
         neg = embeds.negative_prompt_embeds.expand(n, -1, -1)
         npooled = embeds.negative_pooled.expand(n, -1)
         out = transformer(
-            hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]),
+            hidden_states=torch.cat([x, x]),
+            timestep=torch.cat([t, t]),
             encoder_hidden_states=torch.cat([neg, embeds.prompt_embeds]),
-            pooled_projections=torch.cat([npooled, embeds.pooled]), return_dict=False,
+            pooled_projections=torch.cat([npooled, embeds.pooled]),
+            return_dict=False,
         )[0]
         uncond, cond = out.float().chunk(2)
         if detach_uncond:
@@ -283,15 +309,22 @@ class FluxModel(FlowModel):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         seq = (self.latent_size(resolution) // 2) ** 2
-        mu = calculate_shift(seq, sched.config.get("base_image_seq_len", 256),
-                             sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
-                             sched.config.get("max_shift", 1.15))
+        mu = calculate_shift(
+            seq,
+            sched.config.get("base_image_seq_len", 256),
+            sched.config.get("max_image_seq_len", 4096),
+            sched.config.get("base_shift", 0.5),
+            sched.config.get("max_shift", 1.15),
+        )
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         sched.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
 
     def encode(self, prompts, guidance_scale, max_sequence_length):
         pe, pooled, text_ids = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=max_sequence_length,
+            prompt=prompts,
+            prompt_2=prompts,
+            device=self.device,
+            max_sequence_length=max_sequence_length,
         )
         return PromptEmbeds(pe, pooled, text_ids=text_ids)
 
@@ -312,9 +345,14 @@ class FluxModel(FlowModel):
         if transformer_config(transformer).guidance_embeds:
             guidance = torch.full((n,), float(guidance_scale), device=x.device, dtype=torch.float32)
         out = transformer(
-            hidden_states=x, timestep=(timesteps.to(device=x.device, dtype=x.dtype) / 1000), guidance=guidance,
-            pooled_projections=embeds.pooled, encoder_hidden_states=embeds.prompt_embeds, txt_ids=embeds.text_ids,
-            img_ids=img_ids, return_dict=False,
+            hidden_states=x,
+            timestep=(timesteps.to(device=x.device, dtype=x.dtype) / 1000),
+            guidance=guidance,
+            pooled_projections=embeds.pooled,
+            encoder_hidden_states=embeds.prompt_embeds,
+            txt_ids=embeds.text_ids,
+            img_ids=img_ids,
+            return_dict=False,
         )[0]
         return out.float()
 
@@ -345,6 +383,7 @@ def flow_model(pipeline: Any) -> FlowModel:
 
 
 # --------------------------------------------------------------------------------------------------- sampling
+
 
 @dataclass
 class SampleResult:
@@ -461,5 +500,6 @@ def step_log_prob(
     """
     t = timesteps[step_index].expand(latents.shape[0])
     v = model.velocity(transformer, latents, t, embeds, guidance_scale, detach_uncond=detach_uncond)
-    return sde_step(v, latents, sigmas[step_index], sigmas[step_index + 1], sigmas[1], noise_level,
-                    next_latents=next_latents)
+    return sde_step(
+        v, latents, sigmas[step_index], sigmas[step_index + 1], sigmas[1], noise_level, next_latents=next_latents
+    )

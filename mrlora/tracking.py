@@ -96,8 +96,11 @@ class Tracker:
         """Log the numeric entries of ``metrics`` at the lineage's global step for ``step``."""
         if not self.backends or self.lineage is None:
             return
-        numeric = {k: float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        numeric = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+        }
         if not numeric:
             return
         at = self.lineage.global_step(step)
@@ -140,8 +143,12 @@ class _Wandb:
 
         lineage.root.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=project, group=lineage.group, name=f"{lineage.group}/{lineage.name}",
-            id=wandb_run_id(lineage), resume="allow", dir=str(lineage.root),
+            project=project,
+            group=lineage.group,
+            name=f"{lineage.group}/{lineage.name}",
+            id=wandb_run_id(lineage),
+            resume="allow",
+            dir=str(lineage.root),
             mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]  # wandb checks the value
             settings=wandb.Settings(silent=True, console="off"),
         )
@@ -171,8 +178,10 @@ def open_tracker(logging_cfg, lineage: Lineage | None) -> Tracker:
         try:
             backends.append(_TensorBoard(lineage))
         except ImportError:
-            log.warning("logging.tensorboard is on but tensorboard is not installed; skipping it "
-                        "(pip install 'mrlora[tensorboard]')")
+            log.warning(
+                "logging.tensorboard is on but tensorboard is not installed; skipping it "
+                "(pip install 'mrlora[tensorboard]')"
+            )
     if logging_cfg.get("wandb", False):
         try:
             backends.append(_Wandb(lineage, str(logging_cfg.get("project", "mrlora"))))

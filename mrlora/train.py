@@ -40,8 +40,8 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     from mrlora.config import config_from_dict, run_reward_config
     from mrlora.reduce import map_start
     from mrlora.runstore import RunDir
-    from mrlora.training.data import salt_for
     from mrlora.tracking import expert_lineage
+    from mrlora.training.data import salt_for
     from mrlora.training.loop import ExpertJob, train_expert
 
     run = RunDir(run_root)
@@ -56,10 +56,16 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     if start.init_adapter is not None:
         extra["init_adapter"] = str(Path(start.init_adapter).relative_to(run.root))
     job = ExpertJob(
-        cfg=cfg, reward=reward, out_dir=run.expert_dir(cycle, reward), base_spec=cfg.model.pretrained,
-        base_id=cfg.model.pretrained, prior_updates=list(start.update_dirs), start_base=start.base.base_dir,
+        cfg=cfg,
+        reward=reward,
+        out_dir=run.expert_dir(cycle, reward),
+        base_spec=cfg.model.pretrained,
+        base_id=cfg.model.pretrained,
+        prior_updates=list(start.update_dirs),
+        start_base=start.base.base_dir,
         init_adapter=start.init_adapter,
-        seed_salt=salt_for(reward, cycle), extra_done=extra,
+        seed_salt=salt_for(reward, cycle),
+        extra_done=extra,
         tracking=expert_lineage(run.root, cycle, reward, config_from_dict(run_config)),
     )
     return train_expert(job)
@@ -89,8 +95,14 @@ def train_expert_standalone(
     if missing:
         raise TrainError(f"--prior-updates: {missing} are not directories; pass cycle_XXXX/merged directories")
     job = ExpertJob(
-        cfg=cfg, reward=reward, out_dir=Path(out), base_spec=base, base_id=base,
-        prior_updates=[Path(p) for p in prior_updates or []], seed_salt=salt_for(reward, 0), progress=progress,
+        cfg=cfg,
+        reward=reward,
+        out_dir=Path(out),
+        base_spec=base,
+        base_id=base,
+        prior_updates=[Path(p) for p in prior_updates or []],
+        seed_salt=salt_for(reward, 0),
+        progress=progress,
     )
     return train_expert(job)
 
@@ -99,24 +111,34 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mrlora.train",
         description="Train one Flow-GRPO LoRA expert (the Map step), resumable and distributed "
-                    "(srun / torchrun: one process per GPU).",
-        epilog="Exit codes: 0 done, 2 error (message printed), 3 preempted after a checkpoint (run again to "
-               "continue).",
+        "(srun / torchrun: one process per GPU).",
+        epilog="Exit codes: 0 done, 2 error (message printed), 3 preempted after a checkpoint (run again to continue).",
     )
     run = p.add_argument_group("inside a MapReduce run")
     run.add_argument("--run", metavar="RUN_DIR", help="run directory (OUT_ROOT/<model>/<RUN_TS>) holding run.json")
     run.add_argument("--cycle", type=int, help="cycle number (from 1) whose expert to train")
     alone = p.add_argument_group("standalone")
-    alone.add_argument("--model", dest="config", metavar="PRESET",
-                       help="preset (sd35m, flux, tiny-sd3, tiny-flux) or a .py file")
+    alone.add_argument(
+        "--model", dest="config", metavar="PRESET", help="preset (sd35m, flux, tiny-sd3, tiny-flux) or a .py file"
+    )
     alone.add_argument("--config", dest="config", help=argparse.SUPPRESS)  # the old spelling
     alone.add_argument("--base", help="base model: local diffusers dir, hub id, or tiny:sd3 / tiny:flux")
-    alone.add_argument("--prior-updates", nargs="*", default=[], metavar="DIR",
-                       help="merged update dirs (cycle_XXXX/merged) folded into the base first, in order")
+    alone.add_argument(
+        "--prior-updates",
+        nargs="*",
+        default=[],
+        metavar="DIR",
+        help="merged update dirs (cycle_XXXX/merged) folded into the base first, in order",
+    )
     alone.add_argument("--out", help="expert directory to write (checkpoints, adapter/, metrics.jsonl, DONE.json)")
     alone.add_argument("--steps", type=int, help="optimizer steps (default: the preset's train.steps)")
-    alone.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="config override, repeatable (e.g. --set train.lr=1e-4)")
+    alone.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, repeatable (e.g. --set train.lr=1e-4)",
+    )
     alone.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--reward", required=True, help="reward the expert maximises (e.g. pickscore, brightness)")
     return p
@@ -139,17 +161,30 @@ def _main(argv: list[str] | None) -> int:
                 raise TrainError("--run takes its config, base and output from the run; drop --model/--base/--out")
             done = train_expert_in_run(args.run, args.cycle, args.reward)
         else:
-            missing = [flag for flag, value in (("--model", args.config), ("--base", args.base), ("--out", args.out))
-                       if not value]
+            missing = [
+                flag
+                for flag, value in (("--model", args.config), ("--base", args.base), ("--out", args.out))
+                if not value
+            ]
             if missing:
                 raise TrainError(f"standalone training needs {', '.join(missing)} (or use --run RUN_DIR --cycle C)")
-            done = train_expert_standalone(args.config, args.reward, args.base, args.out, args.steps,
-                                           args.prior_updates, args.set, progress=not args.no_progress)
+            done = train_expert_standalone(
+                args.config,
+                args.reward,
+                args.base,
+                args.out,
+                args.steps,
+                args.prior_updates,
+                args.set,
+                progress=not args.no_progress,
+            )
     except Preempted as exc:
         print(f"mrlora.train: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
     metrics = done.get("final_metrics") or {}
-    print(f"expert {args.reward}: {done.get('steps')} steps, reward_mean {metrics.get('reward_mean', float('nan')):.4f}")
+    print(
+        f"expert {args.reward}: {done.get('steps')} steps, reward_mean {metrics.get('reward_mean', float('nan')):.4f}"
+    )
     return 0
 
 

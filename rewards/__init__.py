@@ -39,6 +39,7 @@ To have ``python -m rewards.prefetch`` download its weights, give the decorator
 ``reward_models`` attribute on an entry-point factory).
 """
 
+from rewards import builtin as _builtin  # noqa: F401  (registers the built-ins; torch-free)
 from rewards.base import (
     ENTRY_POINT_GROUP,
     MissingModelError,
@@ -52,7 +53,6 @@ from rewards.base import (
     register_reward,
 )
 from rewards.hub import ModelRef
-from rewards import builtin as _builtin  # noqa: F401  (registers the built-ins; torch-free)
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
 from mrlora.cli import UserError
 
 ENTRY_POINT_GROUP = "mrlora.rewards"
@@ -133,8 +134,9 @@ class RewardSpec:
 _REGISTRY: dict[str, RewardSpec] = {}
 
 
-def register_reward(name: str, *, models: ModelsFn | None = None,
-                    train_only: Sequence[str] = ()) -> Callable[[RewardFactory], RewardFactory]:
+def register_reward(
+    name: str, *, models: ModelsFn | None = None, train_only: Sequence[str] = ()
+) -> Callable[[RewardFactory], RewardFactory]:
     """Decorator registering ``factory(**kwargs) -> Reward`` under ``name``.
 
     ``models(**kwargs) -> list[ModelRef]`` (optional) lists the Hugging Face models the reward would load
@@ -199,8 +201,7 @@ def get_reward_spec(name: str) -> RewardSpec:
             factory = eps[name].load()
         except Exception as exc:
             raise UnknownRewardError(
-                f"reward {name!r}: entry point {eps[name].value!r} in group {ENTRY_POINT_GROUP!r} failed to "
-                f"load: {exc}"
+                f"reward {name!r}: entry point {eps[name].value!r} in group {ENTRY_POINT_GROUP!r} failed to load: {exc}"
             ) from exc
         return RewardSpec(name=name, factory=factory, models=getattr(factory, "reward_models", None))
     known = available_rewards()
@@ -225,8 +226,7 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
         inspect.signature(spec.factory).bind(**kwargs)
     except TypeError as exc:
         raise RewardError(
-            f"reward {name!r}: bad config kwargs {sorted(kwargs)}: {exc}. Check reward_models.{name} in your "
-            "config."
+            f"reward {name!r}: bad config kwargs {sorted(kwargs)}: {exc}. Check reward_models.{name} in your config."
         ) from exc
     except ValueError:  # builtins without a signature: let the call itself complain
         pass

@@ -19,8 +19,9 @@ DEFAULT_GENEVAL_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 DEFAULT_GENEVAL_CLIP = "openai/clip-vit-large-patch14"
 
 
-def _pickscore_models(model: str = DEFAULT_PICKSCORE_MODEL, processor: str = DEFAULT_PICKSCORE_PROCESSOR,
-                      **_ignored) -> list[ModelRef]:
+def _pickscore_models(
+    model: str = DEFAULT_PICKSCORE_MODEL, processor: str = DEFAULT_PICKSCORE_PROCESSOR, **_ignored
+) -> list[ModelRef]:
     return [ModelRef(processor, "CLIP processor", weights=False), ModelRef(model, "PickScore model")]
 
 
@@ -40,8 +41,15 @@ def pickscore(
     model = resolve_model(model, reward="pickscore", purpose="PickScore model", cache_dir=cache_dir)
     from rewards.pickscore import build_pickscore
 
-    return build_pickscore(model=model, processor=processor, device=device, batch_size=batch_size,
-                           normalize_by=normalize_by, dtype=dtype, cache_dir=cache_dir)
+    return build_pickscore(
+        model=model,
+        processor=processor,
+        device=device,
+        batch_size=batch_size,
+        normalize_by=normalize_by,
+        dtype=dtype,
+        cache_dir=cache_dir,
+    )
 
 
 def _ocr_models(**_ignored) -> list[ModelRef]:
@@ -51,8 +59,13 @@ def _ocr_models(**_ignored) -> list[ModelRef]:
 register_reward("ocr", models=_ocr_models)(build_ocr)  # rewards.ocr is torch-free; its engines load lazily
 
 
-def _geneval_models(backend: str = "auto", url: str | None = None, detector: str = DEFAULT_GENEVAL_DETECTOR,
-                    clip: str = DEFAULT_GENEVAL_CLIP, **_ignored) -> list[ModelRef]:
+def _geneval_models(
+    backend: str = "auto",
+    url: str | None = None,
+    detector: str = DEFAULT_GENEVAL_DETECTOR,
+    clip: str = DEFAULT_GENEVAL_CLIP,
+    **_ignored,
+) -> list[ModelRef]:
     if backend == "server" or (backend == "auto" and url):
         return []  # the models live with the server
     return [ModelRef(detector, "Mask2Former detector"), ModelRef(clip, "CLIP colour model")]
@@ -96,10 +109,15 @@ def geneval(
     if backend == "server":
         if not url:
             raise RewardError("geneval: backend='server' needs url='http://HOST:PORT' (see rewards.geneval_server)")
-        if (threshold is not None or counting_threshold is not None or max_per_class is not None
-                or partial_credit is not None):
-            raise RewardError("geneval: thresholds and partial_credit are set on the server "
-                              "(python -m rewards.geneval_server --help)")
+        if (
+            threshold is not None
+            or counting_threshold is not None
+            or max_per_class is not None
+            or partial_credit is not None
+        ):
+            raise RewardError(
+                "geneval: thresholds and partial_credit are set on the server (python -m rewards.geneval_server --help)"
+            )
         from rewards.geneval_client import GenEvalClient
 
         scorer = GenEvalClient(url, timeout=timeout, retries=retries, backoff=backoff, batch_size=batch_size)
@@ -110,10 +128,14 @@ def geneval(
         from rewards.hub import resolve_device
 
         scorer = load_scorer(
-            detector, clip, resolve_device(device), batch_size=batch_size,
+            detector,
+            clip,
+            resolve_device(device),
+            batch_size=batch_size,
             threshold=THRESHOLD if threshold is None else threshold,
             counting_threshold=COUNTING_THRESHOLD if counting_threshold is None else counting_threshold,
-            max_per_class=MAX_OBJECTS if max_per_class is None else max_per_class, cache_dir=cache_dir,
+            max_per_class=MAX_OBJECTS if max_per_class is None else max_per_class,
+            cache_dir=cache_dir,
             partial_credit=partial_credit or "reward_server",
         )
     else:

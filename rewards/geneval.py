@@ -13,9 +13,9 @@ Official eval scores the images as generated (eval builds this reward without it
 
 from __future__ import annotations
 
-import numpy as np
-
 import io
+
+import numpy as np
 
 from rewards.base import Reward, RewardError, RewardOutput
 from rewards.geneval_rules import GenEvalMetadataError, validate_metadata
@@ -33,8 +33,9 @@ class GenEvalReward(Reward):
     def __init__(self, scorer, signal: str = "score", jpeg_quality: int | None = None) -> None:
         if signal not in SIGNALS:
             raise RewardError(f"geneval: signal must be one of {SIGNALS}, got {signal!r}")
-        if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int)
-                                         or not 1 <= jpeg_quality <= 100):
+        if jpeg_quality is not None and (
+            isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100
+        ):
             raise RewardError(f"geneval: jpeg_quality must be an integer in 1..100 or None, got {jpeg_quality!r}")
         self.scorer = scorer
         self.signal = signal

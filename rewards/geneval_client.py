@@ -21,8 +21,15 @@ from rewards.geneval_wire import decode_response, encode_request
 class GenEvalClient:
     """Scores images on a remote server; same ``score(images, metadata)`` interface as the local scorer."""
 
-    def __init__(self, url: str, timeout: float = 120.0, retries: int = 3, backoff: float = 1.0,
-                 max_backoff: float = 30.0, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 120.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        batch_size: int = 16,
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise RewardError(f"geneval: server url must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
@@ -60,7 +67,9 @@ class GenEvalClient:
             except urllib.error.HTTPError as exc:
                 message = _error_message(exc)
                 if exc.code < 500:
-                    raise RewardError(f"geneval server {self.url} rejected the request ({exc.code}): {message}")
+                    raise RewardError(
+                        f"geneval server {self.url} rejected the request ({exc.code}): {message}"
+                    ) from None
                 last_error = f"HTTP {exc.code}: {message}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
                 last_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"

@@ -19,8 +19,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rewards.geneval_rules import (
-    COLORS, COUNTING_THRESHOLD, MAX_OBJECTS, PARTIAL_CREDITS, THRESHOLD, Detection, GenEvalResult, canonical_class,
-    evaluate, select_detections, validate_metadata,
+    COLORS,
+    COUNTING_THRESHOLD,
+    MAX_OBJECTS,
+    PARTIAL_CREDITS,
+    THRESHOLD,
+    Detection,
+    GenEvalResult,
+    canonical_class,
+    evaluate,
+    select_detections,
+    validate_metadata,
 )
 
 COLOUR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
@@ -44,8 +53,9 @@ class Mask2FormerDetector:
     upsampled; since score <= class probability, the default 0.3 (GenEval's lowest threshold) loses nothing.
     """
 
-    def __init__(self, model, processor, device: str, top_k: int = 100, min_score: float = THRESHOLD,
-                 batch_size: int = 8) -> None:
+    def __init__(
+        self, model, processor, device: str, top_k: int = 100, min_score: float = THRESHOLD, batch_size: int = 8
+    ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
         self.device = torch.device(device)
@@ -130,10 +140,12 @@ class ClipColourClassifier:
     def _text_classifier(self, class_name: str) -> torch.Tensor:
         if class_name not in self._text_cache:
             prompts = [t.format(c=c, cls=class_name) for c in self.colours for t in COLOUR_TEMPLATES]
-            tokens = self.processor(text=prompts, padding=True, truncation=True, max_length=self.max_length,
-                                    return_tensors="pt")
-            pooled = self.model.text_model(input_ids=tokens["input_ids"].to(self.device),
-                                           attention_mask=tokens["attention_mask"].to(self.device)).pooler_output
+            tokens = self.processor(
+                text=prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            pooled = self.model.text_model(
+                input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)
+            ).pooler_output
             emb = F.normalize(self.model.text_projection(pooled).float(), dim=-1)
             emb = emb.view(len(self.colours), len(COLOUR_TEMPLATES), -1).mean(dim=1)
             self._text_cache[class_name] = F.normalize(emb, dim=-1)
@@ -155,8 +167,9 @@ class ClipColourClassifier:
         if not detections:
             return []
         crops = [self.crop(image, det) for det in detections]
-        pixels = self.processor(images=crops, return_tensors="pt")["pixel_values"].to(self.device,
-                                                                                     dtype=self.model.dtype)
+        pixels = self.processor(images=crops, return_tensors="pt")["pixel_values"].to(
+            self.device, dtype=self.model.dtype
+        )
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
         emb = F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
         best = (emb @ self._text_classifier(class_name).T).argmax(dim=-1).cpu().tolist()
@@ -166,9 +179,15 @@ class ClipColourClassifier:
 class GenEvalScorer:
     """Detector + colour classifier + the GenEval rules: images and metadata in, :class:`GenEvalResult` out."""
 
-    def __init__(self, detector: Detector, colours: ColourClassifier, threshold: float = THRESHOLD,
-                 counting_threshold: float = COUNTING_THRESHOLD, max_per_class: int = MAX_OBJECTS,
-                 partial_credit: str = "reward_server") -> None:
+    def __init__(
+        self,
+        detector: Detector,
+        colours: ColourClassifier,
+        threshold: float = THRESHOLD,
+        counting_threshold: float = COUNTING_THRESHOLD,
+        max_per_class: int = MAX_OBJECTS,
+        partial_credit: str = "reward_server",
+    ) -> None:
         if partial_credit not in PARTIAL_CREDITS:
             raise ValueError(f"geneval: partial_credit must be one of {PARTIAL_CREDITS}, got {partial_credit!r}")
         self.partial_credit = partial_credit
@@ -184,16 +203,31 @@ class GenEvalScorer:
         all_detections = self.detector.detect(list(images))
         results = []
         for image, meta, detections in zip(images, metadata, all_detections):
-            kept = select_detections(detections, meta.get("tag"), self.threshold, self.counting_threshold,
-                                     self.max_per_class)
-            results.append(evaluate(kept, meta, lambda name, dets, im=image: self.colours.classify(im, name, dets),
-                                    partial_credit=self.partial_credit))
+            kept = select_detections(
+                detections, meta.get("tag"), self.threshold, self.counting_threshold, self.max_per_class
+            )
+            results.append(
+                evaluate(
+                    kept,
+                    meta,
+                    lambda name, dets, im=image: self.colours.classify(im, name, dets),
+                    partial_credit=self.partial_credit,
+                )
+            )
         return results
 
 
-def load_scorer(detector: str, clip: str, device: str, batch_size: int = 8, threshold: float = THRESHOLD,
-                counting_threshold: float = COUNTING_THRESHOLD, max_per_class: int = MAX_OBJECTS,
-                cache_dir: str | None = None, partial_credit: str = "reward_server") -> GenEvalScorer:
+def load_scorer(
+    detector: str,
+    clip: str,
+    device: str,
+    batch_size: int = 8,
+    threshold: float = THRESHOLD,
+    counting_threshold: float = COUNTING_THRESHOLD,
+    max_per_class: int = MAX_OBJECTS,
+    cache_dir: str | None = None,
+    partial_credit: str = "reward_server",
+) -> GenEvalScorer:
     """Load the Mask2Former detector and the CLIP colour model into a scorer.
 
     ``detector`` and ``clip`` are what ``rewards.hub.resolve_model`` returned (its callers resolve before
@@ -206,9 +240,12 @@ def load_scorer(detector: str, clip: str, device: str, batch_size: int = 8, thre
     clip_model = CLIPModel.from_pretrained(clip, cache_dir=cache_dir).to(device)
     clip_processor = AutoProcessor.from_pretrained(clip, cache_dir=cache_dir)
     return GenEvalScorer(
-        Mask2FormerDetector(det_model, det_processor, device, min_score=min(threshold, counting_threshold),
-                            batch_size=batch_size),
+        Mask2FormerDetector(
+            det_model, det_processor, device, min_score=min(threshold, counting_threshold), batch_size=batch_size
+        ),
         ClipColourClassifier(clip_model, clip_processor, device),
-        threshold=threshold, counting_threshold=counting_threshold, max_per_class=max_per_class,
+        threshold=threshold,
+        counting_threshold=counting_threshold,
+        max_per_class=max_per_class,
         partial_credit=partial_credit,
     )

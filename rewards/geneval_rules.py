@@ -50,23 +50,104 @@ PARTIAL_CREDITS = ("reward_server", "clipped")
 
 # The 80 COCO instance classes in COCO order, spelled as GenEval metadata spells them.
 COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "computer mouse",
+    "tv remote",
+    "computer keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 )
 
 # Detector label spellings (COCO / Hugging Face / VOC-style) -> GenEval class names.
 LABEL_ALIASES = {
-    "mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard", "tvmonitor": "tv",
-    "tv monitor": "tv", "motorbike": "motorcycle", "aeroplane": "airplane", "sofa": "couch",
-    "diningtable": "dining table", "pottedplant": "potted plant", "hair dryer": "hair drier",
-    "doughnut": "donut", "cellphone": "cell phone", "sportsball": "sports ball",
+    "mouse": "computer mouse",
+    "remote": "tv remote",
+    "keyboard": "computer keyboard",
+    "tvmonitor": "tv",
+    "tv monitor": "tv",
+    "motorbike": "motorcycle",
+    "aeroplane": "airplane",
+    "sofa": "couch",
+    "diningtable": "dining table",
+    "pottedplant": "potted plant",
+    "hair dryer": "hair drier",
+    "doughnut": "donut",
+    "cellphone": "cell phone",
+    "sportsball": "sports ball",
 }
 
 
@@ -111,14 +192,19 @@ class GenEvalResult:
 
     def to_dict(self) -> dict:
         return {
-            "correct": bool(self.correct), "strict_correct": bool(self.strict_correct), "score": float(self.score),
-            "reasons": list(self.reasons), "counts": {k: int(v) for k, v in self.counts.items()},
+            "correct": bool(self.correct),
+            "strict_correct": bool(self.strict_correct),
+            "score": float(self.score),
+            "reasons": list(self.reasons),
+            "counts": {k: int(v) for k, v in self.counts.items()},
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenEvalResult":
         return cls(
-            correct=bool(data["correct"]), strict_correct=bool(data["strict_correct"]), score=float(data["score"]),
+            correct=bool(data["correct"]),
+            strict_correct=bool(data["strict_correct"]),
+            score=float(data["score"]),
             reasons=tuple(str(r) for r in data.get("reasons", ())),
             counts={str(k): int(v) for k, v in data.get("counts", {}).items()},
         )
@@ -144,8 +230,13 @@ def validate_metadata(metadata: dict, where: str = "metadata") -> None:
                 raise GenEvalMetadataError(f"{where}: include[{j}] colour {clause['color']!r} is not one of {COLORS}")
             if "position" in clause:
                 pos = clause["position"]
-                if not (isinstance(pos, (list, tuple)) and len(pos) == 2 and pos[0] in RELATIONS
-                        and isinstance(pos[1], int) and 0 <= pos[1] < j):
+                if not (
+                    isinstance(pos, (list, tuple))
+                    and len(pos) == 2
+                    and pos[0] in RELATIONS
+                    and isinstance(pos[1], int)
+                    and 0 <= pos[1] < j
+                ):
                     raise GenEvalMetadataError(
                         f"{where}: include[{j}] position must be [relation, index] with relation in {RELATIONS} "
                         f"and index of an earlier include clause, got {pos!r}"
@@ -207,8 +298,9 @@ def _position_ok(objs: list[Detection], targets: list[Detection], relation: str)
     return all(relation in relative_position(o.box, t.box) for o in objs for t in targets)
 
 
-def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours_of: ColourFn,
-             partial_credit: str = "reward_server") -> GenEvalResult:
+def evaluate(
+    objects: dict[str, list[Detection]], metadata: dict, colours_of: ColourFn, partial_credit: str = "reward_server"
+) -> GenEvalResult:
     """Apply the GenEval rules to the kept detections of one image.
 
     ``colours_of(class_name, detections)`` returns one colour name per detection; it is called only for colour
@@ -257,8 +349,9 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours_of: Co
             elif ok and not _position_ok(top, official_groups[index], relation):
                 reasons.append(f"expected {name} {relation} {metadata['include'][index]['class']}")
             ok = ok and official_groups[index] is not None and _position_ok(top, official_groups[index], relation)
-            strict_ok = (strict_ok and strict_groups[index] is not None
-                         and _position_ok(top, strict_groups[index], relation))
+            strict_ok = (
+                strict_ok and strict_groups[index] is not None and _position_ok(top, strict_groups[index], relation)
+            )
         correct &= ok
         strict &= strict_ok
         official_groups.append(top if ok else None)
@@ -280,12 +373,14 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict, colours_of: Co
     else:
         score = float(np.mean(credits))  # never empty: validate_metadata requires an include clause
     counts = {name: len(dets) for name, dets in objects.items()}
-    return GenEvalResult(correct=bool(correct), strict_correct=bool(strict), score=score, reasons=tuple(reasons),
-                         counts=counts)
+    return GenEvalResult(
+        correct=bool(correct), strict_correct=bool(strict), score=score, reasons=tuple(reasons), counts=counts
+    )
 
 
-def reward_server_credit(objects: dict[str, list[Detection]], metadata: dict,
-                         clause_colours: Sequence[list[str] | None]) -> float:
+def reward_server_credit(
+    objects: dict[str, list[Detection]], metadata: dict, clause_colours: Sequence[list[str] | None]
+) -> float:
     """reward-server's ``evaluate_reward`` score (what the published GenEval experts train on), quirks included.
 
     ``clause_colours[i]`` is the colour of each of include clause i's top ``count`` objects (``None`` without a

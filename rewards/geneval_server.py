@@ -103,10 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="detector batch size")
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help="detection score threshold")
-    parser.add_argument("--counting-threshold", type=float, default=COUNTING_THRESHOLD,
-                        help="detection score threshold for counting prompts")
-    parser.add_argument("--partial-credit", default="reward_server", choices=PARTIAL_CREDITS,
-                        help="training score rule: reward_server (as published) or clipped (see rewards.geneval_rules)")
+    parser.add_argument(
+        "--counting-threshold",
+        type=float,
+        default=COUNTING_THRESHOLD,
+        help="detection score threshold for counting prompts",
+    )
+    parser.add_argument(
+        "--partial-credit",
+        default="reward_server",
+        choices=PARTIAL_CREDITS,
+        help="training score rule: reward_server (as published) or clipped (see rewards.geneval_rules)",
+    )
     parser.add_argument("--cache-dir", default=None, help="Hugging Face cache dir holding prefetched models")
     add_version_flag(parser)
     args = parser.parse_args(argv)
@@ -117,16 +125,28 @@ def main(argv: list[str] | None = None) -> int:
         from rewards.hub import resolve_model
 
         # Resolve first: a missing model is reported before torch/transformers are imported.
-        detector = resolve_model(args.detector or DEFAULT_GENEVAL_DETECTOR, reward="geneval",
-                                 purpose="Mask2Former detector", cache_dir=args.cache_dir)
-        clip = resolve_model(args.clip or DEFAULT_GENEVAL_CLIP, reward="geneval", purpose="CLIP colour model",
-                             cache_dir=args.cache_dir)
+        detector = resolve_model(
+            args.detector or DEFAULT_GENEVAL_DETECTOR,
+            reward="geneval",
+            purpose="Mask2Former detector",
+            cache_dir=args.cache_dir,
+        )
+        clip = resolve_model(
+            args.clip or DEFAULT_GENEVAL_CLIP, reward="geneval", purpose="CLIP colour model", cache_dir=args.cache_dir
+        )
         from rewards.geneval_detector import load_scorer
         from rewards.hub import resolve_device
 
-        scorer = load_scorer(detector, clip, resolve_device(args.device), batch_size=args.batch_size,
-                             threshold=args.threshold, counting_threshold=args.counting_threshold,
-                             cache_dir=args.cache_dir, partial_credit=args.partial_credit)
+        scorer = load_scorer(
+            detector,
+            clip,
+            resolve_device(args.device),
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            counting_threshold=args.counting_threshold,
+            cache_dir=args.cache_dir,
+            partial_credit=args.partial_credit,
+        )
         server = make_server(scorer, args.host, args.port, description=f"detector={detector} clip={clip}")
     except OSError as exc:  # e.g. the port is taken
         raise RewardError(f"cannot start the GenEval server on {args.host}:{args.port}: {exc}") from exc

@@ -126,8 +126,7 @@ class RapidOcrBackend:
     def read(self, images: Sequence) -> list[str]:
         texts = []
         for image in images:
-            result, _ = self._engine(engine_array(image, self.engine_input), use_det=True, use_cls=False,
-                                     use_rec=True)
+            result, _ = self._engine(engine_array(image, self.engine_input), use_det=True, use_cls=False, use_rec=True)
             lines = [text for _box, text, conf in (result or []) if float(conf) > self.min_confidence]
             texts.append(" ".join(lines))
         return texts
@@ -142,8 +141,9 @@ class PaddleOcrBackend:
 
     name = "paddleocr"
 
-    def __init__(self, min_confidence: float = 0.0, use_gpu: bool = False, engine_input: str = "rgb",
-                 **paddle_kwargs) -> None:
+    def __init__(
+        self, min_confidence: float = 0.0, use_gpu: bool = False, engine_input: str = "rgb", **paddle_kwargs
+    ) -> None:
         _check_engine_input(engine_input)
         self.engine_input = engine_input
         try:
@@ -168,8 +168,9 @@ class PaddleOcrBackend:
         return texts
 
 
-def make_backend(backend: str = "auto", min_confidence: float = 0.0, paddle_kwargs: dict | None = None,
-                 engine_input: str = "rgb"):
+def make_backend(
+    backend: str = "auto", min_confidence: float = 0.0, paddle_kwargs: dict | None = None, engine_input: str = "rgb"
+):
     """Build an OCR backend by name: ``rapidocr``, ``paddleocr`` or ``auto``."""
     paddle_kwargs = dict(paddle_kwargs or {})
     if backend == "auto":
@@ -203,8 +204,9 @@ class OcrReward(Reward):
     name = "ocr"
     higher_is_better = True
 
-    def __init__(self, backend: OcrBackend, on_missing: str = "error", batch_size: int = 8,
-                 whitespace: str = "space") -> None:
+    def __init__(
+        self, backend: OcrBackend, on_missing: str = "error", batch_size: int = 8, whitespace: str = "space"
+    ) -> None:
         if on_missing not in ON_MISSING_POLICIES:
             raise RewardError(f"ocr: on_missing must be one of {ON_MISSING_POLICIES}, got {on_missing!r}")
         if whitespace not in WHITESPACE_RULES:
@@ -267,9 +269,15 @@ class OcrReward(Reward):
                 texts.extend(self.backend.read([image]))
             except Exception as exc:
                 self.engine_errors += 1
-                log.warning("ocr: the %s engine failed on image %d of the batch (%s: %s); it scores 0 "
-                            "(%d such failures so far)", self.backend.name, index, type(exc).__name__, exc,
-                            self.engine_errors)
+                log.warning(
+                    "ocr: the %s engine failed on image %d of the batch (%s: %s); it scores 0 "
+                    "(%d such failures so far)",
+                    self.backend.name,
+                    index,
+                    type(exc).__name__,
+                    exc,
+                    self.engine_errors,
+                )
                 texts.append(None)
         return texts
 
@@ -298,5 +306,9 @@ def build_ocr(
         paddle_kwargs = dict(paddle_kwargs or {})
         if device is not None:
             paddle_kwargs.setdefault("use_gpu", str(device).startswith("cuda"))
-    return OcrReward(make_backend(backend, min_confidence, paddle_kwargs, engine_input), on_missing=on_missing,
-                     batch_size=batch_size, whitespace=whitespace)
+    return OcrReward(
+        make_backend(backend, min_confidence, paddle_kwargs, engine_input),
+        on_missing=on_missing,
+        batch_size=batch_size,
+        whitespace=whitespace,
+    )

@@ -21,8 +21,17 @@ from rewards.base import RewardError, get_reward_spec
 from rewards.hub import ModelRef
 
 # Files transformers never reads: other frameworks' weights and open_clip duplicates (several GB for CLIP-H).
-IGNORE_PATTERNS = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "onnx/*", "flax_model*", "tf_model*", "rust_model*",
-                   "open_clip_*"]
+IGNORE_PATTERNS = [
+    "*.msgpack",
+    "*.h5",
+    "*.ot",
+    "*.onnx",
+    "onnx/*",
+    "flax_model*",
+    "tf_model*",
+    "rust_model*",
+    "open_clip_*",
+]
 CONFIG_PATTERNS = ["*.json", "*.txt", "*.model"]
 
 
@@ -57,8 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rewards.prefetch", description=__doc__.splitlines()[0])
     parser.add_argument("--rewards", nargs="+", required=True, help="reward names, e.g. pickscore geneval ocr")
     parser.add_argument("--cache", default=None, help="HF cache dir to fill (default: HF_HUB_CACHE / HF_HOME)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="REWARD.KEY=VALUE",
-                        help="override a reward kwarg that names a model (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="REWARD.KEY=VALUE",
+        help="override a reward kwarg that names a model (repeatable)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the models that would be downloaded")
     add_version_flag(parser)
     args = parser.parse_args(argv)
@@ -73,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from huggingface_hub import snapshot_download
 
     failed = []
-    for reward, ref in plan:
+    for _reward, ref in plan:
         try:
             if ref.weights:
                 path = snapshot_download(ref.repo_id, cache_dir=args.cache, ignore_patterns=IGNORE_PATTERNS)
@@ -84,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(ref.repo_id)
             print(f"FAILED {ref.repo_id}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     if failed:
-        print(f"error: {len(failed)} model(s) failed: {', '.join(failed)}. Check network access and, for gated "
-              "models, HF_TOKEN; then re-run (finished downloads are kept).", file=sys.stderr)
+        print(
+            f"error: {len(failed)} model(s) failed: {', '.join(failed)}. Check network access and, for gated "
+            "models, HF_TOKEN; then re-run (finished downloads are kept).",
+            file=sys.stderr,
+        )
         return 1
     cache = f"HF_HUB_CACHE={args.cache}" if args.cache else "the same HF_HOME"
     print(f"done; on compute nodes set HF_HUB_OFFLINE=1 and {cache}")

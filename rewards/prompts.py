@@ -62,7 +62,7 @@ def load_jsonl_prompts(path: str | Path) -> list[PromptItem]:
         except json.JSONDecodeError as exc:
             raise PromptSourceError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(data, dict) or not isinstance(data.get("prompt"), str) or not data["prompt"].strip():
-            raise PromptSourceError(f"{path}:{lineno}: expected a JSON object with a non-empty \"prompt\" string")
+            raise PromptSourceError(f'{path}:{lineno}: expected a JSON object with a non-empty "prompt" string')
         if "include" in data or "tag" in data:
             try:
                 validate_metadata(data, where=f"{path}:{lineno}")
@@ -126,10 +126,15 @@ def write_prompt_items(items: list[PromptItem], out: Path, as_jsonl: bool) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rewards.prompts",
-                                     description="Write a generated prompt set to a file.")
-    parser.add_argument("--kind", required=True, choices=GENERATED_KINDS,
-                        help="geneval: GenEval metadata jsonl; ocr / simple: one prompt per line")
+    parser = argparse.ArgumentParser(
+        prog="python -m rewards.prompts", description="Write a generated prompt set to a file."
+    )
+    parser.add_argument(
+        "--kind",
+        required=True,
+        choices=GENERATED_KINDS,
+        help="geneval: GenEval metadata jsonl; ocr / simple: one prompt per line",
+    )
     parser.add_argument("--n", type=int, required=True, help="number of prompts")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (use different seeds for train/test)")
     parser.add_argument("--out", required=True, help="output file (.jsonl for geneval, .txt otherwise)")
@@ -138,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     as_jsonl = args.kind == "geneval"
     if as_jsonl != (out.suffix == ".jsonl"):
-        print(f"error: --kind {args.kind} writes {'a .jsonl' if as_jsonl else 'a plain (.txt)'} file; "
-              f"rename --out {out}", file=sys.stderr)
+        print(
+            f"error: --kind {args.kind} writes {'a .jsonl' if as_jsonl else 'a plain (.txt)'} file; rename --out {out}",
+            file=sys.stderr,
+        )
         return 2
     try:
         items = generate_prompt_items(args.kind, args.n, args.seed)

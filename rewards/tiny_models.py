@@ -50,11 +50,22 @@ def save_tiny_clip(path: str | Path, image_size: int = 32, seed: int = 0) -> Pat
     bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, eos_token_id=eos, bos_token_id=bos, pad_token_id=eos,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            eos_token_id=eos,
+            bos_token_id=bos,
+            pad_token_id=eos,
         ),
         vision_config=dict(
-            image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            image_size=image_size,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
             num_attention_heads=2,
         ),
         projection_dim=16,
@@ -76,13 +87,27 @@ def save_tiny_mask2former(path: str | Path, image_size: int = 64, num_queries: i
 
     path = Path(path)
     backbone = SwinConfig(
-        image_size=image_size, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-        window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"],
+        image_size=image_size,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     config = Mask2FormerConfig(
-        backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64,
-        dim_feedforward=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_queries=num_queries,
-        num_labels=len(COCO_CLASSES), id2label=dict(enumerate(COCO_CLASSES)),
+        backbone_config=backbone,
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_feedforward_dim=64,
+        dim_feedforward=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        num_queries=num_queries,
+        num_labels=len(COCO_CLASSES),
+        id2label=dict(enumerate(COCO_CLASSES)),
         label2id={name: i for i, name in enumerate(COCO_CLASSES)},
     )
     torch.manual_seed(seed)

@@ -33,7 +33,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
 from prerequisites import missing_prerequisite
 
 # Session fixtures for the tiny models (tiny_sd3_dir, tiny_flux_dir) live in their own module.
@@ -100,8 +99,14 @@ class SlurmCluster:
         """
         proc = subprocess.run(
             [
-                "sacct", "-X", "-n", "-P", "-j", str(job_id),
-                "-o", "JobID,State,Start,End,ExitCode,NodeList",
+                "sacct",
+                "-X",
+                "-n",
+                "-P",
+                "-j",
+                str(job_id),
+                "-o",
+                "JobID,State,Start,End,ExitCode,NodeList",
             ],
             capture_output=True,
             text=True,
@@ -110,8 +115,7 @@ class SlurmCluster:
         )
         if proc.returncode != 0:
             raise RuntimeError(
-                f"sacct -j {job_id} failed ({proc.returncode}): {proc.stderr.strip()}; "
-                f"see {self.log_dir}/slurmdbd.log"
+                f"sacct -j {job_id} failed ({proc.returncode}): {proc.stderr.strip()}; see {self.log_dir}/slurmdbd.log"
             )
         records: dict[str, SacctRecord] = {}
         for line in proc.stdout.splitlines():

@@ -14,6 +14,7 @@ import pytest
 
 def missing_prerequisite(reason: str) -> None:
     if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail(f"{reason} (on CI the test command installs it: see tests/cluster/install-test-env.sh)",
-                    pytrace=False)
+        pytest.fail(
+            f"{reason} (on CI the test command installs it: see tests/cluster/install-test-env.sh)", pytrace=False
+        )
     pytest.skip(reason)

@@ -19,13 +19,16 @@ import pytest
 from mrlora.claim import ClaimHeldError, acquire, claim_path
 
 REPO = Path(__file__).resolve().parents[1]
-HOLD = ("import sys, time\nfrom mrlora.claim import acquire\nacquire(sys.argv[1], 'expert brightness')\n"
-        "print('claimed', flush=True)\ntime.sleep(float(sys.argv[2]))\n")
+HOLD = (
+    "import sys, time\nfrom mrlora.claim import acquire\nacquire(sys.argv[1], 'expert brightness')\n"
+    "print('claimed', flush=True)\ntime.sleep(float(sys.argv[2]))\n"
+)
 
 
 def hold_claim(unit: Path, seconds: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(unit), str(seconds)], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(unit), str(seconds)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "claimed"
     return proc
 
@@ -60,8 +63,19 @@ def test_a_recycled_pid_does_not_keep_a_dead_owners_claim(tmp_path):
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         # the claim names a live pid, but a process that started at another time
-        claim_path(unit).write_text(json.dumps({"owner_id": "x", "host": socket.gethostname(), "pid": alive.pid,
-                                                "pid_start": "1", "slurm_job": None, "created": "?", "what": "old"}))
+        claim_path(unit).write_text(
+            json.dumps(
+                {
+                    "owner_id": "x",
+                    "host": socket.gethostname(),
+                    "pid": alive.pid,
+                    "pid_start": "1",
+                    "slurm_job": None,
+                    "created": "?",
+                    "what": "old",
+                }
+            )
+        )
         acquire(unit, "expert brightness").release()
     finally:
         alive.kill()
@@ -79,8 +93,19 @@ def test_a_torn_claim_file_is_broken(tmp_path):
 
 def test_a_claim_from_another_host_without_a_slurm_job_is_never_broken(tmp_path):
     unit = tmp_path / "brightness"
-    claim_path(unit).write_text(json.dumps({"owner_id": "x", "host": "elsewhere", "pid": 123, "pid_start": "9",
-                                            "slurm_job": None, "created": "?", "what": "expert brightness"}))
+    claim_path(unit).write_text(
+        json.dumps(
+            {
+                "owner_id": "x",
+                "host": "elsewhere",
+                "pid": 123,
+                "pid_start": "9",
+                "slurm_job": None,
+                "created": "?",
+                "what": "expert brightness",
+            }
+        )
+    )
     with pytest.raises(ClaimHeldError, match=f"delete {claim_path(unit)} once you know it is dead"):
         acquire(unit, "expert brightness")
     assert json.loads(claim_path(unit).read_text())["host"] == "elsewhere"
@@ -88,8 +113,19 @@ def test_a_claim_from_another_host_without_a_slurm_job_is_never_broken(tmp_path)
 
 def test_a_requeued_slurm_job_takes_back_its_own_claim_from_another_node(tmp_path, monkeypatch):
     unit = tmp_path / "brightness"
-    claim_path(unit).write_text(json.dumps({"owner_id": "x", "host": "node-a", "pid": 123, "pid_start": "9",
-                                            "slurm_job": "4242_1", "created": "?", "what": "expert brightness"}))
+    claim_path(unit).write_text(
+        json.dumps(
+            {
+                "owner_id": "x",
+                "host": "node-a",
+                "pid": 123,
+                "pid_start": "9",
+                "slurm_job": "4242_1",
+                "created": "?",
+                "what": "expert brightness",
+            }
+        )
+    )
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     claim = acquire(unit, "expert brightness")

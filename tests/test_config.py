@@ -81,8 +81,10 @@ def test_unknown_preset_suggests_the_close_one():
 
 
 def test_config_modules_do_not_import_torch():
-    code = "import mrlora.config, mrlora.runstore, sys; mrlora.config.load_config('flux'); " \
-           "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    code = (
+        "import mrlora.config, mrlora.runstore, sys; mrlora.config.load_config('flux'); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

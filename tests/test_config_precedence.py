@@ -32,19 +32,53 @@ def test_the_users_own_per_reward_setting_is_the_most_specific():
 
 
 def test_print_config_says_where_each_value_came_from():
-    proc = subprocess.run([sys.executable, "-m", "launch.mapreduce", "--model", "tiny-sd3", "--cycles", "3",
-                           "--set", "train.lr=1e-4", "--print-config"], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.mapreduce",
+            "--model",
+            "tiny-sd3",
+            "--cycles",
+            "3",
+            "--set",
+            "train.lr=1e-4",
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = dict(line.split(" = ", 1) for line in proc.stdout.splitlines() if " = " in line)
     assert lines["train.lr"] == "0.0001  # command line"
     assert lines["mapreduce.cycles"] == "3  # command line"
     assert lines["train.max_grad_norm"].endswith("# preset")
-    assert "colourfulness expert uses this instead of sample.group_size" in lines["per_reward.colourfulness.sample.group_size"]
+    assert (
+        "colourfulness expert uses this instead of sample.group_size"
+        in lines["per_reward.colourfulness.sample.group_size"]
+    )
 
 
 def test_a_negative_weight_on_the_launcher_says_how_to_allow_it_there():
-    proc = subprocess.run([sys.executable, "-m", "launch.mapreduce", "--model", "tiny-sd3", "--weights", "1", "-1",
-                           "1", "--print-config"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.mapreduce",
+            "--model",
+            "tiny-sd3",
+            "--weights",
+            "1",
+            "-1",
+            "1",
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--set mapreduce.allow_negative_weights=True" in proc.stderr

@@ -19,24 +19,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prerequisites import missing_prerequisite
 
 from eval.checkpoint import resolve_checkpoint
 from eval.errors import EvalError
 from mrlora.config import config_to_dict, load_config
 from mrlora.runstore import DONE_MARKER, RunDir, write_marker
-from prerequisites import missing_prerequisite
 
 REPO = Path(__file__).resolve().parents[1]
 # the tiny preset with two model-free rewards (independent of later changes to the preset's reward list)
-TINY_SETS = ["rewards=['brightness','jpeg_compressibility']", "weights=[1.0,1.0]",
-             "prompts.jpeg_compressibility=gen:simple:8", "prompts.brightness=gen:simple:8"]
+TINY_SETS = [
+    "rewards=['brightness','jpeg_compressibility']",
+    "weights=[1.0,1.0]",
+    "prompts.jpeg_compressibility=gen:simple:8",
+    "prompts.brightness=gen:simple:8",
+]
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v"], "peft_type": "LORA"}
 MODULES = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "transformer_blocks.1.attn.to_k")
 SUITE = "geneval,brightness,jpeg_compressibility"
 GENEVAL_PROMPTS = [
     {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
-    {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}],
-     "prompt": "a photo of two dogs"},
+    {
+        "tag": "counting",
+        "include": [{"class": "dog", "count": 2}],
+        "exclude": [{"class": "dog", "count": 3}],
+        "prompt": "a photo of two dogs",
+    },
     {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"},
 ]
 
@@ -82,8 +90,14 @@ def tiny_run(tmp_path_factory, cache_env) -> RunDir:
     shapes = {name: tuple(m.weight.shape) for name, m in transformer.named_modules() if name in MODULES}
     for cycle in (1, 2):
         for k, reward in enumerate(cfg.rewards):
-            save_expert_adapter(_random_lora(shapes, 10 * cycle + k), run.adapter_dir(cycle, reward), arch="sd3",
-                                lora_config=LORA, base=cfg.model.pretrained, reward=reward)
+            save_expert_adapter(
+                _random_lora(shapes, 10 * cycle + k),
+                run.adapter_dir(cycle, reward),
+                arch="sd3",
+                lora_config=LORA,
+                base=cfg.model.pretrained,
+                reward=reward,
+            )
             write_marker(run.expert_dir(cycle, reward), DONE_MARKER, extra={"status": "done"})
     merge_cycle_in_run(str(run.root), 1)
     return run
@@ -97,8 +111,12 @@ def geneval_sets(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("geneval_models")
     det = save_tiny_mask2former(root / "m2f")
     clip = save_tiny_clip(root / "clip")
-    return ["reward_models.geneval.backend=local", f"reward_models.geneval.detector={det}",
-            f"reward_models.geneval.clip={clip}", "reward_models.geneval.device=cpu"]
+    return [
+        "reward_models.geneval.backend=local",
+        f"reward_models.geneval.detector={det}",
+        f"reward_models.geneval.clip={clip}",
+        "reward_models.geneval.device=cpu",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +126,28 @@ def prompt_file(tmp_path_factory) -> Path:
     return path
 
 
-def _eval(checkpoint: str, out: Path, prompts: Path, sets: list[str], suite: str = SUITE,
-          extra: list[str] = ()) -> Path:
+def _eval(
+    checkpoint: str, out: Path, prompts: Path, sets: list[str], suite: str = SUITE, extra: list[str] = ()
+) -> Path:
     from eval.run import main
 
-    argv = ["--checkpoint", checkpoint, "--suite", suite, "--prompts", str(prompts), "--out", str(out),
-            "--samples", "2", "--batch-size", "4", "--sample-steps", "2", *extra]
+    argv = [
+        "--checkpoint",
+        checkpoint,
+        "--suite",
+        suite,
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--samples",
+        "2",
+        "--batch-size",
+        "4",
+        "--sample-steps",
+        "2",
+        *extra,
+    ]
     for item in sets:
         argv += ["--set", item]
     assert main(argv) == 0
@@ -132,6 +166,7 @@ def evals(tmp_path_factory, tiny_run, geneval_sets, prompt_file) -> dict[str, Pa
 
 
 # ------------------------------------------------------------------------------------------------- tests
+
 
 def test_eval_writes_every_artefact_in_the_official_layout(evals):
     for name, out in evals.items():
@@ -194,8 +229,11 @@ def test_expert_checkpoint_is_base_plus_earlier_merges_plus_its_lora(tiny_run):
     scale = LORA["lora_alpha"] / LORA["r"]
     got, want = dict(pipe.transformer.named_modules()), dict(base.transformer.named_modules())
     for module in MODULES:
-        expected = (want[module].weight + update[f"{module}.lora_B"] @ update[f"{module}.lora_A"]
-                    + scale * lora[f"{module}.lora_B.weight"] @ lora[f"{module}.lora_A.weight"])
+        expected = (
+            want[module].weight
+            + update[f"{module}.lora_B"] @ update[f"{module}.lora_A"]
+            + scale * lora[f"{module}.lora_B.weight"] @ lora[f"{module}.lora_A.weight"]
+        )
         torch.testing.assert_close(got[module].weight, expected, rtol=1e-5, atol=1e-5)
     untouched = "transformer_blocks.0.attn.to_k"
     torch.testing.assert_close(got[untouched].weight, want[untouched].weight, rtol=0, atol=0)
@@ -299,9 +337,12 @@ def _columns(path: Path) -> dict:
     import h5py
 
     with h5py.File(path / "results.h5", "r") as fh:
-        return {"p": fh["prompt_index"][()], "k": fh["sample_index"][()],
-                "prompt": [t.decode() if isinstance(t, bytes) else t for t in fh["prompt"][()]],
-                **{r: fh["scores"][r][()].astype(np.float64) for r in fh["scores"]}}
+        return {
+            "p": fh["prompt_index"][()],
+            "k": fh["sample_index"][()],
+            "prompt": [t.decode() if isinstance(t, bytes) else t for t in fh["prompt"][()]],
+            **{r: fh["scores"][r][()].astype(np.float64) for r in fh["scores"]},
+        }
 
 
 def _layout_probe(page: Path, out: Path) -> Path:
@@ -341,12 +382,36 @@ def test_report_is_self_contained_and_renders_its_images_in_chromium(evals, tmp_
 
     out = tmp_path / "report"
     # given out of order: the report lists base first, then merged cycles, then experts
-    assert main(["--inputs", str(evals["expert"]), str(evals["run1"]), str(evals["base"]), str(evals["run0"]),
-                 "--out", str(out), "--grid-top", "1", "--grid-random", "1"]) == 0
+    assert (
+        main(
+            [
+                "--inputs",
+                str(evals["expert"]),
+                str(evals["run1"]),
+                str(evals["base"]),
+                str(evals["run0"]),
+                "--out",
+                str(out),
+                "--grid-top",
+                "1",
+                "--grid-random",
+                "1",
+            ]
+        )
+        == 0
+    )
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
-    for section in ("Summary", "Change vs base", "geneval: per-tag accuracy", "Reward vs cycle", "Pareto view",
-                    "Hypervolume", "Same prompt, same noise, every checkpoint", "Inputs"):
+    for section in (
+        "Summary",
+        "Change vs base",
+        "geneval: per-tag accuracy",
+        "Reward vs cycle",
+        "Pareto view",
+        "Hypervolume",
+        "Same prompt, same noise, every checkpoint",
+        "Inputs",
+    ):
         assert section in md and section in page
     for png in ("reward_vs_cycle.png", "pareto.png", "per_tag_geneval.png"):
         assert (out / png).is_file() and f"]({png})" in md
@@ -362,10 +427,11 @@ def test_report_is_self_contained_and_renders_its_images_in_chromium(evals, tmp_
         for reward in ("brightness", "jpeg_compressibility"):
             mean, half = _t_interval([cols[reward][cols["p"] == p] for p in range(3)])
             shown_mean, shown_half, decimals = _ci(summary[label][f"{reward} ↑ (n=6)"])
-            assert shown_mean == pytest.approx(mean, abs=0.6 * 10 ** -decimals), (label, reward)
-            assert shown_half == pytest.approx(half, abs=0.6 * 10 ** -decimals), (label, reward)
-            assert mean == pytest.approx(json.loads((evals[name] / "summary.json").read_text())
-                                         ["rewards"][reward]["mean"])
+            assert shown_mean == pytest.approx(mean, abs=0.6 * 10**-decimals), (label, reward)
+            assert shown_half == pytest.approx(half, abs=0.6 * 10**-decimals), (label, reward)
+            assert mean == pytest.approx(
+                json.loads((evals[name] / "summary.json").read_text())["rewards"][reward]["mean"]
+            )
     assert "Student's t quantile" in html.unescape(page) and "cluster-robust over prompts" in page  # which CI
 
     # change vs base: paired per image (same noise), with the arrow of its sign; RUN:0 is the base itself
@@ -379,8 +445,8 @@ def test_report_is_self_contained_and_renders_its_images_in_chromium(evals, tmp_
         cell = change[labels[2]][f"Δ {reward} ↑"]
         assert cell.startswith("▲" if mean > 0 else "▼"), cell
         shown_mean, shown_half, decimals = _ci(cell)
-        assert shown_mean == pytest.approx(mean, abs=0.6 * 10 ** -decimals)
-        assert shown_half == pytest.approx(half, abs=0.6 * 10 ** -decimals)
+        assert shown_mean == pytest.approx(mean, abs=0.6 * 10**-decimals)
+        assert shown_half == pytest.approx(half, abs=0.6 * 10**-decimals)
 
     # per-tag accuracy with n per tag; one prompt per tag here, so no interval is claimed
     tag_rows = tables["geneval: per-tag accuracy"]
@@ -402,7 +468,7 @@ def test_report_is_self_contained_and_renders_its_images_in_chromium(evals, tmp_
     grid_rows = tables["Same prompt, same noise, every checkpoint"]
     assert [row["checkpoint"] for row in grid_rows] == labels
     start = page.index("<table class='grid'>")
-    grid = page[start:page.index("</table>", start)]
+    grid = page[start : page.index("</table>", start)]
     links = re.findall(r"<a href='([^']+)'><img width='\d+'[^>]*src='data:image/jpeg;base64,", grid)
     assert len(links) == 8
     assert (out / links[0]).resolve() == (evals["base"] / "images" / f"{p:05d}" / "samples" / f"{k:05d}.png")
@@ -415,10 +481,24 @@ def test_report_is_self_contained_and_renders_its_images_in_chromium(evals, tmp_
 
     def chrome(page: Path, width: int, *args: str, height: int = 6000) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chrome'}", f"--window-size={width},{height}", *args, page.as_uri()],
-            capture_output=True, text=True, timeout=120,
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'chrome'}",
+                f"--window-size={width},{height}",
+                *args,
+                page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         return proc
 
@@ -432,8 +512,9 @@ def test_report_is_self_contained_and_renders_its_images_in_chromium(evals, tmp_
     # decode and the first mean ± CI cell is on screen
     for width in (1400, 760):
         screenshot(out / "report.html", width)
-        dom = chrome(_layout_probe(out / "report.html", out), width, "--dump-dom", "--virtual-time-budget=5000",
-                     height=1000)  # a short window: the first CI cell must not need scrolling sideways
+        dom = chrome(
+            _layout_probe(out / "report.html", out), width, "--dump-dom", "--virtual-time-budget=5000", height=1000
+        )  # a short window: the first CI cell must not need scrolling sideways
         found = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout)
         assert found, dom.stderr[-2000:]
         probe = json.loads(html.unescape(found.group(1)))
@@ -453,22 +534,57 @@ def test_report_is_self_contained_and_renders_its_images_in_chromium(evals, tmp_
 @pytest.mark.slurm
 def test_two_shard_array_job_gives_the_same_summary_as_one_shard(slurm_cluster, cache_env, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red apple\na blue car on a street\nthe sign says \"open\"\na small house\na dog\n")
-    common = ["--checkpoint", "base", "--config", "tiny-sd3", "--suite", "brightness,jpeg_compressibility",
-              "--prompts", str(prompts), "--samples", "2", "--batch-size", "3"]
+    prompts.write_text('a red apple\na blue car on a street\nthe sign says "open"\na small house\na dog\n')
+    common = [
+        "--checkpoint",
+        "base",
+        "--config",
+        "tiny-sd3",
+        "--suite",
+        "brightness,jpeg_compressibility",
+        "--prompts",
+        str(prompts),
+        "--samples",
+        "2",
+        "--batch-size",
+        "3",
+    ]
     for item in TINY_SETS:
         common += ["--set", item]
     sharded = tmp_path / "sharded"
-    proc = subprocess.run([sys.executable, "-m", "launch.eval", *common, "--out", str(sharded), "--shards", "2",
-                           "--profile", "local", "--time", "10"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.eval",
+            *common,
+            "--out",
+            str(sharded),
+            "--shards",
+            "2",
+            "--profile",
+            "local",
+            "--time",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     array_id = re.search(r"submitted eval array (\d+)", proc.stdout).group(1)
     aggregate_id = re.search(r"submitted aggregation job (\d+)", proc.stdout).group(1)
     # the reference runs meanwhile, single-threaded like the jobs (the local profile sets OMP_NUM_THREADS=1)
     single = tmp_path / "single"
-    ref = subprocess.run([sys.executable, "-m", "eval.run", *common, "--out", str(single)], capture_output=True,
-                         text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ref = subprocess.run(
+        [sys.executable, "-m", "eval.run", *common, "--out", str(single)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert ref.returncode == 0, ref.stderr
     records = slurm_cluster.wait_for_job(aggregate_id, timeout=300)
     logs = "\n".join(p.read_text() for p in sorted((sharded / "logs").glob("*.out")))
@@ -485,8 +601,13 @@ def test_two_shard_array_job_gives_the_same_summary_as_one_shard(slurm_cluster, 
         assert png.read_bytes() == (sharded / png.relative_to(single)).read_bytes(), png
 
     # submitting again finds the eval complete and submits nothing
-    again = subprocess.run([sys.executable, "-m", "launch.eval", *common, "--out", str(sharded), "--shards", "2",
-                            "--profile", "local"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "launch.eval", *common, "--out", str(sharded), "--shards", "2", "--profile", "local"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert again.returncode == 0 and "nothing to submit" in again.stdout
 
 

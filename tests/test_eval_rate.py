@@ -19,8 +19,22 @@ from mrlora.cli import run_cli
 from mrlora.rate.token_file import RateToken, save_token
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--config", "tiny-sd3", "--set", "rewards=['brightness','jpeg_compressibility']", "--set", "weights=[1.0,1.0]",
-        "--suite", "brightness,jpeg_compressibility", "--samples", "2", "--batch-size", "2", "--steps", "2"]
+TINY = [
+    "--config",
+    "tiny-sd3",
+    "--set",
+    "rewards=['brightness','jpeg_compressibility']",
+    "--set",
+    "weights=[1.0,1.0]",
+    "--suite",
+    "brightness,jpeg_compressibility",
+    "--samples",
+    "2",
+    "--batch-size",
+    "2",
+    "--steps",
+    "2",
+]
 PROMPTS = ['a shop sign that says "OPEN"', "a photo of a cat"]
 
 
@@ -29,9 +43,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def hand_token(name: str, value: float) -> RateToken:
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    return RateToken(token=name, arch="sd3", vectors={e: value * torch.randn(1, 32, generator=g)
-                                                      for e in ("clip_l", "clip_g", "t5")},
-                     base="tiny:sd3", reward=name.strip("<>"))
+    return RateToken(
+        token=name,
+        arch="sd3",
+        vectors={e: value * torch.randn(1, 32, generator=g) for e in ("clip_l", "clip_g", "t5")},
+        base="tiny:sd3",
+        reward=name.strip("<>"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +57,11 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rate_inputs")
     prompts = root / "prompts.txt"
     prompts.write_text("".join(p + "\n" for p in PROMPTS))
-    return {"prompts": prompts, "ocr": save_token(hand_token("<ocr>", 40.0), root / "ocr" / "token.safetensors"),
-            "picks": save_token(hand_token("<picks>", 40.0), root / "picks" / "token.safetensors")}
+    return {
+        "prompts": prompts,
+        "ocr": save_token(hand_token("<ocr>", 40.0), root / "ocr" / "token.safetensors"),
+        "picks": save_token(hand_token("<picks>", 40.0), root / "picks" / "token.safetensors"),
+    }
 
 
 def _argv(inputs, out: Path, *extra: str) -> list[str]:
@@ -78,8 +99,20 @@ def evals(tmp_path_factory, inputs, mrlora_cache) -> dict:
             current = "base"
             assert run_mod.main(_argv(inputs, root / "base")) == 0
             current = "rate"
-            assert run_mod.main(_argv(inputs, root / "rate", "--rate-tokens", str(inputs["ocr"]),
-                                      str(inputs["picks"]), "--rate-spec", "<ocr> 2")) == 0
+            assert (
+                run_mod.main(
+                    _argv(
+                        inputs,
+                        root / "rate",
+                        "--rate-tokens",
+                        str(inputs["ocr"]),
+                        str(inputs["picks"]),
+                        "--rate-spec",
+                        "<ocr> 2",
+                    )
+                )
+                == 0
+            )
     finally:
         run_mod.build_rewards = original
     return {"base": root / "base", "rate": root / "rate", "seen": seen, "root": root}
@@ -121,8 +154,12 @@ def test_rerun_with_another_spec_is_refused(evals, inputs, capsys):
     from eval.run import main
 
     before = (evals["rate"] / "eval.json").read_text()
-    rc = run_cli(main, _argv(inputs, evals["rate"], "--rate-tokens", str(inputs["ocr"]), str(inputs["picks"]),
-                             "--rate-spec", "<ocr> 3"))
+    rc = run_cli(
+        main,
+        _argv(
+            inputs, evals["rate"], "--rate-tokens", str(inputs["ocr"]), str(inputs["picks"]), "--rate-spec", "<ocr> 3"
+        ),
+    )
     assert rc == 2 and "already holds an eval with other settings" in capsys.readouterr().err
     assert (evals["rate"] / "eval.json").read_text() == before
     # the base eval's directory refuses a token mix too
@@ -148,7 +185,8 @@ def test_token_mix_shards_are_bit_identical_to_one_process(evals, inputs):
 
 
 def test_report_shows_the_mix_as_its_own_kind_on_the_pareto_view(evals, tmp_path):
-    from eval.report import load_input, main as report_main, pareto_view, summary_table
+    from eval.report import load_input, pareto_view, summary_table
+    from eval.report import main as report_main
 
     inputs = [load_input(evals["base"]), load_input(evals["rate"])]
     assert [i.kind for i in inputs] == ["base", "rate"]
@@ -187,12 +225,15 @@ def test_mix_on_a_non_base_checkpoint_is_noted():
     assert label("base", {"spec": " <ocr>   2 "}) == "base + <ocr> 2"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--rate-tokens", "{ocr}"], "--rate-tokens needs --rate-spec"),
-    (["--rate-spec", "<ocr> 2"], "--rate-spec needs --rate-tokens"),
-    (["--rate-tokens", "{ocr}", "--rate-spec", "<ocr> 0"], "must be >= 1"),
-    (["--rate-tokens", "{prompts}", "--rate-spec", "<ocr>"], "not a readable safetensors"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rate-tokens", "{ocr}"], "--rate-tokens needs --rate-spec"),
+        (["--rate-spec", "<ocr> 2"], "--rate-spec needs --rate-tokens"),
+        (["--rate-tokens", "{ocr}", "--rate-spec", "<ocr> 0"], "must be >= 1"),
+        (["--rate-tokens", "{prompts}", "--rate-spec", "<ocr>"], "not a readable safetensors"),
+    ],
+)
 def test_bad_flag_combinations_exit_2_and_write_nothing(inputs, tmp_path, capsys, flags, message):
     from eval.run import main
 
@@ -205,9 +246,19 @@ def test_bad_flag_combinations_exit_2_and_write_nothing(inputs, tmp_path, capsys
 
 def test_unknown_token_is_refused_with_the_rate_message_by_the_cli(inputs, tmp_path):
     out = tmp_path / "never"
-    proc = subprocess.run([sys.executable, "-m", "eval.run", *_argv(inputs, out, "--rate-tokens", str(inputs["ocr"]),
-                                                                    "--rate-spec", "<ocr> <geneval> 2")],
-                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eval.run",
+            *_argv(inputs, out, "--rate-tokens", str(inputs["ocr"]), "--rate-spec", "<ocr> <geneval> 2"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ),
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "names '<geneval>', which is not loaded (loaded: <ocr>); pass its token file" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
@@ -215,24 +266,44 @@ def test_unknown_token_is_refused_with_the_rate_message_by_the_cli(inputs, tmp_p
 
 def test_launch_eval_passes_the_mix_to_every_shard_without_torch(inputs, tmp_path):
     out = tmp_path / "ev"
-    argv = ["--checkpoint", "base", *TINY, "--prompts", str(inputs["prompts"]), "--out", str(out), "--shards", "2",
-            "--profile", "local", "--print", "--rate-tokens", str(inputs["ocr"]), "--rate-spec", "<ocr> 2"]
-    code = ("import sys\nfrom launch.eval import cli\n"
-            f"rc = cli({argv!r})\n"
-            "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
-            "print('HEAVY', heavy)\nsys.exit(rc)\n")
+    argv = [
+        "--checkpoint",
+        "base",
+        *TINY,
+        "--prompts",
+        str(inputs["prompts"]),
+        "--out",
+        str(out),
+        "--shards",
+        "2",
+        "--profile",
+        "local",
+        "--print",
+        "--rate-tokens",
+        str(inputs["ocr"]),
+        "--rate-spec",
+        "<ocr> 2",
+    ]
+    code = (
+        "import sys\nfrom launch.eval import cli\n"
+        f"rc = cli({argv!r})\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\nsys.exit(rc)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout
     assert f"--rate-tokens {inputs['ocr'].resolve()} --rate-spec '<ocr> 2'" in proc.stdout
     bad = [a if a != "<ocr> 2" else "<picks> 2" for a in argv]
-    proc = subprocess.run([sys.executable, "-m", "launch.eval", *bad], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.eval", *bad], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 2 and "names '<picks>', which is not loaded" in proc.stderr
     assert not out.exists()
     # a malformed count is caught on the login node too, not inside every shard job
     malformed = [a if a != "<ocr> 2" else "<ocr> 0" for a in argv]
-    proc = subprocess.run([sys.executable, "-m", "launch.eval", *malformed], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.eval", *malformed], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 2 and "must be >= 1" in proc.stderr, proc.stderr
     assert not out.exists()

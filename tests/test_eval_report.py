@@ -21,9 +21,21 @@ from eval.summary import summarize
 from mrlora.cli import run_cli
 from mrlora.runstore import DONE_MARKER, atomic_write_json, write_marker
 
-SETTINGS = {"prompts": "/data/prompts.jsonl", "prompts_sha256": "ab" * 32, "num_prompts": 0, "samples": 2,
-            "batch_size": 4, "seed": 0, "steps": 20, "guidance_scale": 4.5, "resolution": 256,
-            "max_sequence_length": 256, "dtype": "bf16", "shards": 1, "rate": None}
+SETTINGS = {
+    "prompts": "/data/prompts.jsonl",
+    "prompts_sha256": "ab" * 32,
+    "num_prompts": 0,
+    "samples": 2,
+    "batch_size": 4,
+    "seed": 0,
+    "steps": 20,
+    "guidance_scale": 4.5,
+    "resolution": 256,
+    "max_sequence_length": 256,
+    "dtype": "bf16",
+    "shards": 1,
+    "rate": None,
+}
 TAGS = ("counting", "colors", "position", "single_object")
 
 
@@ -45,8 +57,15 @@ def image_pool(tmp_path_factory) -> list[Path]:
     return pool
 
 
-def synthetic_eval(root: Path, checkpoint: dict, scores: dict[str, np.ndarray], pool: list[Path],
-                   settings: dict | None = None, prompts: list[str] | None = None, lower: tuple = ()) -> Path:
+def synthetic_eval(
+    root: Path,
+    checkpoint: dict,
+    scores: dict[str, np.ndarray],
+    pool: list[Path],
+    settings: dict | None = None,
+    prompts: list[str] | None = None,
+    lower: tuple = (),
+) -> Path:
     """An aggregated eval at ``root``: ``scores[reward]`` is (prompts, samples); GenEval-style ``correct`` details
     for a reward named geneval; rewards in ``lower`` recorded as lower-is-better."""
     from eval.plan import sample_seed
@@ -63,10 +82,20 @@ def synthetic_eval(root: Path, checkpoint: dict, scores: dict[str, np.ndarray], 
     details = {r: {} for r in scores}
     if "geneval" in scores:
         details["geneval"] = {"correct": (scores["geneval"].reshape(-1) > 0.5).astype(np.float64)}
-    res = Results(pi, si, np.array([sample_seed(settings["seed"], p, k) for p, k in zip(pi, si)]),
-                  [prompts[p] for p in pi], [TAGS[p % len(TAGS)] if "geneval" in scores else "" for p in pi],
-                  ["{}"] * len(pi), images, {r: v.reshape(-1).astype(np.float32) for r, v in scores.items()},
-                  details, {r: r not in lower for r in scores}, settings, checkpoint)
+    res = Results(
+        pi,
+        si,
+        np.array([sample_seed(settings["seed"], p, k) for p, k in zip(pi, si)]),
+        [prompts[p] for p in pi],
+        [TAGS[p % len(TAGS)] if "geneval" in scores else "" for p in pi],
+        ["{}"] * len(pi),
+        images,
+        {r: v.reshape(-1).astype(np.float32) for r, v in scores.items()},
+        details,
+        {r: r not in lower for r in scores},
+        settings,
+        checkpoint,
+    )
     write_results(root / "results.h5", res)
     atomic_write_json(root / "summary.json", summarize(res))
     write_marker(root, DONE_MARKER, extra={"summary": "summary.json"}, checksums=False)
@@ -79,10 +108,14 @@ def eighty_checkpoints(root: Path, pool: list[Path], prompts: int = 16, count: i
     rng = np.random.default_rng(0)
     run = "/runs/tiny-sd3/20261201_000000"
     specs = [{"kind": "base", "label": "base"}]
-    specs += [{"kind": "merged", "cycle": c, "run_root": run, "label": f"20261201_000000 cycle {c}"}
-              for c in range(1, 41)]
-    specs += [{"kind": "expert", "cycle": c, "reward": r, "run_root": run, "label": f"cycle {c} {r} expert"}
-              for c in range(1, 13) for r in ("brightness", "geneval", "jpeg")]
+    specs += [
+        {"kind": "merged", "cycle": c, "run_root": run, "label": f"20261201_000000 cycle {c}"} for c in range(1, 41)
+    ]
+    specs += [
+        {"kind": "expert", "cycle": c, "reward": r, "run_root": run, "label": f"cycle {c} {r} expert"}
+        for c in range(1, 13)
+        for r in ("brightness", "geneval", "jpeg")
+    ]
     out = []
     for n, ckpt in enumerate((specs + [{"kind": "base", "label": "base"}] * 3)[:count]):
         settings = {"rate": {"spec": f"<ocr> {n}", "tokens": []}} if n >= len(specs) else {}
@@ -94,7 +127,7 @@ def eighty_checkpoints(root: Path, pool: list[Path], prompts: int = 16, count: i
 
 def _grid(page: str) -> str:
     start = page.index("<table class='grid'>")
-    return page[start:page.index("</table>", start)]
+    return page[start : page.index("</table>", start)]
 
 
 def test_report_of_80_checkpoints_stays_under_the_size_budget(tmp_path, image_pool):
@@ -108,7 +141,7 @@ def test_report_of_80_checkpoints_stays_under_the_size_budget(tmp_path, image_po
     assert (out / "report.html").stat().st_size <= 5_000_000
     grid = _grid(page)
     rows = grid.count("<tr>") - 1  # minus the header row
-    columns = len(re.findall(r"<th[ >]", grid[:grid.index("</thead>")])) - 1
+    columns = len(re.findall(r"<th[ >]", grid[: grid.index("</thead>")])) - 1
     assert rows == 80 and columns == 8
     thumbs = re.findall(r"<img width='(\d+)'[^>]*src='data:image/jpeg;base64,", grid)
     assert len(thumbs) == 640
@@ -120,10 +153,11 @@ def test_report_of_80_checkpoints_stays_under_the_size_budget(tmp_path, image_po
     assert len(links) == 640 and all((out / link).resolve().is_file() for link in links[::37])
     md = (out / "report.md").read_text()
     assert md.count("](thumbs/") == 640 and len(list((out / "thumbs").glob("*.jpg"))) == 640
+
     # 80 rows in every table, the rate mixes as their own kind, the 40 cycles as one curve
     def section_rows(heading: str) -> list[str]:
         start = page.index(f"<h2>{heading}</h2>")
-        return page[start:page.index("</table>", start)].split("<tr>")[2:]
+        return page[start : page.index("</table>", start)].split("<tr>")[2:]
 
     assert len(section_rows("Summary")) == 80 and len(section_rows("Change vs base")) == 79
     assert sum("<td>rate</td>" in row for row in section_rows("Summary")) == 3
@@ -146,7 +180,7 @@ def test_a_tight_budget_drops_grid_columns_and_says_so(tmp_path, image_pool):
     page = (out / "report.html").read_text()
     assert (out / "report.html").stat().st_size <= budget
     grid = _grid(page)
-    columns = len(re.findall(r"<th[ >]", grid[:grid.index("</thead>")])) - 1
+    columns = len(re.findall(r"<th[ >]", grid[: grid.index("</thead>")])) - 1
     assert 1 <= columns < 8 and f"Only {columns} of 8 chosen prompts fit the size budget" in page
     # a budget the tables and plots alone exceed: no grid, and the report says why
     assert main(["--inputs", *map(str, inputs), "--out", str(out), "--max-mb", str(rest / 2e6)]) == 0
@@ -154,8 +188,16 @@ def test_a_tight_budget_drops_grid_columns_and_says_so(tmp_path, image_pool):
     assert "<table class='grid'>" not in page and "The grid is left out: the tables and plots alone take" in page
 
 
-def _small(root: Path, pool, label: str, settings: dict | None = None, rewards=("a", "b"), shift: float = 0.0,
-           kind: str = "merged", cycle: int = 1) -> Path:
+def _small(
+    root: Path,
+    pool,
+    label: str,
+    settings: dict | None = None,
+    rewards=("a", "b"),
+    shift: float = 0.0,
+    kind: str = "merged",
+    cycle: int = 1,
+) -> Path:
     rng = np.random.default_rng(len(label))
     scores = {r: rng.normal(0.5 + shift, 0.1, (3, 2)) for r in rewards}
     ckpt = {"kind": kind, "label": label, **({"cycle": cycle} if kind != "base" else {})}
@@ -177,16 +219,16 @@ def test_evals_with_other_settings_are_refused_then_drawn_under_a_warning(tmp_pa
 
     assert main([*argv, "--allow-mixed"]) == 0
     page = (tmp_path / "rep" / "report.html").read_text()
-    warnings = page[page.index("<h2>Warnings</h2>"):page.index("<h2>Summary</h2>")]
+    warnings = page[page.index("<h2>Warnings</h2>") : page.index("<h2>Summary</h2>")]
     assert "seed: 0 (base, cycle 1); 7 (cycle 2)" in warnings and "sampler steps: 20" in warnings
     assert "Left out of the same-noise grid (other prompt set, seed or resolution than base): cycle 2" in warnings
     grid = _grid(page)
     assert "<td>cycle 1</td>" in grid and "<td>cycle 2</td>" not in grid
-    change = page[page.index("<h2>Change vs base</h2>"):]
-    row = change[change.index("<td>cycle 2</td>"):]
-    assert "unpaired" in row[:row.index("</tr>")]  # other noise: no per-image pairing
-    row = change[change.index("<td>cycle 1</td>"):]
-    assert "unpaired" not in row[:row.index("</tr>")]
+    change = page[page.index("<h2>Change vs base</h2>") :]
+    row = change[change.index("<td>cycle 2</td>") :]
+    assert "unpaired" in row[: row.index("</tr>")]  # other noise: no per-image pairing
+    row = change[change.index("<td>cycle 1</td>") :]
+    assert "unpaired" not in row[: row.index("</tr>")]
 
 
 def test_a_reward_one_eval_lacks_is_named_not_dropped(tmp_path, image_pool):
@@ -199,7 +241,7 @@ def test_a_reward_one_eval_lacks_is_named_not_dropped(tmp_path, image_pool):
     md = (out / "report.md").read_text()
     assert "c was not scored by cycle 1: those cells show '-', and c is left out of the Pareto view." in md
     assert "Left out because not every eval scored them: c." in md
-    summary = md[md.index("## Summary"):md.index("## Change vs base")]
+    summary = md[md.index("## Summary") : md.index("## Change vs base")]
     header = next(line for line in summary.splitlines() if line.startswith("| checkpoint"))
     row = next(line for line in summary.splitlines() if line.startswith("| cycle 1 |"))
     split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
@@ -212,8 +254,17 @@ def test_each_pareto_panel_circles_the_points_that_projection_does_not_dominate(
     from eval.pareto import pareto_front
 
     values = np.array([[1.0, 1.0, 0.0], [0.5, 0.5, 1.0], [0.0, 2.0, 0.0]])  # all three on the 3-D front
-    view = report.ParetoView(["a", "b", "c"], ["A", "B", "C"], ["merged"] * 3, values, pareto_front(values.tolist()),
-                             values.min(axis=0) - 0.1, {}, [], np.full(values.shape, 0.05))
+    view = report.ParetoView(
+        ["a", "b", "c"],
+        ["A", "B", "C"],
+        ["merged"] * 3,
+        values,
+        pareto_front(values.tolist()),
+        values.min(axis=0) - 0.1,
+        {},
+        [],
+        np.full(values.shape, 0.05),
+    )
     assert view.front == [0, 1, 2]
     figures = []
     monkeypatch.setattr(report, "_save", lambda fig, path, dpi=100: figures.append(fig) or path)
@@ -266,23 +317,38 @@ def test_a_lower_is_better_reward_going_down_is_shown_as_better(tmp_path, image_
 
     rng = np.random.default_rng(5)
     noise = rng.normal(0, 0.05, (3, 2))
-    base = synthetic_eval(tmp_path / "base", {"kind": "base", "label": "base"},
-                          {"err": 1.0 + noise, "score": 0.5 + noise}, image_pool, lower=("err",))
-    merged = synthetic_eval(tmp_path / "c1", {"kind": "merged", "cycle": 1, "label": "cycle 1"},
-                            {"err": 0.8 + noise, "score": 0.4 + noise}, image_pool, lower=("err",))
+    base = synthetic_eval(
+        tmp_path / "base",
+        {"kind": "base", "label": "base"},
+        {"err": 1.0 + noise, "score": 0.5 + noise},
+        image_pool,
+        lower=("err",),
+    )
+    merged = synthetic_eval(
+        tmp_path / "c1",
+        {"kind": "merged", "cycle": 1, "label": "cycle 1"},
+        {"err": 0.8 + noise, "score": 0.4 + noise},
+        image_pool,
+        lower=("err",),
+    )
     out = tmp_path / "rep"
     assert main(["--inputs", str(base), str(merged), "--out", str(out)]) == 0
     page = (out / "report.html").read_text()
-    change = page[page.index("<h2>Change vs base</h2>"):]
-    row = change[change.index("<td>cycle 1</td>"):]
-    row = row[:row.index("</tr>")]
+    change = page[page.index("<h2>Change vs base</h2>") :]
+    row = change[change.index("<td>cycle 1</td>") :]
+    row = row[: row.index("</tr>")]
     assert "<th>Δ err ↓</th>" in change and "<th>Δ score ↑</th>" in change
     # both fell by exactly 0.2 / 0.1 on every image: err's fall is an improvement, score's is not
     assert '<td class="better">▼ -0.2' in row and '<td class="worse">▼ -0.1' in row
     assert "<h2>Pareto view</h2>" in page and "negated: err" in page
 
-    later = synthetic_eval(tmp_path / "c2", {"kind": "merged", "cycle": 2, "label": "cycle 2"},
-                           {"err": 0.7 + noise, "score": 0.3 + noise}, image_pool, lower=("err",))
+    later = synthetic_eval(
+        tmp_path / "c2",
+        {"kind": "merged", "cycle": 2, "label": "cycle 2"},
+        {"err": 0.7 + noise, "score": 0.3 + noise},
+        image_pool,
+        lower=("err",),
+    )
     assert main(["--inputs", str(merged), str(later), "--out", str(tmp_path / "no_base")]) == 0
     page = (tmp_path / "no_base" / "report.html").read_text()
     assert "<h2>Change vs base</h2>" not in page

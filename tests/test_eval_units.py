@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------- pareto maths
 
+
 def test_pareto_front_keeps_only_non_dominated_points():
     points = [(1, 1), (2, 0.5), (0.5, 2), (0.9, 0.9), (2, 0.5)]
     assert pareto_front(points) == [0, 1, 2, 4]
@@ -41,6 +42,7 @@ def test_hypervolume_matches_hand_computed_areas_and_volumes():
 
 # ---------------------------------------------------------------------------------------- summary numbers
 
+
 def _results(tags, correct, scores, exact=None) -> Results:
     n = len(tags)
     details = {"geneval": {"correct": np.asarray(correct, float), "strict_correct": np.zeros(n)}}
@@ -48,8 +50,20 @@ def _results(tags, correct, scores, exact=None) -> Results:
     if exact is not None:
         details["ocr"] = {"exact": np.asarray(exact, float)}
         all_scores["ocr"] = np.asarray(scores, np.float32)
-    return Results(np.arange(n), np.zeros(n, np.int64), np.arange(n), ["p"] * n, list(tags), ["{}"] * n,
-                   ["x.png"] * n, all_scores, details, {k: True for k in all_scores}, {}, {})
+    return Results(
+        np.arange(n),
+        np.zeros(n, np.int64),
+        np.arange(n),
+        ["p"] * n,
+        list(tags),
+        ["{}"] * n,
+        ["x.png"] * n,
+        all_scores,
+        details,
+        {k: True for k in all_scores},
+        {},
+        {},
+    )
 
 
 def test_geneval_overall_is_the_mean_of_per_tag_accuracies_not_of_images():
@@ -71,6 +85,7 @@ def test_ocr_exact_match_rate_and_means_are_reported():
 
 
 # ---------------------------------------------------------------------------------------- shard planning
+
 
 def test_shards_partition_the_global_batches_exactly():
     batches = plan_batches(num_prompts=7, samples=3, batch_size=4, seed=0)
@@ -94,9 +109,13 @@ def test_bad_shard_spec_is_rejected(text):
 
 # --------------------------------------------------------------------------------------- sbatch templates
 
+
 def test_render_template_requires_every_variable_and_uses_every_value():
     text = "# doc mentions {{x}} and is kept\n#SBATCH --job-name={{name}}\necho {{y}}\n"
-    assert render_template(text, {"name": "j", "y": "1"}) == "# doc mentions {{x}} and is kept\n#SBATCH --job-name=j\necho 1\n"
+    assert (
+        render_template(text, {"name": "j", "y": "1"})
+        == "# doc mentions {{x}} and is kept\n#SBATCH --job-name=j\necho 1\n"
+    )
     with pytest.raises(TemplateError, match="y"):
         render_template(text, {"name": "j"})
     with pytest.raises(TemplateError, match="unused|not use"):
@@ -142,20 +161,32 @@ def test_shipped_templates_render_without_leftover_placeholders(tmp_path):
 
 # ---------------------------------------------------------------------------- bad input: clear, no output
 
+
 def _run_cli(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "eval.run", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "eval.run", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+    )
 
 
-BASE_ARGS = ["--checkpoint", "base", "--config", "tiny-sd3", "--set", "rewards=['brightness']", "--set",
-             "weights=[1.0]"]
+BASE_ARGS = [
+    "--checkpoint",
+    "base",
+    "--config",
+    "tiny-sd3",
+    "--set",
+    "rewards=['brightness']",
+    "--set",
+    "weights=[1.0]",
+]
 
 
 def test_prompt_file_with_a_bad_line_names_the_line_and_writes_nothing(tmp_path):
     prompts = tmp_path / "meta.jsonl"
-    prompts.write_text(json.dumps({"prompt": "a cat", "tag": "single_object",
-                                   "include": [{"class": "cat", "count": 1}]}) + "\n{not json\n")
+    prompts.write_text(
+        json.dumps({"prompt": "a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]})
+        + "\n{not json\n"
+    )
     out = tmp_path / "ev"
     proc = _run_cli([*BASE_ARGS, "--suite", "brightness", "--prompts", str(prompts), "--out", str(out)])
     assert proc.returncode == 2
@@ -167,8 +198,9 @@ def test_missing_checkpoint_and_unknown_suite_fail_cleanly(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
     out = tmp_path / "ev"
-    proc = _run_cli(["--checkpoint", str(tmp_path / "nope"), "--suite", "brightness", "--prompts", str(prompts),
-                     "--out", str(out)])
+    proc = _run_cli(
+        ["--checkpoint", str(tmp_path / "nope"), "--suite", "brightness", "--prompts", str(prompts), "--out", str(out)]
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     proc = _run_cli([*BASE_ARGS, "--suite", "brightnes", "--prompts", str(prompts), "--out", str(out)])
     assert proc.returncode == 2 and "brightness" in proc.stderr  # the close match is suggested
@@ -179,10 +211,22 @@ def test_reward_model_missing_offline_fails_before_anything_is_written(tmp_path)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
     out = tmp_path / "ev"
-    proc = _run_cli([*BASE_ARGS, "--set", f"reward_models.pickscore.model={tmp_path / 'no_model'}",
-                     "--set", f"reward_models.pickscore.processor={tmp_path / 'no_processor'}",
-                     "--suite", "pickscore", "--prompts", str(prompts), "--out", str(out)],
-                    {"HF_HUB_OFFLINE": "1"})
+    proc = _run_cli(
+        [
+            *BASE_ARGS,
+            "--set",
+            f"reward_models.pickscore.model={tmp_path / 'no_model'}",
+            "--set",
+            f"reward_models.pickscore.processor={tmp_path / 'no_processor'}",
+            "--suite",
+            "pickscore",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+        ],
+        {"HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert "pickscore" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()

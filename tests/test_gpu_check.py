@@ -14,16 +14,42 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 def test_help_documents_the_run():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for words in ("--quick", "under 5 minutes", "peak CUDA memory", "images per second", "40 ODE steps",
-                  "changes the LoRA weights and nothing else", "--device cpu --tiny"):
+    for words in (
+        "--quick",
+        "under 5 minutes",
+        "peak CUDA memory",
+        "images per second",
+        "40 ODE steps",
+        "changes the LoRA weights and nothing else",
+        "--device cpu --tiny",
+    ):
         assert words in proc.stdout, words
 
 
 @pytest.mark.slow
 def test_tiny_cpu_smoke_runs_every_phase(tmp_path, mrlora_cache):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--arch", "sd3", "--steps", "2",
-                           "--eval-steps", "2", "--resolution", "32", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--arch",
+            "sd3",
+            "--steps",
+            "2",
+            "--eval-steps",
+            "2",
+            "--resolution",
+            "32",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "log-probs float32 finite True" in out and "frozen tensors changed 0" in out

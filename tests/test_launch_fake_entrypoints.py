@@ -20,8 +20,16 @@ import time
 from pathlib import Path
 
 from mrlora.config import config_for_reward, config_from_dict
-from mrlora.runstore import (CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER, RunDir, atomic_write_text, read_marker,
-                             reset_incomplete_dir, write_marker)
+from mrlora.runstore import (
+    CHECKPOINT_MARKER,
+    DONE_MARKER,
+    MERGE_MARKER,
+    RunDir,
+    atomic_write_text,
+    read_marker,
+    reset_incomplete_dir,
+    write_marker,
+)
 
 
 class Preempted(Exception):
@@ -83,9 +91,14 @@ def train_expert_in_run(run_root: str, cycle: int, reward: str) -> dict:
     latest = run.latest_checkpoint(cycle, reward)
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     step = _run_steps(
-        run.metrics_path(cycle, reward), latest[0] if latest else 0, cfg.train.steps,
+        run.metrics_path(cycle, reward),
+        latest[0] if latest else 0,
+        cfg.train.steps,
         lambda step: {"step": step, "reward_mean": 0.1 * step + cycle, "pid": os.getpid(), "restart": restart},
-        f"{cycle}:{reward}", lambda step: run.checkpoint_dir(cycle, reward, step), "adapter_model.safetensors")
+        f"{cycle}:{reward}",
+        lambda step: run.checkpoint_dir(cycle, reward, step),
+        "adapter_model.safetensors",
+    )
     adapter = run.adapter_dir(cycle, reward)
     adapter.mkdir(parents=True, exist_ok=True)
     (adapter / "adapter_model.safetensors").write_bytes(b"adapter")
@@ -106,8 +119,9 @@ def merge_cycle_in_run(run_root: str, cycle: int) -> dict:
     return write_marker(merged, MERGE_MARKER, {"experts": rewards})
 
 
-def distill_in_run(run_root: str, cycle: int, reward: str, token: str | None = None,
-                   overrides: dict | None = None) -> dict:
+def distill_in_run(
+    run_root: str, cycle: int, reward: str, token: str | None = None, overrides: dict | None = None
+) -> dict:
     """RaTE stand-in: refuses to start before the expert's DONE, then steps like the fake expert (``rate.steps``,
     a checkpoint per step, checkpoint + ``Preempted`` on a signal) and writes token.safetensors, then DONE.json."""
     run = RunDir(run_root)
@@ -121,8 +135,14 @@ def distill_in_run(run_root: str, cycle: int, reward: str, token: str | None = N
         return _follow_rank0(lambda: read_marker(out, DONE_MARKER))
     cfg = config_for_reward(config_from_dict(run.read_run_json()["config"]), reward)
     steps = [int(p.name.split("-", 1)[1]) for p in out.glob("checkpoint-*") if (p / CHECKPOINT_MARKER).exists()]
-    step = _run_steps(out / "metrics.jsonl", max(steps, default=0), cfg.rate.steps,
-                      lambda step: {"step": step, "loss": 1.0 / step, "pid": os.getpid()},
-                      f"rate:{cycle}:{reward}", lambda step: out / f"checkpoint-{step}", "token.safetensors")
+    step = _run_steps(
+        out / "metrics.jsonl",
+        max(steps, default=0),
+        cfg.rate.steps,
+        lambda step: {"step": step, "loss": 1.0 / step, "pid": os.getpid()},
+        f"rate:{cycle}:{reward}",
+        lambda step: out / f"checkpoint-{step}",
+        "token.safetensors",
+    )
     (out / "token.safetensors").write_bytes(b"token")
     return write_marker(out, DONE_MARKER, {"status": "ok", "steps": step, "token": token or f"<{reward}>"})

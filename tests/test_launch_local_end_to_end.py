@@ -26,9 +26,24 @@ def test_tiny_sd3_two_cycles_locally_end_to_end(tmp_path, tiny_sd3_dir):
     out = tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.mapreduce", "--model", "tiny-sd3", "--cycles", "2", "--executor", "local",
-         "--out-root", str(out)],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "launch.mapreduce",
+            "--model",
+            "tiny-sd3",
+            "--cycles",
+            "2",
+            "--executor",
+            "local",
+            "--out-root",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = RunDir.find(out, "tiny-sd3")
@@ -50,13 +65,19 @@ def test_tiny_sd3_two_cycles_locally_end_to_end(tmp_path, tiny_sd3_dir):
     assert not run.lease_path.exists()  # released when the chain finished
     # what a person reads at the end: per-expert reward trend, what the merge traded, how to compare cycles
     assert "reward mean of each expert, first step -> last step" in proc.stdout
-    table = proc.stdout[proc.stdout.index("reward mean of the model each cycle starts from"):].splitlines()
+    table = proc.stdout[proc.stdout.index("reward mean of the model each cycle starts from") :].splitlines()
     base_row, merge_row = table[2].split(), table[3].split()
     assert base_row[0] == "base" and merge_row[:4] == ["merge", "of", "cycle", "1"]
     # the merge row is the first step of cycle 2, the base row the first step of cycle 1
     assert [float(x) for x in merge_row[4:]] == pytest.approx([_rewards(run, 2, r)[0] for r in REWARDS], rel=1e-3)
     assert [float(x) for x in base_row[1:]] == pytest.approx([_rewards(run, 1, r)[0] for r in REWARDS], rel=1e-3)
     assert "python -m eval.run --checkpoint" in proc.stdout
-    status = subprocess.run([sys.executable, "-m", "launch.status", run.run_ts, "--out-root", str(out),
-                             "--no-slurm"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    status = subprocess.run(
+        [sys.executable, "-m", "launch.status", run.run_ts, "--out-root", str(out), "--no-slurm"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert status.returncode == 0 and "cycles merged: 2/2" in status.stdout, status.stdout + status.stderr

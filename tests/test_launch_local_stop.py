@@ -23,8 +23,11 @@ import pytest
 from mrlora.runstore import RunDir, pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE = {"MRLORA_JOB_ENTRYPOINTS": "test_launch_fake_entrypoints", "PYTHONPATH": str(REPO / "tests"),
-        "FAKE_STEP_S": "0.2"}
+FAKE = {
+    "MRLORA_JOB_ENTRYPOINTS": "test_launch_fake_entrypoints",
+    "PYTHONPATH": str(REPO / "tests"),
+    "FAKE_STEP_S": "0.2",
+}
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -35,16 +38,41 @@ def _env(extra: dict | None = None) -> dict:
 def start_launcher(out: Path, extra_env: dict | None = None, steps: int = 200, args: tuple = ()) -> subprocess.Popen:
     """The launcher as a terminal would run it: its own process group (the terminal's foreground group)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "launch.mapreduce", "--model", "tiny-sd3", "--rewards", "brightness", "--cycles", "1",
-         "--executor", "local", "--out-root", str(out), "--set", f"train.steps={steps}", *args],
-        cwd=REPO, env=_env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "launch.mapreduce",
+            "--model",
+            "tiny-sd3",
+            "--rewards",
+            "brightness",
+            "--cycles",
+            "1",
+            "--executor",
+            "local",
+            "--out-root",
+            str(out),
+            "--set",
+            f"train.steps={steps}",
+            *args,
+        ],
+        cwd=REPO,
+        env=_env(extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def the_run(out: Path, timeout: float = 60) -> RunDir:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = [p for p in (out / "tiny-sd3").glob("*") if (p / "run.json").exists()] if (out / "tiny-sd3").is_dir() else []
+        runs = (
+            [p for p in (out / "tiny-sd3").glob("*") if (p / "run.json").exists()]
+            if (out / "tiny-sd3").is_dir()
+            else []
+        )
         if runs:
             return RunDir(runs[0])
         time.sleep(0.1)
@@ -87,8 +115,11 @@ def assert_stopped_cleanly(run: RunDir, worker: int) -> None:
     assert not run.lease_path.exists()
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
-                         ids=["ctrl-c", "kill", "terminal-closed"])
+@pytest.mark.parametrize(
+    "sig, code",
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+    ids=["ctrl-c", "kill", "terminal-closed"],
+)
 def test_stopping_the_launcher_checkpoints_its_worker_and_exits_with_the_signal_code(tmp_path, sig, code):
     out = tmp_path / "runs"
     proc = start_launcher(out, FAKE)
@@ -122,18 +153,29 @@ def test_a_launcher_killed_with_sigkill_takes_its_worker_along(tmp_path):
 
 
 def _cancel(run: RunDir, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cancel", run.run_ts, "--out-root", str(out), "--model",
-                           "tiny-sd3"], cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cancel", run.run_ts, "--out-root", str(out), "--model", "tiny-sd3"],
+        cwd=REPO,
+        env=_env(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cancel_stops_a_launcher_started_with_nohup_in_the_background(tmp_path):
     """``nohup ... &`` from a script: the launcher ignores SIGINT, so cancel must not rely on it."""
     out = tmp_path / "runs"
     log = tmp_path / "nohup.out"
-    cmd = (f"nohup {sys.executable} -m launch.mapreduce --model tiny-sd3 --rewards brightness --cycles 1 "
-           f"--executor local --out-root {out} --set train.steps=200 > {log} 2>&1 & echo $!")
-    pid = int(subprocess.run(["bash", "-c", cmd], cwd=REPO, env=_env(FAKE), capture_output=True, text=True,
-                             timeout=30).stdout.split()[-1])
+    cmd = (
+        f"nohup {sys.executable} -m launch.mapreduce --model tiny-sd3 --rewards brightness --cycles 1 "
+        f"--executor local --out-root {out} --set train.steps=200 > {log} 2>&1 & echo $!"
+    )
+    pid = int(
+        subprocess.run(
+            ["bash", "-c", cmd], cwd=REPO, env=_env(FAKE), capture_output=True, text=True, timeout=30
+        ).stdout.split()[-1]
+    )
     try:
         run = the_run(out)
         deadline = time.monotonic() + 60
@@ -144,8 +186,10 @@ def test_cancel_stops_a_launcher_started_with_nohup_in_the_background(tmp_path):
         done = _cancel(run, out)
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"local launcher pid {pid}" in done.stdout
-        assert f"continue with: python -m launch.mapreduce --resume {run.run_ts} --out-root {out} --model tiny-sd3" \
+        assert (
+            f"continue with: python -m launch.mapreduce --resume {run.run_ts} --out-root {out} --model tiny-sd3"
             in done.stdout
+        )
         assert not pid_alive(pid), "cancel returned while the launcher still ran"
         assert_stopped_cleanly(run, worker)
         assert "stopped by SIGTERM" in log.read_text()
@@ -158,8 +202,10 @@ def test_cancel_stops_a_local_run_where_squeue_exists_but_slurm_does_not_answer(
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     for name in ("squeue", "sbatch", "scancel"):
-        (fake_bin / name).write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller "
-                                     "(connect failure)' >&2\nexit 1\n")
+        (fake_bin / name).write_text(
+            "#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller "
+            "(connect failure)' >&2\nexit 1\n"
+        )
         (fake_bin / name).chmod(0o755)
     out = tmp_path / "runs"
     proc = start_launcher(out, FAKE)  # started without the fake Slurm: auto picks local
@@ -181,12 +227,19 @@ def test_cancel_stops_a_local_run_where_squeue_exists_but_slurm_does_not_answer(
 def test_cancel_of_an_unknown_run_says_where_it_looked(tmp_path):
     no_slurm = tmp_path / "bin"
     no_slurm.mkdir()
-    done = subprocess.run([sys.executable, "-m", "launch.cancel", "20260101_000000", "--out-root", str(tmp_path)],
-                          cwd=REPO, env=_env({"PATH": str(no_slurm)}), capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.cancel", "20260101_000000", "--out-root", str(tmp_path)],
+        cwd=REPO,
+        env=_env({"PATH": str(no_slurm)}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and f"no run 20260101_000000 under {tmp_path}" in done.stderr, done.stderr
 
 
 # ------------------------------------------------------------------------------------------------ real training
+
 
 def test_killing_the_launcher_mid_training_then_resuming_trains_every_step_exactly_once(tmp_path, tiny_sd3_dir):
     """Real training: the worker checkpoints on the forwarded SIGTERM and is gone before the launcher exits, so
@@ -205,9 +258,26 @@ def test_killing_the_launcher_mid_training_then_resuming_trains_every_step_exact
     assert not claim_path(run.expert_dir(1, "brightness")).exists()  # released with the checkpoint
     stopped_at = run.latest_checkpoint(1, "brightness")[0]
     assert stopped_at < 4, "the expert finished before the signal; the test proved nothing"
-    resumed = subprocess.run([sys.executable, "-m", "launch.mapreduce", "--resume", run.run_ts, "--out-root", str(out),
-                              "--model", "tiny-sd3", "--executor", "local"], cwd=REPO, env=_env(),
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.mapreduce",
+            "--resume",
+            run.run_ts,
+            "--out-root",
+            str(out),
+            "--model",
+            "tiny-sd3",
+            "--executor",
+            "local",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     steps = [json.loads(line)["step"] for line in run.metrics_path(1, "brightness").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -216,9 +286,9 @@ def test_killing_the_launcher_mid_training_then_resuming_trains_every_step_exact
 
 def test_an_expert_job_started_twice_stops_the_second_before_it_writes(tmp_path, tiny_sd3_dir):
     """Real training: the same job started twice (as an admin might on Slurm) has one writer."""
-    from mrlora.claim import claim_path
-
     from train_helpers import tiny_run
+
+    from mrlora.claim import claim_path
 
     run = tiny_run(tmp_path, tiny_sd3_dir, ["rewards=['brightness']", "weights=[1.0]", "train.steps=40"])
     job = [sys.executable, "-m", "launch.jobs", "expert", str(run.root), "1", "brightness"]
@@ -247,9 +317,15 @@ def test_cancel_stops_a_worker_whose_launcher_is_gone(tmp_path, tiny_sd3_dir):
     from train_helpers import tiny_run
 
     run = tiny_run(tmp_path, tiny_sd3_dir, ["rewards=['brightness']", "weights=[1.0]", "train.steps=40"])
-    worker = subprocess.Popen([sys.executable, "-m", "launch.jobs", "expert", str(run.root), "1", "brightness"],
-                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "launch.jobs", "expert", str(run.root), "1", "brightness"],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_for_steps(run, 1, worker, timeout=300)
         done = _cancel(run, run.root.parent.parent)

@@ -13,18 +13,42 @@ from launch.logs import local_log
 from mrlora.runstore import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE = {"MRLORA_JOB_ENTRYPOINTS": "test_launch_fake_entrypoints", "PYTHONPATH": str(REPO / "tests"),
-        "FAKE_STEP_S": "0.01"}
+FAKE = {
+    "MRLORA_JOB_ENTRYPOINTS": "test_launch_fake_entrypoints",
+    "PYTHONPATH": str(REPO / "tests"),
+    "FAKE_STEP_S": "0.01",
+}
 
 
 def _cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 def _local_run(tmp_path) -> RunDir:
-    proc = _cli("launch.mapreduce", "--model", "tiny-sd3", "--rewards", "brightness", "colourfulness", "--cycles",
-                "1", "--executor", "local", "--out-root", str(tmp_path / "out"), "--set", "train.steps=2", env=FAKE)
+    proc = _cli(
+        "launch.mapreduce",
+        "--model",
+        "tiny-sd3",
+        "--rewards",
+        "brightness",
+        "colourfulness",
+        "--cycles",
+        "1",
+        "--executor",
+        "local",
+        "--out-root",
+        str(tmp_path / "out"),
+        "--set",
+        "train.steps=2",
+        env=FAKE,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return RunDir(next((tmp_path / "out" / "tiny-sd3").iterdir()))
 
@@ -44,8 +68,13 @@ def test_logs_lists_a_cycles_logs_then_prints_and_follows_one(tmp_path):
     assert shown.returncode == 0 and shown.stdout == "the last line of the merge\n"
     assert str(merge_log) in shown.stderr
 
-    follower = subprocess.Popen([sys.executable, "-m", "launch.logs", run.run_ts, *where, "--reward", "brightness",
-                                 "-n", "0", "-f"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "launch.logs", run.run_ts, *where, "--reward", "brightness", "-n", "0", "-f"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(2.0)  # let it open the log and seek to its end
         with open(local_log(run, 1, "brightness"), "a") as fh:

@@ -9,9 +9,22 @@ from mrlora.runstore import CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER, RunDir
 
 REWARDS = ["geneval", "pickscore", "ocr"]
 BASE = {
-    "name": "t", "partition": "gpu", "account": "", "qos": "", "expert_time_min": 60, "nodes_per_expert": 2,
-    "gpus_per_node": 4, "cpus_per_gpu": 2, "mem_per_gpu_gb": 8, "gres_gpu": True, "merge_time_min": 20,
-    "merge_partition": "cpu", "merge_cpus": 4, "merge_mem_gb": 16, "window_cycles": 2, "setup": [],
+    "name": "t",
+    "partition": "gpu",
+    "account": "",
+    "qos": "",
+    "expert_time_min": 60,
+    "nodes_per_expert": 2,
+    "gpus_per_node": 4,
+    "cpus_per_gpu": 2,
+    "mem_per_gpu_gb": 8,
+    "gres_gpu": True,
+    "merge_time_min": 20,
+    "merge_partition": "cpu",
+    "merge_cpus": 4,
+    "merge_mem_gb": 16,
+    "window_cycles": 2,
+    "setup": [],
 }
 
 
@@ -20,8 +33,15 @@ def profile(**over):
 
 
 def plan(cycles=3, mode="parallel", progress=None, prof=None, rewards=REWARDS, window=None):
-    return build_plan(run_ts="20260101_000000", rewards=rewards, cycles=cycles, profile=prof or profile(),
-                      mode=mode, progress=progress, window_cycles=window)
+    return build_plan(
+        run_ts="20260101_000000",
+        rewards=rewards,
+        cycles=cycles,
+        profile=prof or profile(),
+        mode=mode,
+        progress=progress,
+        window_cycles=window,
+    )
 
 
 def keys(jobs):
@@ -179,13 +199,22 @@ def test_queued_jobs_map_back_to_the_units_they_produce(tmp_path):
 
     run = RunDir(tmp_path / "m" / "20260101_000000")
     common = dict(window=0, after=(), log_dir="/x")
-    write_record(run, new_record(job_id="500", key="c0002-experts", name="n", cycle=2, kind="expert",
-                                 rewards=REWARDS, array=True, **common))
-    write_record(run, new_record(job_id="501", key="c0002-merge", name="n", cycle=2, kind="merge", rewards=(),
-                                 array=False, **common))
+    write_record(
+        run,
+        new_record(
+            job_id="500", key="c0002-experts", name="n", cycle=2, kind="expert", rewards=REWARDS, array=True, **common
+        ),
+    )
+    write_record(
+        run,
+        new_record(job_id="501", key="c0002-merge", name="n", cycle=2, kind="merge", rewards=(), array=False, **common),
+    )
     queued = [QueuedJob("500_2", "n", "RUNNING", "", ""), QueuedJob("501", "n", "PENDING", "", "Dependency")]
     live = live_units(run, queued)
     assert live == {(2, "ocr"): "500", (2, "merge"): "501"}  # tasks 0 and 1 have finished
-    p = plan(cycles=3, progress=Progress(done=frozenset({(2, "geneval"), (2, "pickscore")}),
-                                         merged=frozenset({1}), live=live), window=5)
+    p = plan(
+        cycles=3,
+        progress=Progress(done=frozenset({(2, "geneval"), (2, "pickscore")}), merged=frozenset({1}), live=live),
+        window=5,
+    )
     assert keys(p.jobs) == ["c0003-experts", "c0003-merge"] and p.jobs[0].after_ids == ("501",)

@@ -18,16 +18,25 @@ import pytest
 from mrlora.runstore import RunDir, is_run_ts
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE = {"MRLORA_JOB_ENTRYPOINTS": "test_launch_fake_entrypoints", "PYTHONPATH": str(REPO / "tests"),
-        "FAKE_STEP_S": "0.01"}
+FAKE = {
+    "MRLORA_JOB_ENTRYPOINTS": "test_launch_fake_entrypoints",
+    "PYTHONPATH": str(REPO / "tests"),
+    "FAKE_STEP_S": "0.01",
+}
 ONE = ["--model", "tiny-sd3", "--rewards", "brightness", "--executor", "local", "--set", "train.steps=1"]
 
 
 def launch(args, out: Path, env: dict | None = None, cwd: Path = REPO, module: str = "launch.mapreduce"):
     base = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
     extra = ["--out-root", str(out)] if module != "launch.status" else ["--out-root", str(out), "--no-slurm"]
-    return subprocess.run([sys.executable, "-m", module, *args, *extra], cwd=cwd, env={**base, **(env or {})},
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args, *extra],
+        cwd=cwd,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def nothing_written(out: Path) -> bool:
@@ -82,8 +91,11 @@ def test_a_hub_model_missing_from_the_offline_cache_is_reported_before_anything_
     out = tmp_path / "runs"
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
     proc = launch(["--model", "sd35m", "--executor", "local"], out, offline)
-    refused(proc, "hub model 'stabilityai/stable-diffusion-3.5-medium' is not in the Hugging Face cache "
-                  f"{tmp_path / 'empty-hf-home' / 'hub'}")
+    refused(
+        proc,
+        "hub model 'stabilityai/stable-diffusion-3.5-medium' is not in the Hugging Face cache "
+        f"{tmp_path / 'empty-hf-home' / 'hub'}",
+    )
     assert "hf download stabilityai/stable-diffusion-3.5-medium" in proc.stderr
     assert nothing_written(out)
 
@@ -91,13 +103,18 @@ def test_a_hub_model_missing_from_the_offline_cache_is_reported_before_anything_
 def test_a_dry_run_checks_in_the_jobs_environment_and_warns_after_the_plan(tmp_path):
     """example-gpu's [env] makes the jobs offline with HF_HOME=/shared/cache/huggingface: that cache is checked,
     not this machine's, and a dry run still shows the plan."""
-    proc = launch(["--model", "sd35m", "--executor", "slurm", "--cluster", "example-gpu", "--dry-run"],
-                  tmp_path / "runs", {"PATH": "/usr/bin:/bin"})
+    proc = launch(
+        ["--model", "sd35m", "--executor", "slurm", "--cluster", "example-gpu", "--dry-run"],
+        tmp_path / "runs",
+        {"PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "c0001-merge" in proc.stdout
-    assert "warning: launching this for real would stop here: model.pretrained: hub model " \
-           "'stabilityai/stable-diffusion-3.5-medium' is not in the Hugging Face cache /shared/cache/huggingface/hub" \
+    assert (
+        "warning: launching this for real would stop here: model.pretrained: hub model "
+        "'stabilityai/stable-diffusion-3.5-medium' is not in the Hugging Face cache /shared/cache/huggingface/hub"
         in proc.stdout
+    )
 
 
 def test_a_gpu_preset_submitted_without_a_cluster_profile_is_refused(tmp_path):
@@ -105,14 +122,29 @@ def test_a_gpu_preset_submitted_without_a_cluster_profile_is_refused(tmp_path):
     proc = launch(["--model", "sd35m", "--executor", "slurm", "--dry-run"], out, {"PATH": "/usr/bin:/bin"})
     refused(proc, "--model sd35m trains on GPUs, but no --cluster was given")
     assert "--cluster example-gpu" in proc.stderr
-    ok = launch(["--model", "sd35m", "--executor", "slurm", "--dry-run", "--cluster", "example-gpu"], out,
-                {"PATH": "/usr/bin:/bin"})
+    ok = launch(
+        ["--model", "sd35m", "--executor", "slurm", "--dry-run", "--cluster", "example-gpu"],
+        out,
+        {"PATH": "/usr/bin:/bin"},
+    )
     assert ok.returncode == 0, ok.stderr
 
 
 def test_set_values_typed_on_the_command_line_reach_the_config(tmp_path):
-    proc = launch(["--model", "tiny-sd3", "--set", "lora.target_modules=[to_q,to_k]", "--set", "train.ema=false",
-                   "--set", "rewards=[brightness,colourfulness]", "--print-config"], tmp_path / "runs")
+    proc = launch(
+        [
+            "--model",
+            "tiny-sd3",
+            "--set",
+            "lora.target_modules=[to_q,to_k]",
+            "--set",
+            "train.ema=false",
+            "--set",
+            "rewards=[brightness,colourfulness]",
+            "--print-config",
+        ],
+        tmp_path / "runs",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert any(line.startswith("lora.target_modules = ['to_q', 'to_k']") for line in lines), proc.stdout
@@ -139,8 +171,12 @@ def test_a_relative_prompt_path_is_recorded_absolute_and_a_resume_from_elsewhere
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = RunDir.find(out, "tiny-sd3")
     assert run.read_run_json()["config"]["prompts"]["brightness"] == str(work / "prompts.txt")
-    resumed = launch(["--resume", run.run_ts, "--model", "tiny-sd3", "--executor", "local", "--set",
-                      "mapreduce.cycles=2"], out, FAKE, cwd=elsewhere)
+    resumed = launch(
+        ["--resume", run.run_ts, "--model", "tiny-sd3", "--executor", "local", "--set", "mapreduce.cycles=2"],
+        out,
+        FAKE,
+        cwd=elsewhere,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert run.scan(["brightness"]).last_complete_cycle == 2
 
@@ -160,14 +196,20 @@ def test_fixing_the_model_on_resume_is_allowed_while_nothing_was_trained(tmp_pat
     model = tmp_path / "my-model"
     model.mkdir()
     (model / "model_index.json").write_text("{}")
-    proc = launch(["--resume", run.run_ts, "--model", "tiny-sd3", "--executor", "local", "--set",
-                   f"model.pretrained={model}"], out, FAKE)
+    proc = launch(
+        ["--resume", run.run_ts, "--model", "tiny-sd3", "--executor", "local", "--set", f"model.pretrained={model}"],
+        out,
+        FAKE,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     history = run.read_run_json()["history"][-1]
     assert history["changes"]["model.pretrained"] == ["tiny:sd3", str(model)]
     # once an expert trained on it, the model is frozen
-    again = launch(["--resume", run.run_ts, "--model", "tiny-sd3", "--executor", "local", "--set",
-                    "model.pretrained=tiny:sd3"], out, FAKE)
+    again = launch(
+        ["--resume", run.run_ts, "--model", "tiny-sd3", "--executor", "local", "--set", "model.pretrained=tiny:sd3"],
+        out,
+        FAKE,
+    )
     refused(again, "--set model.pretrained cannot change on resume: the merge of cycle 1 was trained with")
 
 
@@ -176,8 +218,9 @@ def test_fewer_cycles_than_already_merged_is_refused_on_resume(tmp_path):
     assert launch([*ONE, "--cycles", "2"], out, FAKE).returncode == 0
     run = RunDir.find(out, "tiny-sd3")
     before = run.run_json.read_text()
-    proc = launch(["--resume", run.run_ts, "--model", "tiny-sd3", "--executor", "local", "--set",
-                   "mapreduce.cycles=1"], out, FAKE)
+    proc = launch(
+        ["--resume", run.run_ts, "--model", "tiny-sd3", "--executor", "local", "--set", "mapreduce.cycles=1"], out, FAKE
+    )
     refused(proc, "has already merged 2 cycles, so it cannot have fewer")
     assert run.run_json.read_text() == before
 
@@ -185,10 +228,17 @@ def test_fewer_cycles_than_already_merged_is_refused_on_resume(tmp_path):
 def test_three_launches_in_the_same_second_get_three_runs(tmp_path):
     out = tmp_path / "runs"
     base = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
-    procs = [subprocess.Popen([sys.executable, "-m", "launch.mapreduce", *ONE, "--cycles", "1", "--out-root",
-                               str(out), *extra], cwd=REPO, env={**base, **FAKE}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for extra in ([], [], ["--name", "sweep_lr.1"])]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "launch.mapreduce", *ONE, "--cycles", "1", "--out-root", str(out), *extra],
+            cwd=REPO,
+            env={**base, **FAKE},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for extra in ([], [], ["--name", "sweep_lr.1"])
+    ]
     texts = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], texts
     ids = sorted(p.name for p in (out / "tiny-sd3").iterdir())

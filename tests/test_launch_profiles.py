@@ -63,16 +63,22 @@ def test_profile_survives_the_run_json_round_trip(tmp_path):
     assert q.expert_resources("geneval") == p.expert_resources("geneval")
 
 
-@pytest.mark.parametrize("text, message", [
-    (VALID + "\nexpert_time_minutes = 5\n", "unknown key 'expert_time_minutes'"),
-    (VALID.replace("nodes_per_expert = 4", "nodes_per_expertt = 4"), r"\[rewards.geneval\].*unknown key 'nodes_per_expertt'"),
-    (VALID.replace("[rewards.geneval]", "[rewards.geneval]\nmerge_cpus = 3"), "override expert keys only"),
-    (VALID.replace("gpus_per_node = 8", 'gpus_per_node = "8"'), "gpus_per_node must be a int"),
-    (VALID.replace("window_cycles = 3", "window_cycles = 0"), "window_cycles must be >= 1"),
-    (VALID.replace('qos = ""\n', ""), "missing key.*qos"),
-    (VALID + "\nsignal_delay_s = 99999\n", "signal_delay_s"),
-    ("name = [", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (VALID + "\nexpert_time_minutes = 5\n", "unknown key 'expert_time_minutes'"),
+        (
+            VALID.replace("nodes_per_expert = 4", "nodes_per_expertt = 4"),
+            r"\[rewards.geneval\].*unknown key 'nodes_per_expertt'",
+        ),
+        (VALID.replace("[rewards.geneval]", "[rewards.geneval]\nmerge_cpus = 3"), "override expert keys only"),
+        (VALID.replace("gpus_per_node = 8", 'gpus_per_node = "8"'), "gpus_per_node must be a int"),
+        (VALID.replace("window_cycles = 3", "window_cycles = 0"), "window_cycles must be >= 1"),
+        (VALID.replace('qos = ""\n', ""), "missing key.*qos"),
+        (VALID + "\nsignal_delay_s = 99999\n", "signal_delay_s"),
+        ("name = [", "not valid TOML"),
+    ],
+)
 def test_bad_profiles_name_the_key_and_the_file(tmp_path, text, message):
     path = write(tmp_path, text)
     with pytest.raises(ProfileError, match=message) as info:

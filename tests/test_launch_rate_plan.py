@@ -10,9 +10,22 @@ from mrlora.runstore import DONE_MARKER, MERGE_MARKER, RunDir, write_marker
 
 REWARDS = ["geneval", "pickscore", "ocr"]
 BASE = {
-    "name": "t", "partition": "gpu", "account": "", "qos": "", "expert_time_min": 60, "nodes_per_expert": 2,
-    "gpus_per_node": 4, "cpus_per_gpu": 2, "mem_per_gpu_gb": 8, "gres_gpu": True, "merge_time_min": 20,
-    "merge_partition": "cpu", "merge_cpus": 4, "merge_mem_gb": 16, "window_cycles": 2, "setup": [],
+    "name": "t",
+    "partition": "gpu",
+    "account": "",
+    "qos": "",
+    "expert_time_min": 60,
+    "nodes_per_expert": 2,
+    "gpus_per_node": 4,
+    "cpus_per_gpu": 2,
+    "mem_per_gpu_gb": 8,
+    "gres_gpu": True,
+    "merge_time_min": 20,
+    "merge_partition": "cpu",
+    "merge_cpus": 4,
+    "merge_mem_gb": 16,
+    "window_cycles": 2,
+    "setup": [],
 }
 TS = "20260101_000000"
 
@@ -22,8 +35,16 @@ def profile(**over):
 
 
 def plan(cycles=3, rate=(2,), mode="parallel", progress=None, prof=None, window=5):
-    return build_plan(run_ts=TS, rewards=REWARDS, cycles=cycles, profile=prof or profile(), mode=mode,
-                      progress=progress, window_cycles=window, rate_after_cycles=rate)
+    return build_plan(
+        run_ts=TS,
+        rewards=REWARDS,
+        cycles=cycles,
+        profile=prof or profile(),
+        mode=mode,
+        progress=progress,
+        window_cycles=window,
+        rate_after_cycles=rate,
+    )
 
 
 def keys(p):
@@ -32,8 +53,15 @@ def keys(p):
 
 def test_rate_array_waits_for_the_experts_of_its_cycle_and_nothing_waits_for_it():
     p = plan(cycles=3, rate=(2,))
-    assert keys(p) == ["c0001-experts", "c0001-merge", "c0002-experts", "c0002-merge", "c0002-rate",
-                       "c0003-experts", "c0003-merge"]
+    assert keys(p) == [
+        "c0001-experts",
+        "c0001-merge",
+        "c0002-experts",
+        "c0002-merge",
+        "c0002-rate",
+        "c0003-experts",
+        "c0003-merge",
+    ]
     rate = p.by_key()["c0002-rate"]
     assert rate.kind == RATE and rate.array and rate.rewards == tuple(REWARDS)
     assert rate.after == ("c0002-experts",), "RaTE needs the experts' DONE, not the merge"
@@ -103,8 +131,9 @@ def test_resume_of_a_merged_run_with_every_token_done_plans_nothing(tmp_path):
         write_marker(rate_dir(run, 1, r), DONE_MARKER)
     assert plan(cycles=1, rate=(1,), progress=progress_of(run, REWARDS)).complete
     # a merged run whose tokens are missing is not complete: only the RaTE jobs are planned
-    assert keys(plan(cycles=1, rate=(1,), progress=progress_of(_run_with_cycle1_merged(tmp_path / "b"),
-                                                                REWARDS))) == ["c0001-rate"]
+    assert keys(plan(cycles=1, rate=(1,), progress=progress_of(_run_with_cycle1_merged(tmp_path / "b"), REWARDS))) == [
+        "c0001-rate"
+    ]
 
 
 def test_adopt_keeps_queued_rate_tasks_and_waits_for_queued_experts(tmp_path):
@@ -113,14 +142,21 @@ def test_adopt_keeps_queued_rate_tasks_and_waits_for_queued_experts(tmp_path):
 
     run = RunDir(tmp_path / "m" / TS)
     common = dict(window=0, after=(), log_dir="/x", array=True)
-    write_record(run, new_record(job_id="500", key="c0001-experts", name="n", cycle=1, kind="expert",
-                                 rewards=REWARDS, **common))
-    write_record(run, new_record(job_id="502", key="c0001-rate", name="n", cycle=1, kind="rate",
-                                 rewards=REWARDS, **common))
+    write_record(
+        run, new_record(job_id="500", key="c0001-experts", name="n", cycle=1, kind="expert", rewards=REWARDS, **common)
+    )
+    write_record(
+        run, new_record(job_id="502", key="c0001-rate", name="n", cycle=1, kind="rate", rewards=REWARDS, **common)
+    )
     live = live_units(run, [QueuedJob("500_2", "n", "RUNNING", "", ""), QueuedJob("502_2", "n", "PENDING", "", "")])
     assert live == {(1, "ocr"): "500", (1, rate_unit("ocr")): "502"}
-    p = plan(cycles=1, rate=(1,), progress=Progress(done=frozenset({(1, "geneval"), (1, "pickscore")}), live=live,
-                                                    rate_done=frozenset({(1, "geneval")})))
+    p = plan(
+        cycles=1,
+        rate=(1,),
+        progress=Progress(
+            done=frozenset({(1, "geneval"), (1, "pickscore")}), live=live, rate_done=frozenset({(1, "geneval")})
+        ),
+    )
     assert keys(p) == ["c0001-merge", "c0001-rate-pickscore"]
     rate = p.by_key()["c0001-rate-pickscore"]
     assert rate.rewards == ("pickscore",) and rate.after == () and rate.after_ids == ("500",)

@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
+from test_launch_slurm import REWARDS, cli, start, wait_until
 
 from launch import slurm
 from launch.journal import read_records
 from launch.runs import rate_dir
-from test_launch_slurm import REWARDS, cli, start, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,10 @@ def spans(run) -> dict[tuple[int, str, str], tuple[dt.datetime, dt.datetime]]:
         for unit, jid in units:
             a = acct.get(jid)
             if a is not None and a.start not in ("", "Unknown", "None"):
-                out[(rec.cycle, rec.kind, unit)] = (dt.datetime.fromisoformat(a.start), dt.datetime.fromisoformat(a.end))
+                out[(rec.cycle, rec.kind, unit)] = (
+                    dt.datetime.fromisoformat(a.start),
+                    dt.datetime.fromisoformat(a.end),
+                )
     return out
 
 
@@ -43,8 +46,9 @@ def test_rate_array_waits_for_the_experts_of_its_cycle_and_runs_beside_the_chain
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("FAKE_STEP_S", "0.5")
     # experts: 4 steps (~2 s); RaTE: 60 steps (~30 s), long enough for cycle 2 to start while it runs
-    run = start(tmp_path, "--cycles", "2", "--rate-after-cycle", "1", "--set", "train.steps=4",
-                "--set", "rate.steps=60", gpus=0)
+    run = start(
+        tmp_path, "--cycles", "2", "--rate-after-cycle", "1", "--set", "train.steps=4", "--set", "rate.steps=60", gpus=0
+    )
     keys = [r.key for r in read_records(run)]
     assert keys == ["c0001-experts", "c0001-merge", "c0001-rate", "c0002-experts", "c0002-merge"], keys
     rate_rec = next(r for r in read_records(run) if r.key == "c0001-rate")

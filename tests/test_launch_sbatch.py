@@ -18,10 +18,24 @@ GOLDEN = Path(__file__).parent / "golden"
 FOLDER = "/runs/tiny-sd3/20260101_000000/logs/slurm"
 RUN_TS = "20260101_000000"
 PROFILE = {
-    "name": "golden", "partition": "gpu", "account": "proj", "qos": "", "expert_time_min": 240, "merge_time_min": 30,
-    "nodes_per_expert": 2, "gpus_per_node": 4, "cpus_per_gpu": 8, "mem_per_gpu_gb": 32, "gres_gpu": True,
-    "merge_partition": "cpu", "merge_cpus": 4, "merge_mem_gb": 64, "window_cycles": 2,
-    "setup": ["module load cuda/12.4"], "env": {"OMP_NUM_THREADS": "1"}, "signal_delay_s": 300,
+    "name": "golden",
+    "partition": "gpu",
+    "account": "proj",
+    "qos": "",
+    "expert_time_min": 240,
+    "merge_time_min": 30,
+    "nodes_per_expert": 2,
+    "gpus_per_node": 4,
+    "cpus_per_gpu": 8,
+    "mem_per_gpu_gb": 32,
+    "gres_gpu": True,
+    "merge_partition": "cpu",
+    "merge_cpus": 4,
+    "merge_mem_gb": 64,
+    "window_cycles": 2,
+    "setup": ["module load cuda/12.4"],
+    "env": {"OMP_NUM_THREADS": "1"},
+    "signal_delay_s": 300,
 }
 
 
@@ -48,9 +62,19 @@ def _check(name: str, text: str) -> None:
 def test_golden_expert_array():
     plan, profile = _plan()
     text = _render(plan.jobs[0], plan, profile)
-    for flag in ("--array=0-2%3", "--kill-on-invalid-dep=yes", "--requeue", "--open-mode=append",
-                 "--signal=USR2@300", "--comment=mrlora:20260101_000000", "--gres=gpu:4", "--ntasks-per-node=4",
-                 "--nodes=2", "--job-name=mrlora-20260101_000000-c0001-experts", "--time=240"):
+    for flag in (
+        "--array=0-2%3",
+        "--kill-on-invalid-dep=yes",
+        "--requeue",
+        "--open-mode=append",
+        "--signal=USR2@300",
+        "--comment=mrlora:20260101_000000",
+        "--gres=gpu:4",
+        "--ntasks-per-node=4",
+        "--nodes=2",
+        "--job-name=mrlora-20260101_000000-c0001-experts",
+        "--time=240",
+    ):
         assert flag in text
     _check("expert_array.sbatch", text)
 

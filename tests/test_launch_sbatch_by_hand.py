@@ -8,10 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_launch_slurm import REWARDS, cli, profile, wait_until
 
 from launch import slurm
 from mrlora.runstore import RunDir
-from test_launch_slurm import REWARDS, cli, profile, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -22,9 +22,23 @@ def test_scripts_written_with_write_sbatch_run_the_whole_run_when_submitted_by_h
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
     tmp_path.mkdir(exist_ok=True)
     scripts = tmp_path / "sbatch"
-    proc = cli("launch.mapreduce", "--model", "tiny-sd3", "--rewards", *REWARDS, "--cluster",
-               profile(tmp_path, window=1, gpus=0), "--out-root", str(tmp_path / "out"), "--cycles", "2",
-               "--set", "train.steps=2", "--write-sbatch", str(scripts))
+    proc = cli(
+        "launch.mapreduce",
+        "--model",
+        "tiny-sd3",
+        "--rewards",
+        *REWARDS,
+        "--cluster",
+        profile(tmp_path, window=1, gpus=0),
+        "--out-root",
+        str(tmp_path / "out"),
+        "--cycles",
+        "2",
+        "--set",
+        "train.steps=2",
+        "--write-sbatch",
+        str(scripts),
+    )
     run = RunDir(next((tmp_path / "out" / "tiny-sd3").iterdir()))
     assert "submit them all" in proc.stdout and run.read_lease() is None
     assert not slurm.run_jobs_in_queue(run.run_ts)  # nothing was submitted
@@ -37,5 +51,6 @@ def test_scripts_written_with_write_sbatch_run_the_whole_run_when_submitted_by_h
     assert len(submitted.stdout.splitlines()) == 4  # "<job key> <id>" per job
     wait_until(lambda: not slurm.run_jobs_in_queue(run.run_ts), 300, "the hand-submitted jobs to finish", poll=2.0)
     state = run.scan(REWARDS)
-    assert state.last_complete_cycle == 2, cli("launch.status", run.run_ts, "--out-root", str(tmp_path / "out"),
-                                               check=False).stdout
+    assert state.last_complete_cycle == 2, cli(
+        "launch.status", run.run_ts, "--out-root", str(tmp_path / "out"), check=False
+    ).stdout

@@ -35,8 +35,14 @@ def _tiny_model_built(tiny_sd3_dir):
 
 
 def cli(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ),
+        timeout=120,
+    )
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -58,9 +64,20 @@ def profile(tmp_path: Path, window: int = 4, gpus: int = 2) -> str:
 
 def start(tmp_path: Path, *extra: str, window: int = 4, gpus: int = 2) -> RunDir:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    proc = cli("launch.mapreduce", "--model", "tiny-sd3", "--rewards", *REWARDS, "--cluster",
-               profile(tmp_path, window, gpus),
-               "--executor", "slurm", "--out-root", str(tmp_path / "out"), *extra)
+    proc = cli(
+        "launch.mapreduce",
+        "--model",
+        "tiny-sd3",
+        "--rewards",
+        *REWARDS,
+        "--cluster",
+        profile(tmp_path, window, gpus),
+        "--executor",
+        "slurm",
+        "--out-root",
+        str(tmp_path / "out"),
+        *extra,
+    )
     match = re.search(r"run directory: (\S+)", proc.stdout)
     assert match, proc.stdout
     return RunDir(match.group(1))
@@ -92,9 +109,15 @@ def when(text: str) -> dt.datetime:
 
 def intervals(run: RunDir) -> dict[tuple[int, str], list[tuple[dt.datetime, dt.datetime]]]:
     """(cycle, reward|"merge") -> [(start, end)] of every Slurm allocation that ran it (all submissions)."""
-    acct = wait_until(lambda: (a := accounting(run)) and all(x.end not in ("", "Unknown") for x in a.values()
-                                                             if x.start not in ("", "Unknown", "None")) and a,
-                      60, "sacct to record every job's end")
+    acct = wait_until(
+        lambda: (
+            (a := accounting(run))
+            and all(x.end not in ("", "Unknown") for x in a.values() if x.start not in ("", "Unknown", "None"))
+            and a
+        ),
+        60,
+        "sacct to record every job's end",
+    )
     out: dict = {}
     for rec in read_records(run):
         units = [("merge", rec.job_id)] if rec.kind == "merge" else [(r, rec.task_id(r)) for r in rec.rewards]
@@ -181,8 +204,9 @@ def test_cancelled_expert_kills_its_dependents_and_resume_completes_without_retr
     assert "CANCELLED" in status
 
     before_resume = {r.job_id for r in read_records(run)}
-    out = cli("launch.mapreduce", "--resume", run.run_ts, "--out-root", str(tmp_path / "out"),
-              "--executor", "slurm").stdout
+    out = cli(
+        "launch.mapreduce", "--resume", run.run_ts, "--out-root", str(tmp_path / "out"), "--executor", "slurm"
+    ).stdout
     assert "from cycle 1" in out
     resumed = [r for r in read_records(run) if r.job_id not in before_resume]
     assert resumed[0].key == f"c0001-{victim}" and resumed[0].rewards == (victim,), "the DONE expert is skipped"
@@ -211,7 +235,7 @@ def test_requeue_signal_continues_from_the_checkpoint(tmp_path):
     assert run.expert_done(1, target)["steps"] == 6
     final = run.metrics_path(1, target).read_text().splitlines()
     assert len(final) == 6
-    assert final[:len(kept)] == kept, "the requeued task retrained steps it had checkpointed"
+    assert final[: len(kept)] == kept, "the requeued task retrained steps it had checkpointed"
     out_log, _ = array.log_paths(target)
     assert "requeued" in out_log.read_text()
     assert out_log.read_text().count("starting in") == 2

@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 
 import pytest
+from test_launch_slurm import REWARDS, cli, start, wait_until
+from test_launch_slurm import profile as profile_path
 
 from launch import slurm
 from launch.journal import read_records
 from mrlora.runstore import RunDir
-from test_launch_slurm import REWARDS, cli, start, wait_until
-from test_launch_slurm import profile as profile_path
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -30,16 +30,27 @@ def test_raising_cycles_of_a_queued_run_with_adopt_runs_to_the_new_end(tmp_path,
     run = start(tmp_path, "--cycles", "2", "--set", "train.steps=10", window=2, gpus=0)
     assert [r.key for r in read_records(run)] == ["c0001-experts", "c0001-merge", "c0002-experts", "c0002-merge"]
 
-    proc = cli("launch.mapreduce", "--resume", run.run_ts, "--adopt", "--executor", "slurm",
-               "--out-root", str(tmp_path / "out"), "--set", "mapreduce.cycles=5")
+    proc = cli(
+        "launch.mapreduce",
+        "--resume",
+        run.run_ts,
+        "--adopt",
+        "--executor",
+        "slurm",
+        "--out-root",
+        str(tmp_path / "out"),
+        "--set",
+        "mapreduce.cycles=5",
+    )
     assert "adopting jobs" in proc.stdout and "nothing new to submit" in proc.stdout, proc.stdout
     # the merge of cycle 2, queued as the run's last, extends the chain with cycles 3-4 when it has finished,
     # and the merge of cycle 4 with cycle 5
     assert [r.key for r in read_records(run)] == ["c0001-experts", "c0001-merge", "c0002-experts", "c0002-merge"]
 
     wait_until(lambda: not slurm.run_jobs_in_queue(run.run_ts), 400, "the chain to finish", poll=2.0)
-    assert run.scan(REWARDS).last_complete_cycle == 5, cli("launch.status", run.run_ts, "--out-root",
-                                                           str(tmp_path / "out"), check=False).stdout
+    assert run.scan(REWARDS).last_complete_cycle == 5, cli(
+        "launch.status", run.run_ts, "--out-root", str(tmp_path / "out"), check=False
+    ).stdout
     assert run.read_lease() is None  # released by the merge of cycle 5, the run's last now
 
 
@@ -49,11 +60,28 @@ def test_sites_without_sbatch_on_compute_nodes_extend_the_chain_from_the_login_n
     monkeypatch.setenv("MRLORA_JOB_ENTRYPOINTS", "test_launch_fake_entrypoints")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
     profile = Path(profile_path(tmp_path, window=1, gpus=0))
-    profile.write_text(profile.read_text().replace("window_cycles = ", 'chain_extension = "login-node"\nwindow_cycles = ', 1))
+    profile.write_text(
+        profile.read_text().replace("window_cycles = ", 'chain_extension = "login-node"\nwindow_cycles = ', 1)
+    )
     tmp_path.mkdir(exist_ok=True)
     out = str(tmp_path / "out")
-    proc = cli("launch.mapreduce", "--model", "tiny-sd3", "--rewards", *REWARDS, "--cluster", str(profile),
-               "--executor", "slurm", "--out-root", out, "--cycles", "2", "--set", "train.steps=2")
+    proc = cli(
+        "launch.mapreduce",
+        "--model",
+        "tiny-sd3",
+        "--rewards",
+        *REWARDS,
+        "--cluster",
+        str(profile),
+        "--executor",
+        "slurm",
+        "--out-root",
+        out,
+        "--cycles",
+        "2",
+        "--set",
+        "train.steps=2",
+    )
     run = next(iter(RunDir(p) for p in (tmp_path / "out" / "tiny-sd3").iterdir()))
     assert "submitted cycles 1..1 of 2" in proc.stdout, proc.stdout
 

@@ -37,21 +37,45 @@ def _meta_shapes(cls_name: str, config: dict) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-SD3_SMALL = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
-                 num_attention_heads=4, joint_attention_dim=40, caption_projection_dim=32, pooled_projection_dim=24,
-                 out_channels=8, pos_embed_max_size=12, dual_attention_layers=[0, 1], qk_norm="rms_norm")
-FLUX_SMALL = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
-                  num_attention_heads=2, joint_attention_dim=40, pooled_projection_dim=24, guidance_embeds=False,
-                  axes_dims_rope=[4, 4, 8])
+SD3_SMALL = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=16,
+    num_layers=3,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=40,
+    caption_projection_dim=32,
+    pooled_projection_dim=24,
+    out_channels=8,
+    pos_embed_max_size=12,
+    dual_attention_layers=[0, 1],
+    qk_norm="rms_norm",
+)
+FLUX_SMALL = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=3,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=40,
+    pooled_projection_dim=24,
+    guidance_embeds=False,
+    axes_dims_rope=[4, 4, 8],
+)
 
 
-@pytest.mark.parametrize("cls_name, config, tensors", [
-    ("SD3Transformer2DModel", real_transformer_config("sd3"), sd3_tensors),
-    ("SD3Transformer2DModel", SD3_SMALL, sd3_tensors),
-    ("SD3Transformer2DModel", {**SD3_SMALL, "qk_norm": None, "dual_attention_layers": []}, sd3_tensors),
-    ("FluxTransformer2DModel", real_transformer_config("flux"), flux_tensors),
-    ("FluxTransformer2DModel", FLUX_SMALL, flux_tensors),
-])
+@pytest.mark.parametrize(
+    "cls_name, config, tensors",
+    [
+        ("SD3Transformer2DModel", real_transformer_config("sd3"), sd3_tensors),
+        ("SD3Transformer2DModel", SD3_SMALL, sd3_tensors),
+        ("SD3Transformer2DModel", {**SD3_SMALL, "qk_norm": None, "dual_attention_layers": []}, sd3_tensors),
+        ("FluxTransformer2DModel", real_transformer_config("flux"), flux_tensors),
+        ("FluxTransformer2DModel", FLUX_SMALL, flux_tensors),
+    ],
+)
 def test_transformer_tensors_match_diffusers(cls_name, config, tensors):
     assert tensors(config) == _meta_shapes(cls_name, config)
 
@@ -69,18 +93,33 @@ def test_text_encoder_and_vae_formulas_match_the_classes():
     def count(model):
         return sum(p.numel() for p in model.parameters())
 
-    clip = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, projection_dim=24)
+    clip = dict(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=24,
+    )
     assert clip_params(clip, projection=True) == count(CLIPTextModelWithProjection(CLIPTextConfig(**clip)))
     assert clip_params(clip, projection=False) == count(CLIPTextModel(CLIPTextConfig(**clip)))
-    t5 = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_heads=4,
-              relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
+    t5 = dict(
+        vocab_size=100,
+        d_model=32,
+        d_kv=8,
+        d_ff=40,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+    )
     assert t5_encoder_params(t5) == count(T5EncoderModel(T5Config(**t5, is_encoder_decoder=False)))
     vae = {**real_components("sd3")["vae"][1], "block_out_channels": [8, 16, 32, 32], "norm_num_groups": 4}
     assert vae_params(vae) == count(AutoencoderKL.from_config(vae))
-    assert vae_params({**vae, "use_quant_conv": True, "use_post_quant_conv": True, "layers_per_block": 1}) == \
-        count(AutoencoderKL.from_config({**vae, "use_quant_conv": True, "use_post_quant_conv": True,
-                                         "layers_per_block": 1}))
+    assert vae_params({**vae, "use_quant_conv": True, "use_post_quant_conv": True, "layers_per_block": 1}) == count(
+        AutoencoderKL.from_config({**vae, "use_quant_conv": True, "use_post_quant_conv": True, "layers_per_block": 1})
+    )
 
 
 def test_lora_modules_follow_the_training_suffix_rule():
@@ -95,8 +134,9 @@ def test_lora_modules_follow_the_training_suffix_rule():
         with torch.device("meta"):
             model = getattr(diffusers, cls_name).from_config(config)
         tensors = sd3_tensors(config) if arch == "sd3" else flux_tensors(config)
-        assert sorted(lora_modules(tensors, cfg.lora.target_modules)) == \
-            sorted(block_linear_names(model, cfg.lora.target_modules))
+        assert sorted(lora_modules(tensors, cfg.lora.target_modules)) == sorted(
+            block_linear_names(model, cfg.lora.target_modules)
+        )
 
 
 def test_zero2_shards_gradients_and_optimizer_over_the_processes():

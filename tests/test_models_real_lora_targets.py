@@ -31,8 +31,9 @@ def _lora_params(transformer, names: list[str], rank: int) -> int:
 
 # By hand: SD3.5-M's adapted layers are all 1536 -> 1536, r=32: 191 x 32 x 3072. FLUX's attention layers are
 # 3072 -> 3072 and its feed-forward 3072 <-> 12288, r=64: 19 x (8 x 64 x 6144 + 4 x 64 x 15360) + 38 x 3 x 64 x 6144.
-@pytest.mark.parametrize("preset, arch, count, params", [("sd35m", "sd3", 191, 191 * 32 * 3072),
-                                                          ("flux", "flux", 342, 179_306_496)])
+@pytest.mark.parametrize(
+    "preset, arch, count, params", [("sd35m", "sd3", 191, 191 * 32 * 3072), ("flux", "flux", 342, 179_306_496)]
+)
 def test_preset_targets_match_the_published_adapter(preset, arch, count, params):
     cfg = load_config(preset)
     transformer = _meta_transformer(arch)

@@ -24,9 +24,24 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "flux"
-    proc = subprocess.run([sys.executable, "-m", "mrlora.models.real_shapes", "--arch", "flux", "--out", str(out),
-                           "--double-layers", "1", "--single-layers", "1"], capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mrlora.models.real_shapes",
+            "--arch",
+            "flux",
+            "--out",
+            str(out),
+            "--double-layers",
+            "1",
+            "--single-layers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -57,8 +72,15 @@ def test_loader_gives_real_widths_and_the_pipeline_generates(flux_dir):
     assert t.config.in_channels == 64 and t.inner_dim == 3072 and t.config.guidance_embeds
     assert pipe.text_encoder_2.config.d_model == 4096 and pipe.text_encoder.config.hidden_size == 768
     assert pipe.vae.config.latent_channels == 16 and {p.dtype for p in t.parameters()} == {torch.bfloat16}
-    image = pipe(prompt="a red apple", num_inference_steps=1, height=64, width=64, guidance_scale=3.5,
-                 max_sequence_length=16, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        prompt="a red apple",
+        num_inference_steps=1,
+        height=64,
+        width=64,
+        guidance_scale=3.5,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.size == (64, 64)
 
 
@@ -79,8 +101,12 @@ def test_real_shape_smoke_trains_resumes_merges_and_plans_memory(flux_dir, tmp_p
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "real_shapes.py"
-    proc = subprocess.run([sys.executable, str(script), "--arch", "flux", "--flux-model", str(flux_dir), "--keep",
-                           str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--arch", "flux", "--flux-model", str(flux_dir), "--keep", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith("real shapes: flux ok") and "memory-plan error 0.00%" in summary

@@ -79,8 +79,13 @@ def test_saved_vae_decodes_latents_to_images_that_differ(tiny_dirs: dict[str, st
 
     vae = AutoencoderKL.from_pretrained(tiny_dirs[arch], subfolder="vae")
     pipe_cls = PIPELINES[arch]
-    processor = pipe_cls.from_pretrained(tiny_dirs[arch], transformer=None, text_encoder=None, text_encoder_2=None,
-                                         **({"text_encoder_3": None} if arch == "sd3" else {})).image_processor
+    processor = pipe_cls.from_pretrained(
+        tiny_dirs[arch],
+        transformer=None,
+        text_encoder=None,
+        text_encoder_2=None,
+        **({"text_encoder_3": None} if arch == "sd3" else {}),
+    ).image_processor
 
     def images(latents: torch.Tensor) -> list[Image.Image]:
         with torch.no_grad():
@@ -204,8 +209,11 @@ def test_tokenizers_take_added_tokens_and_any_text(tiny_dirs: dict[str, str], ar
 def test_pipeline_generates_with_added_token(tiny_sd3_dir: str) -> None:
     """What RaTE does: add a token, resize the text encoders' embeddings, prompt with it."""
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
-    for tok, enc in [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2),
-                     (pipe.tokenizer_3, pipe.text_encoder_3)]:
+    for tok, enc in [
+        (pipe.tokenizer, pipe.text_encoder),
+        (pipe.tokenizer_2, pipe.text_encoder_2),
+        (pipe.tokenizer_3, pipe.text_encoder_3),
+    ]:
         tok.add_tokens(["<rate_ocr>"])
         enc.resize_token_embeddings(max(len(tok), enc.get_input_embeddings().num_embeddings))
     image = _generate(pipe, prompt="a sign that says hello <rate_ocr>")
@@ -218,7 +226,10 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
     (out / "file").write_text("x")
     proc = subprocess.run(
         [sys.executable, "-m", "mrlora.models.tiny", "--arch", "sd3", "--out", str(out)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
@@ -234,7 +245,6 @@ def test_models_package_imports_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, timeout=120)
 
 
-
 def test_concurrent_builders_leave_one_complete_model(tmp_path: Path) -> None:
     """Two processes building into the same empty cache at once (``resolve_model`` under its lock, and the CLI
     straight into the directory): both succeed with the same complete model, and nothing is left over."""
@@ -244,8 +254,10 @@ def test_concurrent_builders_leave_one_complete_model(tmp_path: Path) -> None:
         [sys.executable, "-c", "from mrlora.models.loading import resolve_model; print(resolve_model('tiny:flux'))"],
         [sys.executable, "-m", "mrlora.models.tiny", "--arch", "flux", "--out", str(out)],
     ]
-    procs = [subprocess.Popen(c, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in commands]
+    procs = [
+        subprocess.Popen(c, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in commands
+    ]
     results = [p.communicate(timeout=600) for p in procs]
     for proc, (stdout, stderr) in zip(procs, results):
         assert proc.returncode == 0, stderr

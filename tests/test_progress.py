@@ -10,9 +10,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_progress_in_a_log_file_is_plain_lines(tmp_path):
-    code = ("from mrlora.cli import setup_logging\nsetup_logging()\nfrom mrlora.progress import progress\n"
-            "bar = progress(3, 0, 'expert ocr', min_interval_s=0)\n"
-            "for i in range(3):\n    bar.set_postfix(reward=f'{0.5 + i / 10:.4f}')\n    bar.update(1)\nbar.close()\n")
+    code = (
+        "from mrlora.cli import setup_logging\nsetup_logging()\nfrom mrlora.progress import progress\n"
+        "bar = progress(3, 0, 'expert ocr', min_interval_s=0)\n"
+        "for i in range(3):\n    bar.set_postfix(reward=f'{0.5 + i / 10:.4f}')\n    bar.update(1)\nbar.close()\n"
+    )
     log = tmp_path / "job.log"
     with open(log, "w") as fh:
         subprocess.run([sys.executable, "-c", code], cwd=REPO, stderr=fh, check=True, timeout=60)

@@ -29,8 +29,9 @@ TOKEN = "<bright>"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_expert(out: Path, arch: str, base: str | None = None, magnitude: float = 5.0, rank: int = 2,
-                in_features: int | None = None) -> Path:
+def make_expert(
+    out: Path, arch: str, base: str | None = None, magnitude: float = 5.0, rank: int = 2, in_features: int | None = None
+) -> Path:
     """A LoRA on ``norm_out.linear`` (the final AdaLN scale/shift) with a large random update, expert format."""
     from mrlora.models.loading import load_pipeline
 
@@ -41,12 +42,15 @@ def make_expert(out: Path, arch: str, base: str | None = None, magnitude: float 
     a = torch.randn(rank, fan_in, generator=g) * magnitude / fan_in**0.5
     b = torch.randn(layer.out_features, rank, generator=g) * magnitude / rank**0.5
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"norm_out.linear.lora_A.weight": a, "norm_out.linear.lora_B.weight": b},
-              str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"r": rank, "lora_alpha": rank, "target_modules": ["norm_out.linear"], "peft_type": "LORA"}))
-    (out / "mrlora.json").write_text(json.dumps(
-        {"arch": arch, "base": base or f"tiny:{arch}", "reward": "brightness", "scale": 1.0}))
+    save_file(
+        {"norm_out.linear.lora_A.weight": a, "norm_out.linear.lora_B.weight": b}, str(out / "adapter_model.safetensors")
+    )
+    (out / "adapter_config.json").write_text(
+        json.dumps({"r": rank, "lora_alpha": rank, "target_modules": ["norm_out.linear"], "peft_type": "LORA"})
+    )
+    (out / "mrlora.json").write_text(
+        json.dumps({"arch": arch, "base": base or f"tiny:{arch}", "reward": "brightness", "scale": 1.0})
+    )
     return out
 
 
@@ -59,8 +63,17 @@ def teacher_pipe(arch: str, expert: Path):
 
 
 def settings(arch: str, **kw) -> DistillSettings:
-    values = dict(token=TOKEN, steps=30, lr=0.2, batch_size=4, teacher_steps=4, resolution=64,
-                  max_sequence_length=32, checkpoint_every=10, guidance_scale=4.5 if arch == "sd3" else 3.5)
+    values = dict(
+        token=TOKEN,
+        steps=30,
+        lr=0.2,
+        batch_size=4,
+        teacher_steps=4,
+        resolution=64,
+        max_sequence_length=32,
+        checkpoint_every=10,
+        guidance_scale=4.5 if arch == "sd3" else 3.5,
+    )
     values.update(kw)
     return DistillSettings(**values)
 
@@ -70,8 +83,17 @@ def final_latents(pipe, prompts, teacher: bool, guidance: float):
 
     set_teacher(pipe.transformer, teacher)
     try:
-        res = sample(pipe, prompts, seeds=list(range(len(prompts))), num_steps=4, guidance_scale=guidance,
-                     resolution=64, noise_level=0.0, max_sequence_length=32, decode=False)
+        res = sample(
+            pipe,
+            prompts,
+            seeds=list(range(len(prompts))),
+            num_steps=4,
+            guidance_scale=guidance,
+            resolution=64,
+            noise_level=0.0,
+            max_sequence_length=32,
+            decode=False,
+        )
     finally:
         set_teacher(pipe.transformer, True)
     return res.latents[:, -1]
@@ -110,7 +132,9 @@ def distilled(tmp_path_factory, mrlora_cache):
         init_vectors = read_rows(pipe, TOKEN)
         set_teacher(pipe.transformer, False)
         with torch.no_grad():
-            loss_before = flow_matching_loss(pipe, TOKEN, init_vectors, x0, PROMPTS[:4], noise, u, s.guidance_scale, 32).item()
+            loss_before = flow_matching_loss(
+                pipe, TOKEN, init_vectors, x0, PROMPTS[:4], noise, u, s.guidance_scale, 32
+            ).item()
         set_teacher(pipe.transformer, True)
         # add_token above registered the token; distill_token must start from a pipeline without it, so reload
         pipe, info = teacher_pipe("sd3", expert)
@@ -119,8 +143,18 @@ def distilled(tmp_path_factory, mrlora_cache):
         with torch.no_grad():
             loss_after = flow_matching_loss(pipe, TOKEN, None, x0, PROMPTS[:4], noise, u, s.guidance_scale, 32).item()
         set_teacher(pipe.transformer, True)
-        yield {"root": root, "expert": expert, "pipe": pipe, "before": before, "result": result, "settings": s,
-               "loss_before": loss_before, "loss_after": loss_after, "teacher": teacher_latents, "base": base_latents}
+        yield {
+            "root": root,
+            "expert": expert,
+            "pipe": pipe,
+            "before": before,
+            "result": result,
+            "settings": s,
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "teacher": teacher_latents,
+            "base": base_latents,
+        }
 
 
 def test_only_the_new_embedding_rows_change(distilled):
@@ -133,24 +167,32 @@ def test_only_the_new_embedding_rows_change(distilled):
     changed_tables = 0
     for name, old in before.items():
         new = after[name]
-        table = {"text_encoder.text_model.embeddings.token_embedding.weight": "clip_l",
-                 "text_encoder_2.text_model.embeddings.token_embedding.weight": "clip_g",
-                 "text_encoder_3.shared.weight": "t5", "text_encoder_3.encoder.embed_tokens.weight": "t5"}.get(name)
+        table = {
+            "text_encoder.text_model.embeddings.token_embedding.weight": "clip_l",
+            "text_encoder_2.text_model.embeddings.token_embedding.weight": "clip_g",
+            "text_encoder_3.shared.weight": "t5",
+            "text_encoder_3.encoder.embed_tokens.weight": "t5",
+        }.get(name)
         if table is None:
             assert torch.equal(new, old), f"{name} changed during distillation"
             continue
         row = rows[table]
         keep = torch.ones(new.shape[0], dtype=torch.bool)
         keep[row] = False
-        assert torch.equal(new[keep][: old.shape[0] - (0 if row >= old.shape[0] else 1)],
-                           old[torch.arange(old.shape[0]) != row] if row < old.shape[0] else old), name
+        assert torch.equal(
+            new[keep][: old.shape[0] - (0 if row >= old.shape[0] else 1)],
+            old[torch.arange(old.shape[0]) != row] if row < old.shape[0] else old,
+        ), name
         assert not torch.equal(new[row], old[row] if row < old.shape[0] else torch.zeros_like(new[row]))
         changed_tables += 1
     assert changed_tables >= 3  # clip_l, clip_g and t5 (t5's table may appear under two tied names)
 
 
 def test_distillation_loss_falls(distilled):
-    assert distilled["loss_after"] < distilled["loss_before"] * 0.99, (distilled["loss_before"], distilled["loss_after"])
+    assert distilled["loss_after"] < distilled["loss_before"] * 0.99, (
+        distilled["loss_before"],
+        distilled["loss_after"],
+    )
     metrics = [json.loads(l) for l in (distilled["root"] / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 31))
 
@@ -158,8 +200,9 @@ def test_distillation_loss_falls(distilled):
 def test_token_moves_generations_toward_the_teacher(distilled):
     pipe, s = distilled["pipe"], distilled["settings"]
     teacher, base = distilled["teacher"], distilled["base"]
-    student = final_latents(pipe, apply_token_spec(pipe, None, TOKEN, EVAL_PROMPTS), teacher=False,
-                            guidance=s.guidance_scale)
+    student = final_latents(
+        pipe, apply_token_spec(pipe, None, TOKEN, EVAL_PROMPTS), teacher=False, guidance=s.guidance_scale
+    )
     d_base = (base - teacher).pow(2).mean().item()
     d_student = (student - teacher).pow(2).mean().item()
     assert d_student < 0.95 * d_base, (d_base, d_student)
@@ -178,8 +221,17 @@ def test_saved_token_reloads_and_reproduces_images(distilled):
 
     def images(p):
         set_teacher(p.transformer, False) if hasattr(p.transformer, "peft_config") else None
-        imgs = generate_with_tokens(p, [token_path], f"{TOKEN} 2", ["a cat on a bench"], seeds=[7], steps=4,
-                                    guidance_scale=4.5, resolution=64, max_sequence_length=32)
+        imgs = generate_with_tokens(
+            p,
+            [token_path],
+            f"{TOKEN} 2",
+            ["a cat on a bench"],
+            seeds=[7],
+            steps=4,
+            guidance_scale=4.5,
+            resolution=64,
+            max_sequence_length=32,
+        )
         return torch.from_numpy(np.asarray(imgs[0]).copy())
 
     fresh = load_pipeline("tiny:sd3")
@@ -187,9 +239,21 @@ def test_saved_token_reloads_and_reproduces_images(distilled):
     b = images(pipe)
     set_teacher(pipe.transformer, True)
     assert torch.equal(a, b)
-    without = torch.from_numpy(np.asarray(generate_with_tokens(
-        fresh, None, "", ["a cat on a bench"], seeds=[7], steps=4, guidance_scale=4.5, resolution=64,
-        max_sequence_length=32)[0]).copy())
+    without = torch.from_numpy(
+        np.asarray(
+            generate_with_tokens(
+                fresh,
+                None,
+                "",
+                ["a cat on a bench"],
+                seeds=[7],
+                steps=4,
+                guidance_scale=4.5,
+                resolution=64,
+                max_sequence_length=32,
+            )[0]
+        ).copy()
+    )
     assert not torch.equal(a, without)
 
 
@@ -254,8 +318,15 @@ def test_flux_distillation_trains_clip_and_t5_rows(tmp_path):
     expert = make_expert(tmp_path / "expert", "flux")
     pipe, info = teacher_pipe("flux", expert)
     before = snapshot(pipe)
-    result = distill_token(pipe, PROMPTS, settings("flux", steps=4, checkpoint_every=0), tmp_path / "out",
-                           expert=info, base_id="tiny:flux", log=lambda m: None)
+    result = distill_token(
+        pipe,
+        PROMPTS,
+        settings("flux", steps=4, checkpoint_every=0),
+        tmp_path / "out",
+        expert=info,
+        base_id="tiny:flux",
+        log=lambda m: None,
+    )
     token = load_token(result.token_path)
     assert token.arch == "flux" and sorted(token.vectors) == ["clip", "t5"]
     after = snapshot(pipe)
@@ -295,16 +366,44 @@ def test_teacher_from_another_base_is_refused(tmp_path, tiny_sd3_dir, case, caps
     with pytest.raises(TeacherMismatchError, match=expected):
         attach_expert(pipe.transformer, expert, "sd3", tiny_sd3_dir)
     assert not hasattr(pipe.transformer, "peft_config")  # nothing attached
-    code, err = _cli(capsys, "distill", "--base", tiny_sd3_dir, "--teacher", str(expert), "--token", TOKEN,
-                     "--out", str(tmp_path / "out"), "--steps", "2", "--prompts", "gen:simple:8")
+    code, err = _cli(
+        capsys,
+        "distill",
+        "--base",
+        tiny_sd3_dir,
+        "--teacher",
+        str(expert),
+        "--token",
+        TOKEN,
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "2",
+        "--prompts",
+        "gen:simple:8",
+    )
     assert code == 2 and expected in err, err
     assert not (tmp_path / "out").exists()
 
 
 def test_token_already_in_vocabulary_is_refused_by_the_cli(tmp_path, tiny_sd3_dir, capsys):
     expert = make_expert(tmp_path / "expert", "sd3")
-    code, err = _cli(capsys, "distill", "--base", tiny_sd3_dir, "--teacher", str(expert), "--token", "<|endoftext|>",
-                     "--out", str(tmp_path / "out"), "--steps", "2", "--prompts", "gen:simple:8")
+    code, err = _cli(
+        capsys,
+        "distill",
+        "--base",
+        tiny_sd3_dir,
+        "--teacher",
+        str(expert),
+        "--token",
+        "<|endoftext|>",
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "2",
+        "--prompts",
+        "gen:simple:8",
+    )
     assert code == 2 and "already in the clip_l tokenizer's vocabulary" in err, err
     assert not (tmp_path / "out").exists()
 
@@ -313,12 +412,48 @@ def test_cli_distill_then_generate(tmp_path, tiny_sd3_dir, capsys):
     from PIL import Image
 
     expert = make_expert(tmp_path / "expert", "sd3")
-    code, err = _cli(capsys, "distill", "--base", tiny_sd3_dir, "--teacher", str(expert), "--token", "<ocr>",
-                     "--out", str(tmp_path / "tok"), "--steps", "2", "--batch-size", "2", "--teacher-steps", "2",
-                     "--resolution", "64", "--max-sequence-length", "32", "--prompts", "gen:simple:8")
+    code, err = _cli(
+        capsys,
+        "distill",
+        "--base",
+        tiny_sd3_dir,
+        "--teacher",
+        str(expert),
+        "--token",
+        "<ocr>",
+        "--out",
+        str(tmp_path / "tok"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--teacher-steps",
+        "2",
+        "--resolution",
+        "64",
+        "--max-sequence-length",
+        "32",
+        "--prompts",
+        "gen:simple:8",
+    )
     assert code == 0, err
-    code, err = _cli(capsys, "generate", "--base", tiny_sd3_dir, "--tokens", str(tmp_path / "tok" / "token.safetensors"),
-                     "--spec", "<ocr>@1.5 2", "--prompt", "a sign", "--out", str(tmp_path / "img.png"), "--steps", "2",
-                     "--max-sequence-length", "32")
+    code, err = _cli(
+        capsys,
+        "generate",
+        "--base",
+        tiny_sd3_dir,
+        "--tokens",
+        str(tmp_path / "tok" / "token.safetensors"),
+        "--spec",
+        "<ocr>@1.5 2",
+        "--prompt",
+        "a sign",
+        "--out",
+        str(tmp_path / "img.png"),
+        "--steps",
+        "2",
+        "--max-sequence-length",
+        "32",
+    )
     assert code == 0, err
     assert Image.open(tmp_path / "img.png").size == (64, 64)

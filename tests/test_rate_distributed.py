@@ -26,16 +26,51 @@ from test_rate_distill import make_expert  # noqa: E402
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, tiny_sd3_dir):
     expert = make_expert(tmp_path / "expert", "sd3")
-    common = ["distill", "--base", tiny_sd3_dir, "--teacher", str(expert), "--token", "<bright>", "--steps", "3",
-              "--lr", "0.1", "--teacher-steps", "2", "--resolution", "64", "--max-sequence-length", "32",
-              "--prompts", "gen:simple:8", "--checkpoint-every", "2"]
+    common = [
+        "distill",
+        "--base",
+        tiny_sd3_dir,
+        "--teacher",
+        str(expert),
+        "--token",
+        "<bright>",
+        "--steps",
+        "3",
+        "--lr",
+        "0.1",
+        "--teacher-steps",
+        "2",
+        "--resolution",
+        "64",
+        "--max-sequence-length",
+        "32",
+        "--prompts",
+        "gen:simple:8",
+        "--checkpoint-every",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "mrlora.rate", *common,
-         "--batch-size", "1", "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "mrlora.rate",
+            *common,
+            "--batch-size",
+            "1",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     done = read_marker(tmp_path / "two", DONE_MARKER)

@@ -61,9 +61,11 @@ def test_later_cycle_distils_on_the_effective_base(tmp_path, mrlora_cache):
     run = make_run(tmp_path)
     merged = run.merged_dir(1)
     g = torch.Generator().manual_seed(1)
-    write_update(merged, {"transformer_blocks.0.attn.to_q": (torch.randn(2, 32, generator=g),
-                                                              torch.randn(32, 2, generator=g))},
-                 {"arch": "sd3", "experts": [], "weights": []})
+    write_update(
+        merged,
+        {"transformer_blocks.0.attn.to_q": (torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g))},
+        {"arch": "sd3", "experts": [], "weights": []},
+    )
     write_marker(merged, MERGE_MARKER)
     finish_expert(run, 2, "jpeg_compressibility")
     done = distill_in_run(str(run.root), 2, "jpeg_compressibility", token="<colour>", overrides=OVERRIDES)

@@ -7,11 +7,10 @@ import torch
 
 from mrlora.rate.cli import main as rate_main
 from mrlora.rate.compose import apply_token_spec, load_tokens
-from mrlora.rate.spec import SpecItem, parse_token_spec
 from mrlora.rate.encoders import add_token, read_rows, token_row_ids
 from mrlora.rate.errors import TokenExistsError, TokenFileError, TokenSpecError, UnknownTokenError
+from mrlora.rate.spec import SpecItem, parse_token_spec
 from mrlora.rate.token_file import RateToken, load_token, save_token
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,8 +25,13 @@ def sd3_pipe(mrlora_cache):
 def hand_token(name: str, arch: str = "sd3", value: float = 1.0) -> RateToken:
     encoders = ["clip_l", "clip_g", "t5"] if arch == "sd3" else ["clip", "t5"]
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    return RateToken(token=name, arch=arch, vectors={e: value * torch.randn(1, 32, generator=g) for e in encoders},
-                     base=f"tiny:{arch}", reward=name.strip("<>"))
+    return RateToken(
+        token=name,
+        arch=arch,
+        vectors={e: value * torch.randn(1, 32, generator=g) for e in encoders},
+        base=f"tiny:{arch}",
+        reward=name.strip("<>"),
+    )
 
 
 def test_parse_token_spec():
@@ -35,8 +39,13 @@ def test_parse_token_spec():
     assert parse_token_spec("<picks>@0.5 <ocr>@1.5 2") == [SpecItem("<picks>", 1, 0.5), SpecItem("<ocr>", 2, 1.5)]
     assert parse_token_spec("<ocr> <ocr> 2") == [SpecItem("<ocr>", 3)]
     assert parse_token_spec("") == []
-    for bad, why in [("3 <ocr>", "starts with a count"), ("<ocr> 2 3", "two counts"), ("<ocr> 0", ">= 1"),
-                     ("<ocr>@x", "not a number"), ("<ocr>@1 <ocr>@2", "two scales")]:
+    for bad, why in [
+        ("3 <ocr>", "starts with a count"),
+        ("<ocr> 2 3", "two counts"),
+        ("<ocr> 0", ">= 1"),
+        ("<ocr>@x", "not a number"),
+        ("<ocr>@1 <ocr>@2", "two scales"),
+    ]:
         with pytest.raises(TokenSpecError, match=why):
             parse_token_spec(bad)
 
@@ -98,14 +107,40 @@ def test_token_for_another_base_is_refused_before_anything_changes(sd3_pipe, tmp
 
 def test_cli_generate_unknown_token_exits_2(tmp_path, tiny_sd3_dir, capsys):
     path = save_token(hand_token("<ocr>"), tmp_path / "ocr.safetensors")
-    code = rate_main(["generate", "--base", tiny_sd3_dir, "--tokens", str(path), "--spec", "<picks> 3",
-                      "--prompt", "a sign", "--out", str(tmp_path / "img.png")])
+    code = rate_main(
+        [
+            "generate",
+            "--base",
+            tiny_sd3_dir,
+            "--tokens",
+            str(path),
+            "--spec",
+            "<picks> 3",
+            "--prompt",
+            "a sign",
+            "--out",
+            str(tmp_path / "img.png"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "<picks>" in err and "add its token file" in err
     assert not (tmp_path / "img.png").exists()
-    code = rate_main(["generate", "--base", tiny_sd3_dir, "--tokens", str(path), "--spec", "<ocr> 0",
-                      "--prompt", "a sign", "--out", str(tmp_path / "img.png")])
+    code = rate_main(
+        [
+            "generate",
+            "--base",
+            tiny_sd3_dir,
+            "--tokens",
+            str(path),
+            "--spec",
+            "<ocr> 0",
+            "--prompt",
+            "a sign",
+            "--out",
+            str(tmp_path / "img.png"),
+        ]
+    )
     assert code == 2 and ">= 1" in capsys.readouterr().err
 
 
@@ -152,10 +187,24 @@ def test_generate_with_tokens_makes_the_images_eval_scores(mrlora_cache):
     prompts, seeds = ["a photo of a cat", 'a sign that says "OPEN"'], [3, 4]
     settings = dict(steps=4, guidance_scale=4.5, resolution=64, max_sequence_length=32)
     ours = generate_with_tokens(pipe, [hand_token("<ocr>", value=40.0)], "<ocr> 2", prompts, seeds=seeds, **settings)
-    theirs = generate(pipe, mixed_prompts(pipe, "<ocr> 2", prompts), seeds, settings["steps"],
-                      settings["guidance_scale"], settings["resolution"], settings["max_sequence_length"])
-    plain = generate(pipe, prompts, seeds, settings["steps"], settings["guidance_scale"], settings["resolution"],
-                     settings["max_sequence_length"])
+    theirs = generate(
+        pipe,
+        mixed_prompts(pipe, "<ocr> 2", prompts),
+        seeds,
+        settings["steps"],
+        settings["guidance_scale"],
+        settings["resolution"],
+        settings["max_sequence_length"],
+    )
+    plain = generate(
+        pipe,
+        prompts,
+        seeds,
+        settings["steps"],
+        settings["guidance_scale"],
+        settings["resolution"],
+        settings["max_sequence_length"],
+    )
     for a, b, c in zip(ours, theirs, plain):
         # the two samplers order a few float ops differently: measured at most 1/255 on 0-1 pixels of 12288
         diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))

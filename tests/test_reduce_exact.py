@@ -11,8 +11,14 @@ import torch
 
 from configs.tiny_sd3 import get_config
 from mrlora.config import config_to_dict
-from mrlora.reduce import (apply_updates, load_update, merge_experts, read_expert_adapter, updates_after,
-                           save_expert_adapter)
+from mrlora.reduce import (
+    apply_updates,
+    load_update,
+    merge_experts,
+    read_expert_adapter,
+    save_expert_adapter,
+    updates_after,
+)
 from mrlora.runstore import RunDir
 
 IN, OUT = 24, 20
@@ -70,8 +76,11 @@ class Toy(torch.nn.Module):
 
 
 def test_mixed_ranks_nonuniform_weights_exact(tmp_path):
-    experts = [make_expert(tmp_path / "e1", 4, 8, 1), make_expert(tmp_path / "e2", 8, 8, 2),
-               make_expert(tmp_path / "e3", 2, 1, 3)]
+    experts = [
+        make_expert(tmp_path / "e1", 4, 8, 1),
+        make_expert(tmp_path / "e2", 8, 8, 2),
+        make_expert(tmp_path / "e3", 2, 1, 3),
+    ]
     weights = [3.0, 1.0, 0.5]
     merge_experts(experts, weights, tmp_path / "out")
     update = load_update(tmp_path / "out")
@@ -208,8 +217,9 @@ def test_reference_mode_run_continues_the_merged_lora(tmp_path):
                 for m, pair in init.modules.items():
                     state[f"{m}.lora_A.weight"] = pair.A + 0.1 * torch.randn(pair.A.shape, generator=g)
                     state[f"{m}.lora_B.weight"] = pair.B + 0.1 * torch.randn(pair.B.shape, generator=g)
-                save_expert_adapter(state, run.adapter_dir(cycle, reward), arch="sd3", base=str(base),
-                                    lora_config=init.config)
+                save_expert_adapter(
+                    state, run.adapter_dir(cycle, reward), arch="sd3", base=str(base), lora_config=init.config
+                )
             write_marker(run.expert_dir(cycle, reward), DONE_MARKER)
         merge_cycle_in_run(str(run.root), cycle)
 

@@ -29,8 +29,10 @@ def make_base(path: Path) -> Path:
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
     g = torch.Generator().manual_seed(0)
-    save_file({f"{m}.weight": torch.randn(DIM, DIM, generator=g).to(torch.bfloat16) for m in MODULES},
-              str(path / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {f"{m}.weight": torch.randn(DIM, DIM, generator=g).to(torch.bfloat16) for m in MODULES},
+        str(path / "diffusion_pytorch_model.safetensors"),
+    )
     return path
 
 
@@ -46,8 +48,9 @@ def make_run(tmp_path: Path, base: Path) -> RunDir:
         for m in MODULES:
             state[f"{m}.lora_A.weight"] = torch.randn(2, DIM, generator=g)
             state[f"{m}.lora_B.weight"] = torch.randn(DIM, 2, generator=g)
-        save_expert_adapter(state, run.adapter_dir(1, reward), arch="sd3", base=str(base),
-                            lora_config={"r": 2, "lora_alpha": 2})
+        save_expert_adapter(
+            state, run.adapter_dir(1, reward), arch="sd3", base=str(base), lora_config={"r": 2, "lora_alpha": 2}
+        )
         write_marker(run.expert_dir(1, reward), DONE_MARKER)
     return run
 
@@ -55,8 +58,9 @@ def make_run(tmp_path: Path, base: Path) -> RunDir:
 def start_and_kill(code: str, wait_for, tmp_path: Path) -> None:
     """Run ``code`` in a subprocess that sleeps between tensors; SIGKILL it once ``wait_for()`` is true."""
     env = dict(os.environ, PYTHONPATH=str(REPO), **{DELAY_ENV: "0.5"})
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 120
         while not wait_for():
@@ -97,7 +101,9 @@ def test_killed_export_leaves_no_output_and_rerun_finishes(tmp_path):
     start_and_kill(
         "from mrlora.reduce import export_with_updates; "
         f"export_with_updates({str(base)!r}, [{str(run.merged_dir(1))!r}], {str(out)!r})",
-        lambda: any(True for p in tmp_path.glob(".tmp-export-export.*") for _ in p.glob(".tmp-diffusion_pytorch_model*")),
+        lambda: any(
+            True for p in tmp_path.glob(".tmp-export-export.*") for _ in p.glob(".tmp-diffusion_pytorch_model*")
+        ),
         tmp_path,
     )
     assert not out.exists()

@@ -30,8 +30,9 @@ WEIGHTS = (1.0, 3.0)
 
 
 def make_run(tmp_path: Path, base: str, *sets: str) -> RunDir:
-    cfg = load_config("tiny-sd3", [f"model.pretrained={base}", f"rewards={list(REWARDS)}", f"weights={list(WEIGHTS)}",
-                                   *sets])
+    cfg = load_config(
+        "tiny-sd3", [f"model.pretrained={base}", f"rewards={list(REWARDS)}", f"weights={list(WEIGHTS)}", *sets]
+    )
     run = RunDir.create(tmp_path / "runs", "tiny-sd3")
     run.write_run_json({"run_ts": run.run_ts, "model": "tiny-sd3", "config": config_to_dict(cfg), "history": []})
     return run
@@ -54,8 +55,9 @@ def finish_cycle(run: RunDir, cycle: int, shapes, init: Path | None = None) -> N
                 b0 = load_file(str(init / "adapter_model.safetensors"))[f"{m}.lora_B.weight"]
             state[f"{m}.lora_A.weight"] = a0 + torch.randn(LORA["r"], i, generator=g) * 0.3
             state[f"{m}.lora_B.weight"] = b0 + torch.randn(o, LORA["r"], generator=g) * 0.3
-        save_expert_adapter(state, run.adapter_dir(cycle, reward), arch="sd3", lora_config=LORA, base="tiny",
-                            reward=reward)
+        save_expert_adapter(
+            state, run.adapter_dir(cycle, reward), arch="sd3", lora_config=LORA, base="tiny", reward=reward
+        )
         write_marker(run.expert_dir(cycle, reward), DONE_MARKER, extra={"status": "ok"})
     merge_cycle_in_run(str(run.root), cycle)
 
@@ -106,7 +108,7 @@ def test_eval_of_reference_and_exact_runs_folds_each_update_once(tiny_sd3_dir, t
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     """The spacing of bf16 numbers at |x| (8 significant bits)."""
-    x = x.double().abs().clamp_min(2.0 ** -126)
+    x = x.double().abs().clamp_min(2.0**-126)
     return 2.0 ** (torch.floor(torch.log2(x)) - 7)
 
 

@@ -16,8 +16,16 @@ from configs.tiny_sd3 import get_config
 from mrlora.config import config_to_dict
 from mrlora.models.loading import load_pipeline
 from mrlora.models.lora_targets import lora_target_modules
-from mrlora.reduce import (ReduceError, apply_updates, export_model, merge_cycle_in_run, updates_after,
-                           merge_experts, read_expert_adapter, save_expert_adapter)
+from mrlora.reduce import (
+    ReduceError,
+    apply_updates,
+    export_model,
+    merge_cycle_in_run,
+    merge_experts,
+    read_expert_adapter,
+    save_expert_adapter,
+    updates_after,
+)
 from mrlora.reduce.base import open_base
 from mrlora.reduce.cli import main as cli_main
 from mrlora.runstore import DONE_MARKER, RunDir, write_marker
@@ -39,8 +47,17 @@ def make_peft_experts(model_dir: str, arch: str, out: Path) -> tuple[list[Path],
             for name, p in transformer.named_parameters():
                 if f"lora_B.e{i}." in name:
                     p.mul_(0.2)
-        dirs.append(save_expert_adapter(transformer, out / f"e{i}", arch=arch, lora_config=cfg, base=model_dir,
-                                        reward=f"e{i}", adapter_name=f"e{i}"))
+        dirs.append(
+            save_expert_adapter(
+                transformer,
+                out / f"e{i}",
+                arch=arch,
+                lora_config=cfg,
+                base=model_dir,
+                reward=f"e{i}",
+                adapter_name=f"e{i}",
+            )
+        )
         configs.append(cfg)
     return dirs, configs
 
@@ -65,8 +82,14 @@ def peft_cat_merged(model_dir: str, arch: str, dirs: list[Path], configs: list[L
 
 
 def generate(pipe, arch: str) -> torch.Tensor:
-    kwargs = dict(prompt="a red cube on a table", num_inference_steps=2, height=64, width=64,
-                  generator=torch.Generator().manual_seed(0), output_type="latent")
+    kwargs = dict(
+        prompt="a red cube on a table",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    )
     kwargs["guidance_scale"] = 4.5 if arch == "sd3" else 3.5
     with torch.no_grad():
         return pipe(**kwargs).images
@@ -103,9 +126,16 @@ def random_experts(base_dir: Path, arch: str, out: Path, seed: int) -> list[Path
     base = open_base(base_dir)
     from mrlora.models.lora_targets import lora_targets
 
-    modules = sorted({n[: -len(".weight")] for s in base.shards for n in s.tensors
-                      if n.endswith(".weight") and n.startswith("transformer_blocks")
-                      and any(n[: -len(".weight")].endswith("." + t) for t in lora_targets(arch))})
+    modules = sorted(
+        {
+            n[: -len(".weight")]
+            for s in base.shards
+            for n in s.tensors
+            if n.endswith(".weight")
+            and n.startswith("transformer_blocks")
+            and any(n[: -len(".weight")].endswith("." + t) for t in lora_targets(arch))
+        }
+    )
     g = torch.Generator().manual_seed(seed)
     dirs = []
     for i, rank in enumerate((2, 3, 4)):
@@ -114,8 +144,15 @@ def random_experts(base_dir: Path, arch: str, out: Path, seed: int) -> list[Path
             o, n = base.weight(m).shape
             state[f"{m}.lora_A.weight"] = torch.randn(rank, n, generator=g) * 0.1
             state[f"{m}.lora_B.weight"] = torch.randn(o, rank, generator=g) * 0.1
-        dirs.append(save_expert_adapter(state, out / f"e{i}", arch=arch, base=str(base_dir),
-                                        lora_config={"r": rank, "lora_alpha": 2 * rank, "target_modules": list(lora_targets(arch))}))
+        dirs.append(
+            save_expert_adapter(
+                state,
+                out / f"e{i}",
+                arch=arch,
+                base=str(base_dir),
+                lora_config={"r": rank, "lora_alpha": 2 * rank, "target_modules": list(lora_targets(arch))},
+            )
+        )
     return dirs
 
 

@@ -22,8 +22,10 @@ MODULES = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k"]
 def make_base(path: Path, cls: str = "SD3Transformer2DModel", shape=(OUT, IN)) -> Path:
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"_class_name": cls}))
-    save_file({f"{m}.weight": torch.zeros(shape) for m in MODULES} | {"proj_out.weight": torch.zeros(4, IN)},
-              str(path / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {f"{m}.weight": torch.zeros(shape) for m in MODULES} | {"proj_out.weight": torch.zeros(4, IN)},
+        str(path / "diffusion_pytorch_model.safetensors"),
+    )
     return path
 
 
@@ -33,8 +35,9 @@ def make_expert(path: Path, seed: int = 0, rank: int = 4, arch: str = "sd3", in_
     for m in MODULES:
         state[f"{m}.lora_A.weight"] = torch.randn(rank, in_features, generator=g)
         state[f"{m}.lora_B.weight"] = torch.randn(OUT, rank, generator=g)
-    return save_expert_adapter(state, path, arch=arch, lora_config={"r": rank, "lora_alpha": 2 * rank},
-                               base="synthetic")
+    return save_expert_adapter(
+        state, path, arch=arch, lora_config={"r": rank, "lora_alpha": 2 * rank}, base="synthetic"
+    )
 
 
 @pytest.fixture
@@ -60,16 +63,25 @@ def expect_error(capsys, tmp_path, argv, *needles):
 
 def test_valid_merge_writes_marker(capsys, setup):
     tmp_path, experts, base = setup
-    code, err = run_cli(capsys, ["--experts", *experts, "--weights", 1, 2, 3, "--base", base, "--out", tmp_path / "out"])
+    code, err = run_cli(
+        capsys, ["--experts", *experts, "--weights", 1, 2, 3, "--base", base, "--out", tmp_path / "out"]
+    )
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["MERGE_DONE.json", "update.json", "update.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "MERGE_DONE.json",
+        "update.json",
+        "update.safetensors",
+    ]
 
 
-@pytest.mark.parametrize("weights,needle", [
-    ([1, -1, 1], "negative merge weight"),
-    ([0, 0, 0], "all zero"),
-    ([1, 1], "2 weight(s) for 3 expert(s)"),
-])
+@pytest.mark.parametrize(
+    "weights,needle",
+    [
+        ([1, -1, 1], "negative merge weight"),
+        ([0, 0, 0], "all zero"),
+        ([1, 1], "2 weight(s) for 3 expert(s)"),
+    ],
+)
 def test_bad_weights(capsys, setup, weights, needle):
     tmp_path, experts, _ = setup
     expect_error(capsys, tmp_path, ["--experts", *experts, "--weights", *weights], needle)
@@ -77,16 +89,18 @@ def test_bad_weights(capsys, setup, weights, needle):
 
 def test_negative_weights_need_the_flag(capsys, setup):
     tmp_path, experts, _ = setup
-    code, err = run_cli(capsys, ["--experts", *experts, "--weights", 1, -1, 1, "--allow-negative-weights",
-                                 "--out", tmp_path / "out"])
+    code, err = run_cli(
+        capsys, ["--experts", *experts, "--weights", 1, -1, 1, "--allow-negative-weights", "--out", tmp_path / "out"]
+    )
     assert code == 0, err
 
 
 def test_arch_mismatch_with_base(capsys, setup):
     tmp_path, experts, _ = setup
     flux_base = make_base(tmp_path / "flux_base", cls="FluxTransformer2DModel")
-    expect_error(capsys, tmp_path, ["--experts", *experts, "--base", flux_base], "disagree on the architecture",
-                 "sd3", "flux")
+    expect_error(
+        capsys, tmp_path, ["--experts", *experts, "--base", flux_base], "disagree on the architecture", "sd3", "flux"
+    )
 
 
 def test_arch_mismatch_between_experts(capsys, setup):
@@ -174,8 +188,24 @@ def test_cli_subprocess_exit_code_and_stderr(setup):
     tmp_path, experts, _ = setup
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.run([sys.executable, "-m", "mrlora.merge", "--experts", *map(str, experts), "--weights", "1",
-                           "1", "--out", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mrlora.merge",
+            "--experts",
+            *map(str, experts),
+            "--weights",
+            "1",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "error: 2 weight(s) for 3 expert(s)" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == "" and not out.exists()

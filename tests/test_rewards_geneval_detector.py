@@ -22,8 +22,7 @@ from PIL import Image
 from rewards import RewardError, build_reward
 from rewards.geneval_client import GenEvalClient
 from rewards.geneval_detector import ClipColourClassifier, GenEvalScorer, load_scorer
-from rewards.geneval_rules import COCO_CLASSES, COLORS
-from rewards.geneval_rules import Detection
+from rewards.geneval_rules import COCO_CLASSES, COLORS, Detection
 from rewards.geneval_server import make_server
 from rewards.geneval_wire import WireError, decode_request, encode_request
 from rewards.tiny_models import save_tiny_clip, save_tiny_mask2former
@@ -31,10 +30,14 @@ from rewards.tiny_models import save_tiny_clip, save_tiny_mask2former
 META = [
     {"tag": "single_object", "include": [{"class": "dog", "count": 1}]},
     {"tag": "counting", "include": [{"class": "cup", "count": 2}], "exclude": [{"class": "cup", "count": 3}]},
-    {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
-                                      {"class": "bench", "count": 1, "color": "blue"}]},
-    {"tag": "position", "include": [{"class": "cat", "count": 1},
-                                    {"class": "dog", "count": 1, "position": ["left of", 0]}]},
+    {
+        "tag": "color_attr",
+        "include": [{"class": "car", "count": 1, "color": "red"}, {"class": "bench", "count": 1, "color": "blue"}],
+    },
+    {
+        "tag": "position",
+        "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}],
+    },
 ]
 
 
@@ -55,8 +58,9 @@ def images(sizes=((96, 80), (64, 64), (120, 72), (80, 96))):
 
 
 def test_reward_runs_end_to_end(model_dirs):
-    reward = build_reward("geneval", backend="local", detector=model_dirs[0], clip=model_dirs[1], device="cpu",
-                          batch_size=3)
+    reward = build_reward(
+        "geneval", backend="local", detector=model_dirs[0], clip=model_dirs[1], device="cpu", batch_size=3
+    )
     out = reward(images(), [""] * 4, META)
     assert out.scores.shape == (4,) and out.scores.dtype == np.float32
     assert set(out.details) == {"correct", "strict_correct", "partial", "num_objects"}
@@ -195,9 +199,22 @@ def test_client_gives_up_with_a_clear_message():
 
 def test_server_module_cli(model_dirs):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rewards.geneval_server", "--port", "0", "--detector", model_dirs[0],
-         "--clip", model_dirs[1], "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "rewards.geneval_server",
+            "--port",
+            "0",
+            "--detector",
+            model_dirs[0],
+            "--clip",
+            model_dirs[1],
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stdout.readline()
@@ -213,6 +230,10 @@ def test_server_module_cli(model_dirs):
 
 
 def test_server_cli_reports_missing_model(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "rewards.geneval_server", "--detector", str(tmp_path / "none")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "rewards.geneval_server", "--detector", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr

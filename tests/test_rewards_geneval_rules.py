@@ -6,8 +6,16 @@ from pathlib import Path
 import pytest
 
 from rewards.geneval_rules import (
-    COCO_CLASSES, COLORS, Detection, GenEvalMetadataError, GenEvalResult, canonical_class, evaluate,
-    relative_position, select_detections, validate_metadata,
+    COCO_CLASSES,
+    COLORS,
+    Detection,
+    GenEvalMetadataError,
+    GenEvalResult,
+    canonical_class,
+    evaluate,
+    relative_position,
+    select_detections,
+    validate_metadata,
 )
 
 REAL_METADATA = Path("/work/shared/data/prompts/geneval_test_metadata.jsonl")
@@ -87,8 +95,14 @@ COUNT3 = {"tag": "counting", "include": [{"class": "cup", "count": 3}], "exclude
 
 @pytest.mark.parametrize(
     "n, correct, strict, score",
-    [(3, True, True, 1.0), (2, False, False, 2 / 3), (4, False, False, 2 / 3), (0, False, False, 0.0),
-     (6, False, False, 0.0), (9, False, False, -1.0)],
+    [
+        (3, True, True, 1.0),
+        (2, False, False, 2 / 3),
+        (4, False, False, 2 / 3),
+        (0, False, False, 0.0),
+        (6, False, False, 0.0),
+        (9, False, False, -1.0),
+    ],
 )
 def test_counting_exact_with_exclude(n, correct, strict, score):
     r = run(row(n, "cup"), COUNT3)
@@ -111,6 +125,7 @@ def test_counting_without_exclude_is_at_least():
 
 
 # ---- thresholds and caps ----------------------------------------------------------------------------------------
+
 
 def test_select_detections_threshold_is_strict_sorted_and_capped():
     dets = [det("dog", (i, 0, i + 1, 1), score=s) for i, s in enumerate([0.3, 0.2999, 0.5, 0.9, 0.31, 0.91])]
@@ -159,8 +174,10 @@ def test_colour_classifier_not_called_without_colour_clause_or_objects():
 
 
 def test_color_attr_partial_credit():
-    meta = {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "blue"},
-                                             {"class": "bench", "count": 1, "color": "white"}]}
+    meta = {
+        "tag": "color_attr",
+        "include": [{"class": "car", "count": 1, "color": "blue"}, {"class": "bench", "count": 1, "color": "white"}],
+    }
     car, bench = det("car", (0, 0, 10, 10)), det("bench", (50, 0, 60, 10))
     assert run([car, bench], meta, Colours({car.box: "blue", bench.box: "white"})).correct
     r = run([car, bench], meta, Colours({car.box: "blue", bench.box: "black"}))
@@ -179,14 +196,20 @@ def test_multi_instance_colour_credit_is_fraction():
 # ---- positions --------------------------------------------------------------------------------------------------
 
 CENTRE = (100, 100, 140, 140)
-PLACES = {"left of": (20, 100, 60, 140), "right of": (180, 100, 220, 140),
-          "above": (100, 20, 140, 60), "below": (100, 180, 140, 220)}
+PLACES = {
+    "left of": (20, 100, 60, 140),
+    "right of": (180, 100, 220, 140),
+    "above": (100, 20, 140, 60),
+    "below": (100, 180, 140, 220),
+}
 
 
 @pytest.mark.parametrize("relation", list(PLACES))
 def test_each_position_relation(relation):
-    meta = {"tag": "position", "include": [{"class": "dog", "count": 1},
-                                           {"class": "cat", "count": 1, "position": [relation, 0]}]}
+    meta = {
+        "tag": "position",
+        "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": [relation, 0]}],
+    }
     assert relative_position(PLACES[relation], CENTRE) == {relation}
     r = run([det("dog", CENTRE), det("cat", PLACES[relation])], meta)
     assert (r.correct, r.strict_correct, r.score) == (True, True, 1.0)
@@ -214,16 +237,20 @@ def test_position_margin_rule():
 
 
 def test_position_without_target_fails():
-    meta = {"tag": "position", "include": [{"class": "dog", "count": 1},
-                                           {"class": "cat", "count": 1, "position": ["left of", 0]}]}
+    meta = {
+        "tag": "position",
+        "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["left of", 0]}],
+    }
     r = run([det("cat", PLACES["left of"])], meta)
     assert not r.correct and "no target for cat to be left of" in r.reasons
     assert r.score == pytest.approx(1 / 3)  # dog count 0, cat count 1, position 0
 
 
 def test_position_checks_every_pair():
-    meta = {"tag": "position", "include": [{"class": "dog", "count": 2},
-                                           {"class": "cat", "count": 1, "position": ["left of", 0]}]}
+    meta = {
+        "tag": "position",
+        "include": [{"class": "dog", "count": 2}, {"class": "cat", "count": 1, "position": ["left of", 0]}],
+    }
     dogs = [det("dog", CENTRE), det("dog", (300, 100, 340, 140))]
     assert run(dogs + [det("cat", PLACES["left of"])], meta).correct
     assert not run(dogs + [det("cat", PLACES["right of"])], meta).correct  # right of one dog, left of the other
@@ -231,9 +258,13 @@ def test_position_checks_every_pair():
 
 # ---- excludes, validation, serialisation ------------------------------------------------------------------------
 
+
 def test_exclude_on_other_class():
-    meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}],
-            "exclude": [{"class": "cat", "count": 1}]}
+    meta = {
+        "tag": "single_object",
+        "include": [{"class": "dog", "count": 1}],
+        "exclude": [{"class": "cat", "count": 1}],
+    }
     assert run(row(1), meta).correct
     r = run(row(1) + row(1, "cat", y=50), meta)
     assert not r.correct and not r.strict_correct
@@ -243,10 +274,16 @@ def test_exclude_on_other_class():
 
 @pytest.mark.parametrize(
     "meta, message",
-    [({"tag": "x"}, "include"), ({"include": [{"class": "dog"}]}, "count"),
-     ({"include": [{"class": "dog", "count": 1, "color": "teal"}]}, "colour"),
-     ({"include": [{"class": "dog", "count": 1, "position": ["left of", 0]}]}, "earlier"),
-     ({"include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["near", 0]}]}, "relation")],
+    [
+        ({"tag": "x"}, "include"),
+        ({"include": [{"class": "dog"}]}, "count"),
+        ({"include": [{"class": "dog", "count": 1, "color": "teal"}]}, "colour"),
+        ({"include": [{"class": "dog", "count": 1, "position": ["left of", 0]}]}, "earlier"),
+        (
+            {"include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["near", 0]}]},
+            "relation",
+        ),
+    ],
 )
 def test_bad_metadata_is_rejected(meta, message):
     with pytest.raises(GenEvalMetadataError, match=message):
@@ -273,8 +310,11 @@ def test_real_metadata_format_is_understood():
         meta = json.loads(line)
         tags.add(meta["tag"])
         validate_metadata(meta)
-        objects = [det(c["class"], (40 * i, 0, 40 * i + 10, 10)) for i, c in enumerate(meta["include"])
-                   for _ in range(c["count"])]
+        objects = [
+            det(c["class"], (40 * i, 0, 40 * i + 10, 10))
+            for i, c in enumerate(meta["include"])
+            for _ in range(c["count"])
+        ]
         r = run(objects, meta, colours)
         assert not run([], meta).correct
         if meta["tag"] in ("single_object", "two_object", "counting"):

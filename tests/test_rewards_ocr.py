@@ -118,8 +118,12 @@ def real_ocr():
 
 def test_real_ocr_reads_rendered_text(real_ocr):
     images = [render("OPEN LATE"), render("Hello World"), render("CLOSED"), Image.new("RGB", (512, 512), "white")]
-    prompts = ['A sign that says "Open Late"', 'A poster reading "Hello Word"', 'A sign that says "OPEN"',
-               'A blank wall with "Nothing"']
+    prompts = [
+        'A sign that says "Open Late"',
+        'A poster reading "Hello Word"',
+        'A sign that says "OPEN"',
+        'A blank wall with "Nothing"',
+    ]
     out = real_ocr(images, prompts)
     assert out.scores[0] == 1.0  # exact match (case and spaces ignored)
     assert 0.0 < out.scores[1] < 1.0  # one wrong letter

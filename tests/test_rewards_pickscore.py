@@ -19,7 +19,7 @@ def images():
     return [Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 64, 3), dtype=np.uint8)) for i in range(5)]
 
 
-PROMPTS = ["a cat", "a red car on a street", "two dogs", "a sign that says \"hello\"", "an apple " * 40]
+PROMPTS = ["a cat", "a red car on a street", "two dogs", 'a sign that says "hello"', "an apple " * 40]
 
 
 def test_score_is_logit_scale_times_cosine(clip_dir):
@@ -30,8 +30,7 @@ def test_score_is_logit_scale_times_cosine(clip_dir):
     # Independent computation: CLIPModel.forward's logits_per_image is logit_scale * cosine for every pair.
     model = CLIPModel.from_pretrained(clip_dir).eval()
     processor = CLIPProcessor.from_pretrained(clip_dir)
-    inputs = processor(text=PROMPTS, images=images(), padding=True, truncation=True, max_length=77,
-                       return_tensors="pt")
+    inputs = processor(text=PROMPTS, images=images(), padding=True, truncation=True, max_length=77, return_tensors="pt")
     with torch.no_grad():
         expected = model(**inputs).logits_per_image.diagonal().numpy()
     assert out.scores.shape == (5,) and out.scores.dtype == np.float32
@@ -43,8 +42,9 @@ def test_score_is_logit_scale_times_cosine(clip_dir):
 
 def test_normalisation_and_batch_size_do_not_change_ranking(clip_dir):
     raw = build_reward("pickscore", model=str(clip_dir), processor=str(clip_dir), device="cpu", batch_size=8)
-    scaled = build_reward("pickscore", model=str(clip_dir), processor=str(clip_dir), device="cpu", batch_size=1,
-                          normalize_by=26)
+    scaled = build_reward(
+        "pickscore", model=str(clip_dir), processor=str(clip_dir), device="cpu", batch_size=1, normalize_by=26
+    )
     a, b = raw(images(), PROMPTS), scaled(images(), PROMPTS)
     np.testing.assert_allclose(b.scores, a.scores / 26, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(b.details["logit"], a.details["logit"], rtol=1e-4, atol=1e-4)

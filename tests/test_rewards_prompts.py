@@ -77,23 +77,35 @@ def test_plain_list_skips_blank_lines(tmp_path):
 
 def test_cli_writes_loadable_files(tmp_path):
     out = tmp_path / "sets" / "train.jsonl"
-    run = subprocess.run([sys.executable, "-m", "rewards.prompts", "--kind", "geneval", "--n", "12", "--seed", "1",
-                          "--out", str(out)], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "rewards.prompts", "--kind", "geneval", "--n", "12", "--seed", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert load_prompt_source(str(out)) == load_prompt_source("gen:geneval:12", seed=1)
     txt = tmp_path / "ocr.txt"
-    subprocess.run([sys.executable, "-m", "rewards.prompts", "--kind", "ocr", "--n", "5", "--out", str(txt)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "rewards.prompts", "--kind", "ocr", "--n", "5", "--out", str(txt)],
+        check=True,
+        capture_output=True,
+    )
     assert [i.prompt for i in load_prompt_source(str(txt))] == [i.prompt for i in load_prompt_source("gen:ocr:5")]
 
 
 def test_cli_errors_leave_no_file(tmp_path):
     out = tmp_path / "x.txt"
-    run = subprocess.run([sys.executable, "-m", "rewards.prompts", "--kind", "geneval", "--n", "3", "--out", str(out)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "rewards.prompts", "--kind", "geneval", "--n", "3", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2 and ".jsonl" in run.stderr and "Traceback" not in run.stderr
-    run = subprocess.run([sys.executable, "-m", "rewards.prompts", "--kind", "ocr", "--n", "0", "--out", str(out)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "rewards.prompts", "--kind", "ocr", "--n", "0", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2 and ">= 1" in run.stderr
     assert list(tmp_path.iterdir()) == []
 

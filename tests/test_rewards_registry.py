@@ -11,9 +11,16 @@ from PIL import Image
 import rewards
 from rewards import Reward, RewardError, RewardOutput, UnknownRewardError, available_rewards, build_reward
 
-BUILTINS = {"geneval", "pickscore", "ocr", "jpeg_compressibility", "jpeg_incompressibility", "brightness",
-            "colourfulness"}
-CUSTOM = textwrap.dedent('''
+BUILTINS = {
+    "geneval",
+    "pickscore",
+    "ocr",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "brightness",
+    "colourfulness",
+}
+CUSTOM = textwrap.dedent("""
     import numpy as np
     from rewards import Reward, RewardOutput, register_reward
 
@@ -33,7 +40,7 @@ CUSTOM = textwrap.dedent('''
 
     def not_a_reward():
         return 42
-''')
+""")
 
 
 def test_builtins_are_registered():
@@ -50,8 +57,10 @@ def test_unknown_reward_lists_known_names():
 
 
 def test_import_is_torch_free():
-    code = ("import sys, rewards, rewards.prompts, rewards.prefetch; "
-            "heavy = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, rewards, rewards.prompts, rewards.prefetch; "
+        "heavy = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -115,22 +124,47 @@ def test_duplicate_registration_is_refused():
 
 
 def test_prefetch_dry_run_lists_models():
-    out = subprocess.run([sys.executable, "-m", "rewards.prefetch", "--rewards", "pickscore", "geneval", "ocr",
-                          "--dry-run"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "rewards.prefetch", "--rewards", "pickscore", "geneval", "ocr", "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
-    for model in ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "yuvalkirstain/PickScore_v1",
-                  "facebook/mask2former-swin-small-coco-instance", "openai/clip-vit-large-patch14"):
+    for model in (
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        "yuvalkirstain/PickScore_v1",
+        "facebook/mask2former-swin-small-coco-instance",
+        "openai/clip-vit-large-patch14",
+    ):
         assert model in out.stdout
-    override = subprocess.run([sys.executable, "-m", "rewards.prefetch", "--rewards", "pickscore", "--dry-run",
-                               "--set", "pickscore.model=me/MyPick"], capture_output=True, text=True)
+    override = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rewards.prefetch",
+            "--rewards",
+            "pickscore",
+            "--dry-run",
+            "--set",
+            "pickscore.model=me/MyPick",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert "me/MyPick" in override.stdout and "PickScore_v1" not in override.stdout
-    bad = subprocess.run([sys.executable, "-m", "rewards.prefetch", "--rewards", "nope", "--dry-run"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "rewards.prefetch", "--rewards", "nope", "--dry-run"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "unknown reward 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("name, model", [("pickscore", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
-                                         ("geneval", "facebook/mask2former-swin-small-coco-instance")])
+@pytest.mark.parametrize(
+    "name, model",
+    [
+        ("pickscore", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+        ("geneval", "facebook/mask2former-swin-small-coco-instance"),
+    ],
+)
 def test_offline_missing_model_fails_fast_with_prefetch_command(tmp_path, monkeypatch, name, model):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(rewards.MissingModelError) as info:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_reduce_model_after import finish_cycle, make_run, shapes_of
 
 from eval.checkpoint import resolve_checkpoint
 from eval.errors import EvalError
@@ -18,9 +19,14 @@ from eval.model import build_pipeline
 from mrlora.config import config_from_dict
 from mrlora.reduce import merge_cycle_in_run
 from mrlora.reduce.safetensors_io import read_header
-from mrlora.runstore import (CHECKPOINT_MARKER, DamagedFileError, RunDir, damaged_files, reset_incomplete_dir,
-                             write_marker)
-from test_reduce_model_after import finish_cycle, make_run, shapes_of
+from mrlora.runstore import (
+    CHECKPOINT_MARKER,
+    DamagedFileError,
+    RunDir,
+    damaged_files,
+    reset_incomplete_dir,
+    write_marker,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -152,7 +152,11 @@ def test_killed_writer_leaves_nothing_the_scan_accepts(tmp_path, kill_after_line
     ckpt = run.checkpoint_dir(1, "ocr", 7)
     env = {**os.environ, "PAUSE_BEFORE_MARKER": "30"}  # the last kill lands after every payload file is in place
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(ckpt)], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env,
+        [sys.executable, "-c", WRITER, str(ckpt)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
     )
     for line in proc.stdout:
         if line.strip() == kill_after_line:

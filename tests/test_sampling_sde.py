@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from mrlora.sampling import (SamplingError, flow_model, gaussian_log_prob, sample, sde_std_dev, sde_step,
-                             step_log_prob)
+from mrlora.sampling import SamplingError, flow_model, gaussian_log_prob, sample, sde_std_dev, sde_step, step_log_prob
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -68,8 +67,16 @@ def test_ode_path_matches_the_diffusers_pipeline(tiny_pipe):
     guidance = 4.5 if arch == "sd3" else 3.5
     res = sample(pipe, ["a red cube"], seeds=[7], guidance_scale=guidance, noise_level=0.0, decode=False, **KW)
     assert res.log_probs is None and res.latents.shape[1] == KW["num_steps"] + 1
-    ref = pipe(["a red cube"], num_inference_steps=KW["num_steps"], guidance_scale=guidance, height=32, width=32,
-               latents=res.latents[:, 0], output_type="latent", max_sequence_length=16).images
+    ref = pipe(
+        ["a red cube"],
+        num_inference_steps=KW["num_steps"],
+        guidance_scale=guidance,
+        height=32,
+        width=32,
+        latents=res.latents[:, 0],
+        output_type="latent",
+        max_sequence_length=16,
+    ).images
     torch.testing.assert_close(ref.float(), res.latents[:, -1], rtol=1e-5, atol=1e-5)
 
 
@@ -80,8 +87,18 @@ def test_recomputed_log_prob_equals_the_sampled_one_exactly(tiny_pipe):
     res = sample(pipe, prompts, seeds=[1, 2, 3], guidance_scale=4.0, noise_level=0.8, decode=False, **KW)
     model = flow_model(pipe)
     for j in range(KW["num_steps"]):
-        out = step_log_prob(model, pipe.transformer, res.latents[:, j], res.latents[:, j + 1], j, res.timesteps,
-                            res.sigmas, res.embeds, 4.0, 0.8)
+        out = step_log_prob(
+            model,
+            pipe.transformer,
+            res.latents[:, j],
+            res.latents[:, j + 1],
+            j,
+            res.timesteps,
+            res.sigmas,
+            res.embeds,
+            4.0,
+            0.8,
+        )
         assert torch.equal(torch.exp(out.log_prob - res.log_probs[:, j]), torch.ones(3))
 
 

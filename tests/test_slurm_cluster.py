@@ -64,9 +64,7 @@ def describe_task() -> dict:
 
 def _executor(folder: Path, **params) -> "submitit.AutoExecutor":
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    executor.update_parameters(
-        timeout_min=5, slurm_partition="debug", cpus_per_task=1, mem_gb=0.25, **params
-    )
+    executor.update_parameters(timeout_min=5, slurm_partition="debug", cpus_per_task=1, mem_gb=0.25, **params)
     return executor
 
 

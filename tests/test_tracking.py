@@ -37,8 +37,8 @@ def _wandb_history(path: Path) -> list[dict]:
         if 32768 - pos % 32768 < 7:
             pos += 32768 - pos % 32768
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 2):
             buf = chunk
         elif kind in (3, 4):
@@ -57,18 +57,44 @@ def test_a_three_cycle_run_draws_one_curve_per_expert_across_cycles(tmp_path, ti
     out = tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if k not in ("SLURM_CONF", "WANDB_MODE")}
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.mapreduce", "--model", "tiny-sd3", "--rewards", "brightness", "--cycles",
-         str(CYCLES), "--executor", "local", "--out-root", str(out), "--set", f"train.steps={STEPS}",
-         "--set", "logging.tensorboard=true", "--set", "logging.wandb=true"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "launch.mapreduce",
+            "--model",
+            "tiny-sd3",
+            "--rewards",
+            "brightness",
+            "--cycles",
+            str(CYCLES),
+            "--executor",
+            "local",
+            "--out-root",
+            str(out),
+            "--set",
+            f"train.steps={STEPS}",
+            "--set",
+            "logging.tensorboard=true",
+            "--set",
+            "logging.wandb=true",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = RunDir.find(out, "tiny-sd3")
 
     curves = _scalars(run.tracking_dir / "tensorboard" / "brightness")
     steps = [s for s, _ in curves["reward_mean"]]
     assert steps == list(range(1, CYCLES * STEPS + 1))  # one curve: cycle 2 continues where cycle 1 ended
-    per_step = [json.loads(line)["reward_mean"] for c in range(1, CYCLES + 1)
-                for line in run.metrics_path(c, "brightness").read_text().splitlines()]
+    per_step = [
+        json.loads(line)["reward_mean"]
+        for c in range(1, CYCLES + 1)
+        for line in run.metrics_path(c, "brightness").read_text().splitlines()
+    ]
     assert [v for _, v in curves["reward_mean"]] == pytest.approx(per_step, rel=1e-6)
 
     merges = _scalars(run.tracking_dir / "tensorboard" / "merge")
@@ -84,17 +110,19 @@ def test_a_three_cycle_run_draws_one_curve_per_expert_across_cycles(tmp_path, ti
 
 
 def test_a_missing_tracker_package_is_named_and_training_goes_on(tmp_path):
-    code = ("import builtins, logging\nreal = builtins.__import__\n"
-            "def fake(name, *a, **k):\n"
-            "    if name in ('wandb', 'torch.utils.tensorboard'):\n        raise ImportError(name)\n"
-            "    return real(name, *a, **k)\n"
-            "builtins.__import__ = fake\n"
-            "from mrlora.cli import setup_logging\nsetup_logging()\n"
-            "from ml_collections import ConfigDict\nfrom pathlib import Path\n"
-            "from mrlora.tracking import Lineage, open_tracker\n"
-            f"t = open_tracker(ConfigDict({{'tensorboard': True, 'wandb': True, 'project': 'p'}}), "
-            f"Lineage(Path({str(tmp_path)!r}), 'g', 'ocr'))\n"
-            "t.log({'loss': 1.0}, 1)\nprint('enabled', t.enabled)\n")
+    code = (
+        "import builtins, logging\nreal = builtins.__import__\n"
+        "def fake(name, *a, **k):\n"
+        "    if name in ('wandb', 'torch.utils.tensorboard'):\n        raise ImportError(name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = fake\n"
+        "from mrlora.cli import setup_logging\nsetup_logging()\n"
+        "from ml_collections import ConfigDict\nfrom pathlib import Path\n"
+        "from mrlora.tracking import Lineage, open_tracker\n"
+        f"t = open_tracker(ConfigDict({{'tensorboard': True, 'wandb': True, 'project': 'p'}}), "
+        f"Lineage(Path({str(tmp_path)!r}), 'g', 'ocr'))\n"
+        "t.log({'loss': 1.0}, 1)\nprint('enabled', t.enabled)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "enabled False" in proc.stdout

@@ -11,7 +11,12 @@ import torch
 from mrlora import distributed
 from mrlora.ema import LoraEMA
 from mrlora.grpo import (
-    clipped_policy_loss, group_advantages, grpo_loss, kl_std, kl_to_reference, train_step_indices,
+    clipped_policy_loss,
+    group_advantages,
+    grpo_loss,
+    kl_std,
+    kl_to_reference,
+    train_step_indices,
     zero_advantage_weights,
 )
 from mrlora.training.data import PromptSchedule, salt_for
@@ -71,11 +76,13 @@ def test_kl_is_zero_for_equal_means_and_matches_gaussian_kl():
     std = torch.full((2, 1, 1, 1), 0.3)
     assert torch.equal(kl_to_reference(mean, mean, std), torch.zeros(2))
     shifted = mean + 0.1
-    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std.expand_as(mean)),
-                                                 torch.distributions.Normal(shifted, std.expand_as(mean)))
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, std.expand_as(mean)), torch.distributions.Normal(shifted, std.expand_as(mean))
+    )
     torch.testing.assert_close(kl_to_reference(mean, shifted, std), expected.mean(dim=(1, 2, 3)))
-    terms = grpo_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), 0.1, beta=0.5, mean=mean, ref_mean=shifted,
-                      std=std)
+    terms = grpo_loss(
+        torch.zeros(2), torch.zeros(2), torch.zeros(2), 0.1, beta=0.5, mean=mean, ref_mean=shifted, std=std
+    )
     assert float(terms.loss) == pytest.approx(0.5 * float(expected.mean()), rel=1e-5)
 
 
@@ -122,14 +129,25 @@ def test_prompt_schedule_is_deterministic_and_shards_cover_the_step_exactly_once
 def test_detect_reads_torchrun_then_slurm_then_single(tmp_path, monkeypatch):
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"}
     d = distributed.detect(env)
-    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port, d.source) == (1, 2, 1, "h0", 1234,
-                                                                                               "torchrun")
+    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port, d.source) == (
+        1,
+        2,
+        1,
+        "h0",
+        1234,
+        "torchrun",
+    )
     fake = tmp_path / "scontrol"
-    fake.write_text("#!/bin/sh\nif [ \"$2\" = hostnames ]; then echo localhost; echo node9; fi\n")
+    fake.write_text('#!/bin/sh\nif [ "$2" = hostnames ]; then echo localhost; echo node9; fi\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "x[1-2]",
-             "SLURM_JOB_ID": "123457"}
+    slurm = {
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "x[1-2]",
+        "SLURM_JOB_ID": "123457",
+    }
     d = distributed.detect(slurm)
     assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.source) == (3, 4, 1, "localhost", "slurm")
     assert d.master_port == distributed.port_for_job("123457") == 20000 + 123457 % 20000

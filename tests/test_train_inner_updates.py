@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import kill_after_checkpoint
+from train_helpers import read_metrics as _metrics
 
 from mrlora.config import ConfigError, load_config
 from mrlora.train import Preempted, train_expert_standalone
 from mrlora.training.loop import round_chunks
-from train_helpers import kill_after_checkpoint, read_metrics as _metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -27,8 +28,9 @@ TWO = ["sample.resolution=32", "train.lr=3e-2", "train.updates_per_round=2", "tr
 
 
 def _train(base: str, out: Path, steps: int, *extra: str) -> dict:
-    return train_expert_standalone("tiny-sd3", "brightness", base, str(out), steps=steps, overrides=TWO + list(extra),
-                                   progress=False)
+    return train_expert_standalone(
+        "tiny-sd3", "brightness", base, str(out), steps=steps, overrides=TWO + list(extra), progress=False
+    )
 
 
 def test_second_update_of_a_round_is_off_policy(tiny_sd3_dir, tmp_path):
@@ -93,13 +95,31 @@ def test_killed_run_with_two_updates_per_round_resumes_bit_identical(tiny_sd3_di
 
     out = tmp_path / "killed"
     sets = [x for s in TWO for x in ("--set", s)]
-    cmd = [sys.executable, "-m", "mrlora.train", "--config", "tiny-sd3", "--reward", "brightness", "--base",
-           tiny_sd3_dir, "--out", str(out), "--steps", str(steps), "--no-progress", *sets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mrlora.train",
+        "--config",
+        "tiny-sd3",
+        "--reward",
+        "brightness",
+        "--base",
+        tiny_sd3_dir,
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--no-progress",
+        *sets,
+    ]
     kill_after_checkpoint(cmd, out)
 
     _train(tiny_sd3_dir, out, steps)
-    for rel in ("adapter/adapter_model.safetensors", f"checkpoint-{steps}/adapter_model.safetensors",
-                f"checkpoint-{steps}/ema.safetensors"):
+    for rel in (
+        "adapter/adapter_model.safetensors",
+        f"checkpoint-{steps}/adapter_model.safetensors",
+        f"checkpoint-{steps}/ema.safetensors",
+    ):
         a, b = load_file(str(reference / rel)), load_file(str(out / rel))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{rel} differs after resume"
@@ -113,13 +133,23 @@ def test_killed_run_with_two_updates_per_round_resumes_bit_identical(tiny_sd3_di
     "overrides, message",
     [
         (["train.updates_per_round=0"], r"train.updates_per_round: must be >= 1"),
-        (["train.updates_per_round=2", "train.steps=5", "train.checkpoint_every=2"],
-         r"train.steps=5 is not a multiple of train.updates_per_round=2"),
-        (["train.updates_per_round=2", "train.steps=6", "train.checkpoint_every=3"],
-         r"train.checkpoint_every=3 is not a multiple of train.updates_per_round=2"),
-        (["train.updates_per_round=2", "train.steps=6", "train.checkpoint_every=2",
-          "per_reward.brightness.train.steps=7"],
-         r"per_reward.brightness gives train.steps=7 is not a multiple"),
+        (
+            ["train.updates_per_round=2", "train.steps=5", "train.checkpoint_every=2"],
+            r"train.steps=5 is not a multiple of train.updates_per_round=2",
+        ),
+        (
+            ["train.updates_per_round=2", "train.steps=6", "train.checkpoint_every=3"],
+            r"train.checkpoint_every=3 is not a multiple of train.updates_per_round=2",
+        ),
+        (
+            [
+                "train.updates_per_round=2",
+                "train.steps=6",
+                "train.checkpoint_every=2",
+                "per_reward.brightness.train.steps=7",
+            ],
+            r"per_reward.brightness gives train.steps=7 is not a multiple",
+        ),
     ],
 )
 def test_step_counts_must_be_whole_rounds(overrides, message):

@@ -15,8 +15,17 @@ def step_inputs(tiny_sd3_dir):
     from mrlora.training.lora import add_lora
 
     pipe = load_pipeline(tiny_sd3_dir, "sd3", "fp32", "cpu")
-    res = sample(pipe, ["a cat", "a dog"], seeds=[1, 2], num_steps=3, guidance_scale=4.5, resolution=32,
-                 noise_level=0.7, max_sequence_length=16, decode=False)
+    res = sample(
+        pipe,
+        ["a cat", "a dog"],
+        seeds=[1, 2],
+        num_steps=3,
+        guidance_scale=4.5,
+        resolution=32,
+        noise_level=0.7,
+        max_sequence_length=16,
+        decode=False,
+    )
     torch.manual_seed(0)
     params = add_lora(pipe.transformer, load_config("tiny-sd3"))
     with torch.no_grad():
@@ -49,9 +58,21 @@ def test_zero_advantage_weights_reach_the_loss(step_inputs):
     pipe, model, res = step_inputs
     cfg = load_config("tiny-sd3", ["train.beta=0.04"])
     adv = torch.tensor([0.0, 2.0])
-    both = _micro_batch_loss(cfg, model, pipe.transformer, pipe.transformer, res, res.embeds, torch.arange(2), 0,
-                             adv, 4.5, zero_advantage_weights(adv))
-    kept = _micro_batch_loss(cfg, model, pipe.transformer, pipe.transformer, res, res.embeds, torch.tensor([1]), 0,
-                             adv[1:], 4.5)
+    both = _micro_batch_loss(
+        cfg,
+        model,
+        pipe.transformer,
+        pipe.transformer,
+        res,
+        res.embeds,
+        torch.arange(2),
+        0,
+        adv,
+        4.5,
+        zero_advantage_weights(adv),
+    )
+    kept = _micro_batch_loss(
+        cfg, model, pipe.transformer, pipe.transformer, res, res.embeds, torch.tensor([1]), 0, adv[1:], 4.5
+    )
     # the zero-advantage sample is gone: the loss equals the kept sample's loss alone
     assert float(both.loss) == pytest.approx(float(kept.loss), rel=1e-5)

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import kill_after_checkpoint
+from train_helpers import read_metrics as _metrics
+from train_helpers import subprocess_env as _env
 
 from mrlora.train import Preempted, train_expert_standalone
-from train_helpers import kill_after_checkpoint, read_metrics as _metrics, subprocess_env as _env
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -42,8 +44,9 @@ def test_brightness_expert_raises_mean_brightness(arch, tmp_path, request):
     base = request.getfixturevalue(f"tiny_{arch}_dir")
     out = tmp_path / "expert"
     steps, overrides = LEARN[arch]
-    done = train_expert_standalone(f"tiny-{arch}", "brightness", base, str(out), steps=steps, overrides=overrides,
-                                   progress=False)
+    done = train_expert_standalone(
+        f"tiny-{arch}", "brightness", base, str(out), steps=steps, overrides=overrides, progress=False
+    )
     rec = _metrics(out)
     assert [r["step"] for r in rec] == list(range(1, steps + 1))
     first = sum(r["reward_mean"] for r in rec[:3]) / 3
@@ -62,31 +65,64 @@ def test_brightness_expert_raises_mean_brightness(arch, tmp_path, request):
     ema = _tensors(out / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in ema.items())
     # re-running a finished expert returns its DONE marker without training
-    again = train_expert_standalone(f"tiny-{arch}", "brightness", base, str(out), steps=steps,
-                                    overrides=overrides, progress=False)
+    again = train_expert_standalone(
+        f"tiny-{arch}", "brightness", base, str(out), steps=steps, overrides=overrides, progress=False
+    )
     assert again == done
 
 
 def _cli(base: str, out: Path, steps: int, *extra: str) -> list[str]:
     sets = [x for s in SMALL + ["train.checkpoint_every=2", *extra] for x in ("--set", s)]
-    return [sys.executable, "-m", "mrlora.train", "--config", "tiny-sd3", "--reward", "brightness", "--base", base,
-            "--out", str(out), "--steps", str(steps), "--no-progress", *sets]
+    return [
+        sys.executable,
+        "-m",
+        "mrlora.train",
+        "--config",
+        "tiny-sd3",
+        "--reward",
+        "brightness",
+        "--base",
+        base,
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--no-progress",
+        *sets,
+    ]
 
 
 @pytest.mark.slow
 def test_killed_run_restarted_ends_bit_identical(tiny_sd3_dir, tmp_path):
     steps = 4
     reference = tmp_path / "reference"
-    train_expert_standalone("tiny-sd3", "brightness", tiny_sd3_dir, str(reference), steps=steps,
-                            overrides=SMALL + ["train.checkpoint_every=2"], progress=False)
+    train_expert_standalone(
+        "tiny-sd3",
+        "brightness",
+        tiny_sd3_dir,
+        str(reference),
+        steps=steps,
+        overrides=SMALL + ["train.checkpoint_every=2"],
+        progress=False,
+    )
 
     out = tmp_path / "killed"
     kill_after_checkpoint(_cli(tiny_sd3_dir, out, steps), out)
 
-    train_expert_standalone("tiny-sd3", "brightness", tiny_sd3_dir, str(out), steps=steps,
-                            overrides=SMALL + ["train.checkpoint_every=2"], progress=False)
-    for rel in ("adapter/adapter_model.safetensors", f"checkpoint-{steps}/adapter_model.safetensors",
-                f"checkpoint-{steps}/ema.safetensors"):
+    train_expert_standalone(
+        "tiny-sd3",
+        "brightness",
+        tiny_sd3_dir,
+        str(out),
+        steps=steps,
+        overrides=SMALL + ["train.checkpoint_every=2"],
+        progress=False,
+    )
+    for rel in (
+        "adapter/adapter_model.safetensors",
+        f"checkpoint-{steps}/adapter_model.safetensors",
+        f"checkpoint-{steps}/ema.safetensors",
+    ):
         a, b = _tensors(reference / rel), _tensors(out / rel)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{rel} differs after resume"
@@ -106,8 +142,15 @@ def test_sigusr2_checkpoints_at_the_next_step_and_raises_preempted(tiny_sd3_dir,
     previous = signal.getsignal(signal.SIGUSR2)
     threading.Thread(target=signal_after_first_step, daemon=True).start()
     with pytest.raises(Preempted) as info:
-        train_expert_standalone("tiny-sd3", "brightness", tiny_sd3_dir, str(out), steps=50,
-                                overrides=SMALL + ["train.checkpoint_every=100"], progress=False)
+        train_expert_standalone(
+            "tiny-sd3",
+            "brightness",
+            tiny_sd3_dir,
+            str(out),
+            steps=50,
+            overrides=SMALL + ["train.checkpoint_every=100"],
+            progress=False,
+        )
     step = info.value.step
     assert 1 <= step < 50
     ckpt = out / f"checkpoint-{step}"
@@ -121,8 +164,16 @@ def test_sigusr2_checkpoints_at_the_next_step_and_raises_preempted(tiny_sd3_dir,
 
 def test_two_gloo_processes_keep_identical_lora_weights(tiny_sd3_dir, tmp_path):
     out = tmp_path / "expert"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
-           *_cli(tiny_sd3_dir, out, 2, "train.checkpoint_every=1")[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29631",
+        *_cli(tiny_sd3_dir, out, 2, "train.checkpoint_every=1")[1:],
+    ]
     env = {**_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

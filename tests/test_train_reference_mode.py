@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_helpers import tiny_run
 
 from mrlora.runstore import RunDir
 from mrlora.train import train_expert_in_run
-from train_helpers import tiny_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -17,8 +17,18 @@ REWARDS = ["brightness", "colourfulness"]
 
 
 def _run(tmp_path, base: str) -> RunDir:
-    return tiny_run(tmp_path, base, [f"rewards={REWARDS}", "weights=[1.0, 3.0]", "mapreduce.merge_mode=reference",
-                                     "sample.resolution=32", "train.steps=2", "train.lr=3e-2"])
+    return tiny_run(
+        tmp_path,
+        base,
+        [
+            f"rewards={REWARDS}",
+            "weights=[1.0, 3.0]",
+            "mapreduce.merge_mode=reference",
+            "sample.resolution=32",
+            "train.steps=2",
+            "train.lr=3e-2",
+        ],
+    )
 
 
 def test_cycle_two_continues_the_averaged_lora_of_cycle_one(tiny_sd3_dir, tmp_path):
@@ -69,8 +79,12 @@ def test_cycle_two_continues_the_averaged_lora_of_cycle_one(tiny_sd3_dir, tmp_pa
     from mrlora.rate.job import distill_in_run, rate_dir
     from mrlora.rate.token_file import load_token
 
-    done = distill_in_run(str(run.root), 2, REWARDS[0], overrides={
-        "steps": 1, "teacher_steps": 2, "batch_size": 2, "checkpoint_every": 0, "max_sequence_length": 32})
+    done = distill_in_run(
+        str(run.root),
+        2,
+        REWARDS[0],
+        overrides={"steps": 1, "teacher_steps": 2, "batch_size": 2, "checkpoint_every": 0, "max_sequence_length": 32},
+    )
     token = load_token(rate_dir(run.root, 2, REWARDS[0]) / "token.safetensors")
     assert done["steps"] == 1 and token.info["base_updates"] == []
 

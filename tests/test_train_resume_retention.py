@@ -7,10 +7,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from train_helpers import tiny_run
 
 from mrlora.reduce import merge_cycle_in_run
 from mrlora.train import train_expert_in_run
-from train_helpers import tiny_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -18,9 +18,20 @@ CYCLES = 3
 
 
 def _run(tmp_path, base: str, delete: bool):
-    run = tiny_run(tmp_path, base, ["rewards=['brightness']", "weights=[1.0]", "sample.resolution=32",
-                                    "train.steps=2", "train.checkpoint_every=2", "train.lr=3e-2",
-                                    f"mapreduce.cycles={CYCLES}", "mapreduce.keep_step_checkpoints=true"])
+    run = tiny_run(
+        tmp_path,
+        base,
+        [
+            "rewards=['brightness']",
+            "weights=[1.0]",
+            "sample.resolution=32",
+            "train.steps=2",
+            "train.checkpoint_every=2",
+            "train.lr=3e-2",
+            f"mapreduce.cycles={CYCLES}",
+            "mapreduce.keep_step_checkpoints=true",
+        ],
+    )
     for cycle in range(1, CYCLES + 1):
         train_expert_in_run(str(run.root), cycle, "brightness")
         merge_cycle_in_run(str(run.root), cycle)
@@ -40,5 +51,6 @@ def test_deleting_bases_and_step_checkpoints_between_cycles_changes_nothing(tiny
             a = (kept.expert_dir(cycle, "brightness") / name).read_bytes()
             b = (pruned.expert_dir(cycle, "brightness") / name).read_bytes()
             assert a == b, (cycle, name)
-        assert (kept.merged_dir(cycle) / "update.safetensors").read_bytes() == \
-            (pruned.merged_dir(cycle) / "update.safetensors").read_bytes()
+        assert (kept.merged_dir(cycle) / "update.safetensors").read_bytes() == (
+            pruned.merged_dir(cycle) / "update.safetensors"
+        ).read_bytes()

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_helpers import tiny_run
 
 from mrlora.runstore import RunDir, RunStoreError
 from mrlora.train import main, train_expert_in_run
-from train_helpers import tiny_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
 
 def _run(tmp_path, base: str) -> RunDir:
-    return tiny_run(tmp_path, base, ["rewards=['brightness']", "weights=[1.0]", "sample.resolution=32",
-                                     "train.steps=2", "train.lr=3e-2"])
+    return tiny_run(
+        tmp_path,
+        base,
+        ["rewards=['brightness']", "weights=[1.0]", "sample.resolution=32", "train.steps=2", "train.lr=3e-2"],
+    )
 
 
 def test_second_cycle_trains_on_exactly_base_zero_plus_the_merged_update(tiny_sd3_dir, tmp_path):
@@ -60,8 +63,20 @@ def test_second_cycle_trains_on_exactly_base_zero_plus_the_merged_update(tiny_sd
 
 def test_cli_user_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     out = tmp_path / "expert"
-    code = main(["--config", "tiny-sd3", "--reward", "brightness", "--base", "tiny:sd3", "--out", str(out),
-                 "--set", "train.lrr=1"])
+    code = main(
+        [
+            "--config",
+            "tiny-sd3",
+            "--reward",
+            "brightness",
+            "--base",
+            "tiny:sd3",
+            "--out",
+            str(out),
+            "--set",
+            "train.lrr=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "unknown config key 'train.lrr'" in err and "Traceback" not in err
     assert not out.exists()

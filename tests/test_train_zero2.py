@@ -33,9 +33,29 @@ SETS = ["sample.resolution=32", "train.checkpoint_every=2"]
 
 def _cmd(base: str, out: Path, deepspeed: str, port: int) -> list[str]:
     sets = [*SETS, f"train.deepspeed={deepspeed}"]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-            "-m", "mrlora.train", "--config", "tiny-flux", "--reward", "brightness", "--base", base, "--out", str(out),
-            "--steps", str(STEPS), "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "mrlora.train",
+        "--config",
+        "tiny-flux",
+        "--reward",
+        "brightness",
+        "--base",
+        base,
+        "--out",
+        str(out),
+        "--steps",
+        str(STEPS),
+        "--no-progress",
+        *[a for s in sets for a in ("--set", s)],
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +132,18 @@ def test_zero2_resume_is_bit_identical(zero2_run, tiny_flux_dir, tmp_path, env):
     _run(cmd, env)
     # it continued from checkpoint-2 (a restart from scratch would end identical too, but rewrite steps 1-2)
     assert read_metrics(out)[:2] == before
-    for rel in (f"checkpoint-{STEPS}/adapter_model.safetensors", f"checkpoint-{STEPS}/ema.safetensors",
-                "adapter/adapter_model.safetensors"):
+    for rel in (
+        f"checkpoint-{STEPS}/adapter_model.safetensors",
+        f"checkpoint-{STEPS}/ema.safetensors",
+        "adapter/adapter_model.safetensors",
+    ):
         a, b = load_file(str(zero2_run / rel)), load_file(str(out / rel))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{rel} differs after the resume"
     keep = ("step", "reward_mean", "loss", "kl", "grad_norm")
-    assert [{k: r[k] for k in keep} for r in read_metrics(out)] == \
-        [{k: r[k] for k in keep} for r in read_metrics(zero2_run)]
+    assert [{k: r[k] for k in keep} for r in read_metrics(out)] == [
+        {k: r[k] for k in keep} for r in read_metrics(zero2_run)
+    ]
 
 
 @pytest.mark.slow
@@ -135,8 +159,9 @@ def test_zero2_matches_ddp(zero2_run, tiny_flux_dir, tmp_path, env):
     for k in ddp:
         torch.testing.assert_close(zero[k], ddp[k], rtol=1e-4, atol=1e-5)
     keep = ("step", "reward_mean", "loss")
-    assert [{k: r[k] for k in keep} for r in read_metrics(out)][:1] == \
-        [{k: r[k] for k in keep} for r in read_metrics(zero2_run)][:1]  # the same first step, sampled alike
+    assert [{k: r[k] for k in keep} for r in read_metrics(out)][:1] == [
+        {k: r[k] for k in keep} for r in read_metrics(zero2_run)
+    ][:1]  # the same first step, sampled alike
 
 
 def test_extension_cache_follows_mrlora_cache(monkeypatch, tmp_path):

@@ -51,7 +51,16 @@ def tiny_run(tmp_path: Path, base: str, overrides: list[str], executor: str = "l
 
     cfg = load_config("tiny-sd3", [f"model.pretrained={base}", *overrides])
     run = RunDir.create(tmp_path / "runs", "tiny-sd3")
-    run.write_run_json({"run_ts": run.run_ts, "model": "tiny-sd3", "created": dt.datetime.now().isoformat(),
-                        "code_version": "test", "config": config_to_dict(cfg), "cluster": {}, "executor": executor,
-                        "history": []})
+    run.write_run_json(
+        {
+            "run_ts": run.run_ts,
+            "model": "tiny-sd3",
+            "created": dt.datetime.now().isoformat(),
+            "code_version": "test",
+            "config": config_to_dict(cfg),
+            "cluster": {},
+            "executor": executor,
+            "history": [],
+        }
+    )
     return run

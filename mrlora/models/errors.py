@@ -1,6 +1,7 @@
 """Model errors, torch-free so the login-node launcher can catch and print them without heavy imports."""
 
 from __future__ import annotations
+
 from mrlora.cli import UserError
 
 

@@ -97,7 +97,9 @@ def resolve_model(spec: str) -> str:
     if spec.startswith("tiny:"):
         arch = spec.split(":", 1)[1]
         if arch not in TINY_ARCHS:
-            raise UnknownArchError(f"unknown tiny model {spec!r}; use one of {', '.join('tiny:' + a for a in TINY_ARCHS)}")
+            raise UnknownArchError(
+                f"unknown tiny model {spec!r}; use one of {', '.join('tiny:' + a for a in TINY_ARCHS)}"
+            )
         return str(ensure_tiny(arch))
     if _HUB_ID.match(spec) and not local.exists():
         return _resolve_hub(spec)
@@ -129,8 +131,10 @@ def _resolve_hub(repo_id: str) -> str:
             f"hub model {repo_id!r} does not exist (or needs a login); check the id, or {_download_hint(repo_id)}"
         ) from exc
     except LocalEntryNotFoundError as exc:
-        why = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if offline else (
-            "it is not in the local Hugging Face cache and the hub is unreachable"
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+            if offline
+            else ("it is not in the local Hugging Face cache and the hub is unreachable")
         )
         raise ModelNotFoundError(f"hub model {repo_id!r} is not available: {why}; {_download_hint(repo_id)}") from exc
 
@@ -156,8 +160,10 @@ def ensure_tiny(arch: str, seed: int = 0) -> Path:
             _break_lock(lock)  # its holder died: take over (retry the O_EXCL create at once)
             continue
         if time.monotonic() > deadline and not builder:
-            raise TinyBuildError(f"waited {_TINY_LOCK_TIMEOUT_S:.0f} s for rank 0 to build {out}; is rank 0 "
-                                 f"loading the same tiny:{arch} model?")
+            raise TinyBuildError(
+                f"waited {_TINY_LOCK_TIMEOUT_S:.0f} s for rank 0 to build {out}; is rank 0 "
+                f"loading the same tiny:{arch} model?"
+            )
         if time.monotonic() > deadline:
             # The holder is alive but hung: building anyway is safe, the atomic rename decides the winner.
             return build_tiny(arch, out, seed=seed, replace_incomplete=True)

@@ -68,8 +68,11 @@ def block_linear_names(transformer: Any, suffixes, arch_hint: str | None = None)
                 break
     missing = [s for s in suffixes if s not in used]
     if missing:
-        hint = f"is model.arch={arch_hint!r} right for this checkpoint?" if arch_hint else \
-            "check lora.target_modules against the transformer's layer names"
+        hint = (
+            f"is model.arch={arch_hint!r} right for this checkpoint?"
+            if arch_hint
+            else "check lora.target_modules against the transformer's layer names"
+        )
         raise UnknownArchError(
             f"{type(transformer).__name__} has no layers named {', '.join(missing)} inside its blocks; {hint}"
         )

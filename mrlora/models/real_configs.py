@@ -46,28 +46,56 @@ FLUX_DEV_TRANSFORMER = {
 
 # openai/clip-vit-large-patch14's text tower (SD3.5 text_encoder, FLUX text_encoder).
 CLIP_L = {
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768, "hidden_act": "quick_gelu",
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
 }
 # laion CLIP-ViT-bigG-14's text tower (SD3.5 text_encoder_2).
 CLIP_G = {
-    "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-    "num_attention_heads": 20, "max_position_embeddings": 77, "projection_dim": 1280, "hidden_act": "gelu",
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
 }
 # google/t5-v1_1-xxl's encoder (SD3.5 text_encoder_3, FLUX text_encoder_2).
 T5_XXL = {
-    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
 }
 
 
 def _vae(scaling: float, shift: float) -> dict:
     return {
-        "in_channels": 3, "out_channels": 3, "latent_channels": 16,
-        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
-        "sample_size": 1024, "scaling_factor": scaling, "shift_factor": shift,
-        "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 16,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": 1024,
+        "scaling_factor": scaling,
+        "shift_factor": shift,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "mid_block_add_attention": True,
     }
 
 

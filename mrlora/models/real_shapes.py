@@ -47,8 +47,9 @@ SHARD_BYTES = 2 * 10**9
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
-def transformer_config(arch: str, layers: int | None = None, double_layers: int | None = None,
-                       single_layers: int | None = None) -> dict:
+def transformer_config(
+    arch: str, layers: int | None = None, double_layers: int | None = None, single_layers: int | None = None
+) -> dict:
     """The published transformer config, optionally shallower (same widths; SD3's block roles kept).
 
     SD3: ``layers`` blocks; the dual-attention blocks are the published ones that still exist, never the last
@@ -76,6 +77,7 @@ def transformer_config(arch: str, layers: int | None = None, double_layers: int 
 
 # --------------------------------------------------------------------------------------------- the transformer
 
+
 def _units(model: Any) -> Iterator[tuple[str, Any]]:
     """(prefix, module) in state_dict order: each block on its own, every other top-level module whole."""
     import torch
@@ -102,8 +104,11 @@ def _materialise(unit: Any) -> None:
             if not own:
                 continue
             for key, param in own.items():
-                setattr(module, key, torch.nn.Parameter(torch.empty_like(param, device="cpu"),
-                                                        requires_grad=param.requires_grad))
+                setattr(
+                    module,
+                    key,
+                    torch.nn.Parameter(torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad),
+                )
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
             else:
@@ -179,21 +184,33 @@ def write_transformer(arch: str, config: dict, out: Path, dtype: str = "bf16", s
     if any(remaining.values()):
         raise TinyBuildError(f"transformer shards incomplete: {remaining}")
     total = itemsize * sum(_numel(s) for s in shapes.values())
-    (out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": file_of},
-                                                indent=2, sort_keys=True) + "\n")
-    return {"params": sum(_numel(s) for s in shapes.values()), "bytes": total, "shards": len(shards),
-            "largest_unit_params": peak_unit}
+    (out / WEIGHTS_INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": file_of}, indent=2, sort_keys=True) + "\n"
+    )
+    return {
+        "params": sum(_numel(s) for s in shapes.values()),
+        "bytes": total,
+        "shards": len(shards),
+        "largest_unit_params": peak_unit,
+    }
 
 
 # ------------------------------------------------------------------------------------------ the other components
+
 
 def _clip(cls_name: str, real: dict, tokenizer: Any) -> Any:
     import transformers
 
     config = transformers.CLIPTextConfig(
-        **{**real, "vocab_size": TEXT_VOCAB, "num_hidden_layers": TEXT_LAYERS["clip"],
-           "max_position_embeddings": tokenizer.model_max_length},
-        layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **{
+            **real,
+            "vocab_size": TEXT_VOCAB,
+            "num_hidden_layers": TEXT_LAYERS["clip"],
+            "max_position_embeddings": tokenizer.model_max_length,
+        },
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return getattr(transformers, cls_name)(config)
@@ -204,8 +221,12 @@ def _t5(real: dict, tokenizer: Any) -> Any:
 
     config = T5Config(
         **{**real, "vocab_size": TEXT_VOCAB, "num_layers": TEXT_LAYERS["t5"]},
-        dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
     )
     return T5EncoderModel(config)
 
@@ -252,6 +273,7 @@ def _write_components(arch: str, out: Path, dtype: str, seed: int) -> dict[str, 
 
 # ------------------------------------------------------------------------------------------------------- build
 
+
 def read_marker(out: str | os.PathLike[str]) -> dict | None:
     """The marker of a complete real-shape build at ``out``, or None."""
     try:
@@ -262,9 +284,15 @@ def read_marker(out: str | os.PathLike[str]) -> dict | None:
         raise TinyBuildError(f"{Path(out) / MARKER} is unreadable ({exc}); delete {out} and build again") from exc
 
 
-def build_real_shapes(arch: str, out: str | os.PathLike[str], seed: int = 0, dtype: str = "bf16",
-                      layers: int | None = None, double_layers: int | None = None,
-                      single_layers: int | None = None) -> Path:
+def build_real_shapes(
+    arch: str,
+    out: str | os.PathLike[str],
+    seed: int = 0,
+    dtype: str = "bf16",
+    layers: int | None = None,
+    double_layers: int | None = None,
+    single_layers: int | None = None,
+) -> Path:
     """Build the real-shape ``arch`` model into ``out`` (atomically); a complete identical build is reused."""
     import diffusers
 
@@ -272,21 +300,26 @@ def build_real_shapes(arch: str, out: str | os.PathLike[str], seed: int = 0, dty
 
     check_arch(arch)
     if process_group_rank() != 0:
-        raise TinyBuildError("build real-shape models before starting a distributed job: on a rank other than 0 "
-                             "transformers writes no text-encoder weights")
+        raise TinyBuildError(
+            "build real-shape models before starting a distributed job: on a rank other than 0 "
+            "transformers writes no text-encoder weights"
+        )
     config = transformer_config(arch, layers, double_layers, single_layers)
     out = Path(out).expanduser().absolute()
     wanted = {"arch": arch, "seed": seed, "dtype": dtype, "transformer": config}
     marker = read_marker(out)
     if marker is not None:
         if {k: marker.get(k) for k in wanted} != json.loads(json.dumps(wanted)):
-            raise TinyBuildError(f"{out} already holds a different real-shape build ({marker.get('arch')}, "
-                                 f"{marker.get('transformer', {}).get('num_layers')} layers); delete it or choose "
-                                 f"another --out")
+            raise TinyBuildError(
+                f"{out} already holds a different real-shape build ({marker.get('arch')}, "
+                f"{marker.get('transformer', {}).get('num_layers')} layers); delete it or choose "
+                f"another --out"
+            )
         return out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TinyBuildError(f"{out} exists and holds no complete real-shape build (no {MARKER}); delete it or "
-                             f"choose another --out")
+        raise TinyBuildError(
+            f"{out} exists and holds no complete real-shape build (no {MARKER}); delete it or choose another --out"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial_path(out)
     t0 = time.perf_counter()
@@ -313,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mrlora.models.real_shapes",
         description="Write a diffusers model directory with the real SD3.5-M / FLUX.1-dev transformer shapes and "
-                    "random weights (no download; streamed, one block in memory at a time). Text encoders have "
-                    "their real widths but 1-2 layers.",
+        "random weights (no download; streamed, one block in memory at a time). Text encoders have "
+        "their real widths but 1-2 layers.",
     )
     parser.add_argument("--arch", required=True, choices=("sd3", "flux"), help="sd3: SD3.5 Medium; flux: FLUX.1-dev")
     parser.add_argument("--out", required=True, help="output model directory (created atomically)")
@@ -326,8 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     add_version_flag(parser)
     args = parser.parse_args(argv)
     try:
-        path = build_real_shapes(args.arch, args.out, seed=args.seed, dtype=args.dtype, layers=args.layers,
-                                 double_layers=args.double_layers, single_layers=args.single_layers)
+        path = build_real_shapes(
+            args.arch,
+            args.out,
+            seed=args.seed,
+            dtype=args.dtype,
+            layers=args.layers,
+            double_layers=args.double_layers,
+            single_layers=args.single_layers,
+        )
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -208,12 +208,14 @@ def _make_decoder_legible(vae: Any, seed: int, gain: float = 0.5) -> None:
     channels = decoder.conv_in.out_channels
     n = decoder.conv_in.in_channels
     if channels != 2 * n or decoder.conv_norm_out.num_groups != n:
-        raise TinyBuildError(f"the legible decoder needs one GroupNorm group of 2 channels per latent channel, got "
-                             f"{channels} channels in {decoder.conv_norm_out.num_groups} groups for {n} latent "
-                             f"channels")
+        raise TinyBuildError(
+            f"the legible decoder needs one GroupNorm group of 2 channels per latent channel, got "
+            f"{channels} channels in {decoder.conv_norm_out.num_groups} groups for {n} latent "
+            f"channels"
+        )
     generator = torch.Generator().manual_seed(seed)
     mix = torch.randn(n, n, generator=generator)
-    colours = torch.randn(3, n, generator=generator) / n ** 0.5
+    colours = torch.randn(3, n, generator=generator) / n**0.5
     blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
     with torch.no_grad():
         for param in decoder.parameters():
@@ -362,7 +364,7 @@ def _remove_stale_partials(out: Path) -> None:
     for path in siblings:
         if not path.name.startswith(prefix):
             continue
-        parts = path.name[len(prefix):].rsplit("-", 2)  # <host>-<pid>-<token>; host may contain dashes
+        parts = path.name[len(prefix) :].rsplit("-", 2)  # <host>-<pid>-<token>; host may contain dashes
         if len(parts) == 3 and parts[1].isdigit():
             owner_host, pid = parts[0], int(parts[1])
             if owner_host == host:
@@ -420,9 +422,11 @@ def build_tiny(arch: str, out: str | os.PathLike[str], seed: int = 0, replace_in
         return _check_existing(out, marker, arch, seed)
     rank = process_group_rank()
     if rank != 0:
-        raise TinyBuildError(f"cannot build the tiny {arch} model on rank {rank} of a process group (transformers "
-                             f"writes weights only on rank 0); build it before starting the job "
-                             f"(python -m mrlora.models.tiny --arch {arch} --out DIR) or let rank 0 build it")
+        raise TinyBuildError(
+            f"cannot build the tiny {arch} model on rank {rank} of a process group (transformers "
+            f"writes weights only on rank 0); build it before starting the job "
+            f"(python -m mrlora.models.tiny --arch {arch} --out DIR) or let rank 0 build it"
+        )
     if out.exists():
         if not out.is_dir():
             raise TinyBuildError(f"{out} exists and is not a directory; choose another output path")

@@ -43,8 +43,15 @@ _LAZY = {
     "generate_with_tokens": "mrlora.rate.generate",
 }
 
-__all__ = ["RateError", "TeacherMismatchError", "TokenExistsError", "TokenFileError", "TokenSpecError",
-           "UnknownTokenError", *_LAZY]
+__all__ = [
+    "RateError",
+    "TeacherMismatchError",
+    "TokenExistsError",
+    "TokenFileError",
+    "TokenSpecError",
+    "UnknownTokenError",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -18,8 +18,11 @@ from mrlora.cli import EXIT_INTERRUPTED, add_version_flag, run_cli
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True,
-                   help="base model: a diffusers directory, hub id, preset (sd35m, flux, tiny-sd3) or tiny:sd3/tiny:flux")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="base model: a diffusers directory, hub id, preset (sd35m, flux, tiny-sd3) or tiny:sd3/tiny:flux",
+    )
     p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 (default), bf16 or fp16")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
@@ -28,8 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mrlora.rate",
-                                     description="RaTE: reward-aware token embeddings distilled from LoRA experts.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mrlora.rate", description="RaTE: reward-aware token embeddings distilled from LoRA experts."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("distill", help="distil one expert LoRA into one new token (one embedding per text encoder)")
@@ -37,17 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", required=True, help="expert adapter dir (adapter_model.safetensors, mrlora.json, ...)")
     d.add_argument("--token", required=True, help="the new token string, e.g. '<ocr>' (must not be in the vocabulary)")
     d.add_argument("--out", required=True, help="output dir: checkpoints, metrics.jsonl, token.safetensors, DONE.json")
-    d.add_argument("--prompts", default="gen:simple:64",
-                   help="prompt file (one per line, or GenEval .jsonl) or gen:<kind>:<n> (default gen:simple:64)")
-    d.add_argument("--base-id", default=None,
-                   help="identity of --base to compare with the expert's mrlora.json 'base' (default: --base itself)")
+    d.add_argument(
+        "--prompts",
+        default="gen:simple:64",
+        help="prompt file (one per line, or GenEval .jsonl) or gen:<kind>:<n> (default gen:simple:64)",
+    )
+    d.add_argument(
+        "--base-id",
+        default=None,
+        help="identity of --base to compare with the expert's mrlora.json 'base' (default: --base itself)",
+    )
     d.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
     d.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (default 5e-3)")
-    d.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the token vectors (default 0)")
+    d.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW weight decay on the token vectors (default 0)"
+    )
     d.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping, 0 = off (default)")
     d.add_argument("--batch-size", type=int, default=4, help="samples per process per step (default 4)")
-    d.add_argument("--teacher-sample-steps", dest="teacher_steps", type=int, default=None,
-                   help="teacher ODE sampling steps (default: sd3 40, flux 28)")
+    d.add_argument(
+        "--teacher-sample-steps",
+        dest="teacher_steps",
+        type=int,
+        default=None,
+        help="teacher ODE sampling steps (default: sd3 40, flux 28)",
+    )
     d.add_argument("--teacher-steps", dest="teacher_steps", type=int, help=argparse.SUPPRESS)  # the old spelling
     d.add_argument("--teacher-reuse", type=int, default=1, help="steps sharing one teacher batch (default 1)")
     d.add_argument("--logit-mean", type=float, default=0.0, help="mean of the logit-normal s (default 0)")
@@ -62,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the prompt (tokens are appended to it)")
     g.add_argument("--out", required=True, help="output image path (.png, .jpg, .webp)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    g.add_argument("--sample-steps", dest="steps", type=int, default=None,
-                   help="ODE sampling steps (default: sd3 40, flux 28)")
+    g.add_argument(
+        "--sample-steps", dest="steps", type=int, default=None, help="ODE sampling steps (default: sd3 40, flux 28)"
+    )
     g.add_argument("--steps", dest="steps", type=int, help=argparse.SUPPRESS)  # the old spelling
     return parser
 
@@ -100,17 +118,36 @@ def run_distill(args) -> int:
     check_token_is_new(pipe, args.token)
     expert = attach_expert(pipe.transformer, args.teacher, arch, args.base, args.base_id)
     settings = DistillSettings(
-        token=args.token, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, batch_size=args.batch_size,
-        teacher_steps=args.teacher_steps or ARCH_DEFAULTS[arch]["steps"], teacher_reuse=args.teacher_reuse,
-        guidance_scale=args.guidance_scale if args.guidance_scale is not None else ARCH_DEFAULTS[arch]["guidance_scale"],
-        resolution=_resolution(pipe, args.resolution), max_sequence_length=args.max_sequence_length,
-        logit_mean=args.logit_mean, logit_std=args.logit_std, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        token=args.token,
+        steps=args.steps,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        batch_size=args.batch_size,
+        teacher_steps=args.teacher_steps or ARCH_DEFAULTS[arch]["steps"],
+        teacher_reuse=args.teacher_reuse,
+        guidance_scale=args.guidance_scale
+        if args.guidance_scale is not None
+        else ARCH_DEFAULTS[arch]["guidance_scale"],
+        resolution=_resolution(pipe, args.resolution),
+        max_sequence_length=args.max_sequence_length,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
     ).validate()
     group = init_process_group()
     try:
-        result = distill_token(pipe, prompts, settings, args.out, expert=expert, base_id=args.base_id or args.base,
-                               group=group, log=lambda m: print(m, file=sys.stderr))
+        result = distill_token(
+            pipe,
+            prompts,
+            settings,
+            args.out,
+            expert=expert,
+            base_id=args.base_id or args.base,
+            group=group,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     finally:
         group.close()
     if group.is_main:
@@ -126,8 +163,8 @@ def run_generate(args) -> int:
 
     tokens = [load_token(p) for p in args.tokens]  # fail on a bad file before loading the model
     if args.spec:
-        from mrlora.rate.spec import parse_token_spec
         from mrlora.rate.errors import UnknownTokenError
+        from mrlora.rate.spec import parse_token_spec
 
         names = {t.token for t in tokens}
         unknown = [i.token for i in parse_token_spec(args.spec) if i.token not in names]
@@ -139,9 +176,17 @@ def run_generate(args) -> int:
     pipe = _load(args)
     arch = pipeline_arch(pipe)
     images = generate_with_tokens(
-        pipe, tokens, args.spec, [args.prompt], seeds=[args.seed], steps=args.steps or ARCH_DEFAULTS[arch]["steps"],
-        guidance_scale=args.guidance_scale if args.guidance_scale is not None else ARCH_DEFAULTS[arch]["guidance_scale"],
-        resolution=_resolution(pipe, args.resolution), max_sequence_length=args.max_sequence_length,
+        pipe,
+        tokens,
+        args.spec,
+        [args.prompt],
+        seeds=[args.seed],
+        steps=args.steps or ARCH_DEFAULTS[arch]["steps"],
+        guidance_scale=args.guidance_scale
+        if args.guidance_scale is not None
+        else ARCH_DEFAULTS[arch]["guidance_scale"],
+        resolution=_resolution(pipe, args.resolution),
+        max_sequence_length=args.max_sequence_length,
     )
     print(save_image(images[0], args.out))
     return 0

@@ -82,7 +82,9 @@ def apply_token_spec(
     pipeline as usual (calling again with another spec re-scales the rows, so one pipeline serves every mix).
     """
     items = parse_token_spec(spec)
-    pending = [t for t in _as_token_list(tokens) if not (isinstance(t, RateToken) and loaded_tokens(pipe).get(t.token) is t)]
+    pending = [
+        t for t in _as_token_list(tokens) if not (isinstance(t, RateToken) and loaded_tokens(pipe).get(t.token) is t)
+    ]
     if pending:
         load_tokens(pipe, pending)
     loaded = loaded_tokens(pipe)

@@ -75,11 +75,11 @@ class DistillSettings:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
-    max_grad_norm: float = 0.0      # 0: no clipping
-    batch_size: int = 4             # samples per process per step
-    teacher_steps: int = 20         # ODE steps of the teacher's sampling
-    teacher_reuse: int = 1          # steps that share one teacher batch (fresh noise and s every step)
-    guidance_scale: float = 4.5     # teacher CFG (FLUX: the guidance embedding, also given to the student)
+    max_grad_norm: float = 0.0  # 0: no clipping
+    batch_size: int = 4  # samples per process per step
+    teacher_steps: int = 20  # ODE steps of the teacher's sampling
+    teacher_reuse: int = 1  # steps that share one teacher batch (fresh noise and s every step)
+    guidance_scale: float = 4.5  # teacher CFG (FLUX: the guidance embedding, also given to the student)
     resolution: int = 512
     max_sequence_length: int = 256
     logit_mean: float = 0.0
@@ -188,8 +188,9 @@ def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
     for step, path in reversed(complete_checkpoints(out_dir)):
         if read_marker(path, CHECKPOINT_MARKER, verify="sha256") is not None:
             return step, path
-        print(f"[rate] {path} fails its checksums (damaged after it was written); resuming from an older one",
-              flush=True)
+        print(
+            f"[rate] {path} fails its checksums (damaged after it was written); resuming from an older one", flush=True
+        )
     return None
 
 
@@ -260,14 +261,16 @@ def distill_token(
     if done is not None:
         log(f"{out_dir} is already complete ({DONE_MARKER}); nothing to do")
         load_tokens(pipe, [out_dir / TOKEN_FILE])
-        return DistillResult(out_dir / TOKEN_FILE, int(done.get("steps", settings.steps)), done.get("final_loss"),
-                             done=done)
+        return DistillResult(
+            out_dir / TOKEN_FILE, int(done.get("steps", settings.steps)), done.get("final_loss"), done=done
+        )
     # one writer per token directory, even for a job started twice; released once DONE.json is written
     claim = acquire_on_main(out_dir, f"RaTE {token}", group.is_main, group.any)
     if group.any(read_marker(out_dir, DONE_MARKER) is not None):
         release_claim(claim)  # finished by the writer that held the claim until a moment ago
-        return distill_token(pipe, prompts, settings, out_dir, expert=expert, base_id=base_id, group=group,
-                             info=info, log=log)
+        return distill_token(
+            pipe, prompts, settings, out_dir, expert=expert, base_id=base_id, group=group, info=info, log=log
+        )
 
     arch = pipeline_arch(pipe)
     check_token_is_new(pipe, token)
@@ -286,8 +289,9 @@ def distill_token(
         for s in slots
     }
     params = [vectors[s.name] for s in slots]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2),
-                                  weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2), weight_decay=settings.weight_decay
+    )
 
     start, resumed_from = 0, None
     latest = latest_checkpoint(out_dir)
@@ -315,8 +319,11 @@ def distill_token(
 
     def make_token(step: int) -> RateToken:
         return RateToken(
-            token=token, arch=arch, vectors={n: p.detach().reshape(1, -1).clone() for n, p in vectors.items()},
-            base=base_id, reward=expert.reward,
+            token=token,
+            arch=arch,
+            vectors={n: p.detach().reshape(1, -1).clone() for n, p in vectors.items()},
+            base=base_id,
+            reward=expert.reward,
             info={"teacher": str(expert.path), "steps": step, "settings": asdict(settings), **(info or {})},
         )
 
@@ -352,9 +359,17 @@ def distill_token(
                     seeds = torch.randint(0, 2**62, (n_global,), generator=g).tolist()[mine]
                     batch_prompts = [prompts[i] for i in chosen]
                     set_teacher(transformer, True)
-                    result = sample(pipe, batch_prompts, seeds=seeds, num_steps=settings.teacher_steps,
-                                    guidance_scale=settings.guidance_scale, resolution=settings.resolution,
-                                    noise_level=0.0, max_sequence_length=settings.max_sequence_length, decode=False)
+                    result = sample(
+                        pipe,
+                        batch_prompts,
+                        seeds=seeds,
+                        num_steps=settings.teacher_steps,
+                        guidance_scale=settings.guidance_scale,
+                        resolution=settings.resolution,
+                        noise_level=0.0,
+                        max_sequence_length=settings.max_sequence_length,
+                        decode=False,
+                    )
                     teacher_cache = (batch_index, result.latents[:, -1].float(), batch_prompts)
                 _, x0, batch_prompts = teacher_cache
                 t_teacher = time.perf_counter() - t0
@@ -363,9 +378,20 @@ def distill_token(
                 set_teacher(transformer, False)
                 g = _generator(settings.seed, _PURPOSE_NOISE, step)
                 noise = torch.randn((n_global, *x0.shape[1:]), generator=g)[mine]
-                s = torch.sigmoid(torch.randn((n_global,), generator=g) * settings.logit_std + settings.logit_mean)[mine]
-                loss = flow_matching_loss(pipe, token, vectors, x0, batch_prompts, noise, s, settings.guidance_scale,
-                                          settings.max_sequence_length)
+                s = torch.sigmoid(torch.randn((n_global,), generator=g) * settings.logit_std + settings.logit_mean)[
+                    mine
+                ]
+                loss = flow_matching_loss(
+                    pipe,
+                    token,
+                    vectors,
+                    x0,
+                    batch_prompts,
+                    noise,
+                    s,
+                    settings.guidance_scale,
+                    settings.max_sequence_length,
+                )
                 optimizer.zero_grad(set_to_none=False)
                 loss.backward()
                 for p in params:
@@ -384,14 +410,26 @@ def distill_token(
                     )
                 losses.append(mean_loss)
                 done_steps = step + 1
-                metrics.log({"step": done_steps, "loss": mean_loss, "grad_norm": grad_norm, "s_mean": float(s.mean()),
-                             "teacher_s": round(t_teacher, 4), "step_s": round(time.perf_counter() - t0, 4),
-                             **{f"norm_{n}": float(p.detach().norm()) for n, p in vectors.items()}})
+                metrics.log(
+                    {
+                        "step": done_steps,
+                        "loss": mean_loss,
+                        "grad_norm": grad_norm,
+                        "s_mean": float(s.mean()),
+                        "teacher_s": round(t_teacher, 4),
+                        "step_s": round(time.perf_counter() - t0, 4),
+                        **{f"norm_{n}": float(p.detach().norm()) for n, p in vectors.items()},
+                    }
+                )
                 if done_steps < settings.steps and group.any(stop.requested):
                     path = checkpoint(done_steps)
                     log(f"stop signal received: checkpoint {path} written after step {done_steps}; requeue to continue")
                     raise Preempted(done_steps, str(path))
-                if settings.checkpoint_every and done_steps % settings.checkpoint_every == 0 and done_steps < settings.steps:
+                if (
+                    settings.checkpoint_every
+                    and done_steps % settings.checkpoint_every == 0
+                    and done_steps < settings.steps
+                ):
                     checkpoint(done_steps)
     except BaseException:
         release_claim(claim)
@@ -405,12 +443,22 @@ def distill_token(
     done_marker = None
     if group.is_main:
         save_token(final, out_dir / TOKEN_FILE)
-        done_marker = write_marker(out_dir, DONE_MARKER, extra={
-            "status": "ok", "token": token, "reward": expert.reward, "steps": settings.steps,
-            "final_loss": losses[-1] if losses else None, "world_size": group.world_size,
-            "resumed_from": resumed_from,
-        }, checksums=True)
+        done_marker = write_marker(
+            out_dir,
+            DONE_MARKER,
+            extra={
+                "status": "ok",
+                "token": token,
+                "reward": expert.reward,
+                "steps": settings.steps,
+                "final_loss": losses[-1] if losses else None,
+                "world_size": group.world_size,
+                "resumed_from": resumed_from,
+            },
+            checksums=True,
+        )
     group.barrier()
     release_claim(claim)
-    return DistillResult(out_dir / TOKEN_FILE, settings.steps, losses[-1] if losses else None, losses,
-                         resumed_from, done_marker)
+    return DistillResult(
+        out_dir / TOKEN_FILE, settings.steps, losses[-1] if losses else None, losses, resumed_from, done_marker
+    )

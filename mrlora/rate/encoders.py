@@ -65,7 +65,9 @@ def encoder_slots(pipe: Any) -> list[EncoderSlot]:
 
 
 def embedding_dims(pipe: Any) -> dict[str, int]:
-    return {s.name: int(getattr(pipe, s.encoder_attr).get_input_embeddings().weight.shape[1]) for s in encoder_slots(pipe)}
+    return {
+        s.name: int(getattr(pipe, s.encoder_attr).get_input_embeddings().weight.shape[1]) for s in encoder_slots(pipe)
+    }
 
 
 def validate_token_string(token: str) -> str:

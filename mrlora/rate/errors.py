@@ -4,6 +4,7 @@ Every message names what is wrong and what to do next; the CLI prints it and exi
 """
 
 from __future__ import annotations
+
 from mrlora.cli import UserError
 
 

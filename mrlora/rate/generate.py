@@ -33,8 +33,17 @@ def generate_with_tokens(
     from mrlora.sampling import sample
 
     full = apply_token_spec(pipe, tokens, spec, list(prompts))
-    result = sample(pipe, full, seeds=list(seeds), num_steps=steps, guidance_scale=guidance_scale,
-                    resolution=resolution, noise_level=0.0, max_sequence_length=max_sequence_length, decode=True)
+    result = sample(
+        pipe,
+        full,
+        seeds=list(seeds),
+        num_steps=steps,
+        guidance_scale=guidance_scale,
+        resolution=resolution,
+        noise_level=0.0,
+        max_sequence_length=max_sequence_length,
+        decode=True,
+    )
     return result.images
 
 

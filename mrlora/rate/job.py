@@ -60,8 +60,9 @@ def settings_for_run(cfg: Any, reward: str, token: str, overrides: dict[str, Any
     return DistillSettings(**values).validate()
 
 
-def distill_in_run(run_root: str, cycle: int, reward: str, token: str | None = None,
-                   overrides: dict[str, Any] | None = None) -> dict:
+def distill_in_run(
+    run_root: str, cycle: int, reward: str, token: str | None = None, overrides: dict[str, Any] | None = None
+) -> dict:
     """Distil expert ``cycle_XXXX/<reward>/adapter`` into ``token`` (default ``<reward>``); return DONE's content.
 
     ``overrides``: DistillSettings fields (``steps``, ``lr``, ``checkpoint_every``, ...) over the config's.
@@ -99,7 +100,13 @@ def distill_in_run(run_root: str, cycle: int, reward: str, token: str | None = N
         expert = attach_expert(pipe.transformer, run.adapter_dir(cycle, reward), cfg.model.arch, cfg.model.pretrained)
         prompts = [item.prompt for item in load_prompt_source(cfg.prompts[reward], seed=int(cfg.seed))]
         result = distill_token(
-            pipe, prompts, settings, out, expert=expert, base_id=cfg.model.pretrained, group=group,
+            pipe,
+            prompts,
+            settings,
+            out,
+            expert=expert,
+            base_id=cfg.model.pretrained,
+            group=group,
             info={"run": str(run.root), "cycle": cycle, "base_updates": [str(u) for u in updates]},
         )
     finally:

@@ -37,7 +37,9 @@ def parse_token_spec(spec: str) -> list[SpecItem]:
                 raise TokenSpecError(f"token spec {spec!r} gives two counts for {items[-1].token!r}")
             count = int(word)
             if count < 1:
-                raise TokenSpecError(f"token spec {spec!r}: the count of {items[-1].token!r} must be >= 1 (drop the token instead)")
+                raise TokenSpecError(
+                    f"token spec {spec!r}: the count of {items[-1].token!r} must be >= 1 (drop the token instead)"
+                )
             items[-1] = SpecItem(items[-1].token, count, items[-1].scale)
             counted.add(len(items) - 1)
             continue

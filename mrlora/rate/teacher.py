@@ -96,8 +96,14 @@ def same_base(recorded: str, base_spec: str) -> bool:
     return False
 
 
-def check_expert(info: ExpertInfo, state: dict[str, torch.Tensor], transformer: Any, arch: str, base_spec: str,
-                 base_id: str | None = None) -> None:
+def check_expert(
+    info: ExpertInfo,
+    state: dict[str, torch.Tensor],
+    transformer: Any,
+    arch: str,
+    base_spec: str,
+    base_id: str | None = None,
+) -> None:
     """Raise ``TeacherMismatchError`` unless the expert was trained on this base and fits its modules."""
     if info.arch and info.arch != arch:
         raise TeacherMismatchError(
@@ -119,16 +125,22 @@ def check_expert(info: ExpertInfo, state: dict[str, torch.Tensor], transformer: 
                 f"the expert belongs to another base"
             )
         a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features \
-                or a.shape[0] != b.shape[1]:
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or a.shape[1] != layer.in_features
+            or b.shape[0] != layer.out_features
+            or a.shape[0] != b.shape[1]
+        ):
             raise TeacherMismatchError(
                 f"expert {info.path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do not fit "
                 f"a {layer.in_features} -> {layer.out_features} layer; the expert was trained on another base"
             )
 
 
-def attach_expert(transformer: Any, expert_dir: str | Path, arch: str, base_spec: str,
-                  base_id: str | None = None) -> ExpertInfo:
+def attach_expert(
+    transformer: Any, expert_dir: str | Path, arch: str, base_spec: str, base_id: str | None = None
+) -> ExpertInfo:
     """Check the expert against ``transformer`` and attach it (enabled) as peft adapter ``rate_teacher``."""
     from peft import LoraConfig, set_peft_model_state_dict
 
@@ -147,10 +159,14 @@ def attach_expert(transformer: Any, expert_dir: str | Path, arch: str, base_spec
     )
     transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
     dtype = next(transformer.parameters()).dtype
-    result = set_peft_model_state_dict(transformer, {k: v.to(dtype) for k, v in state.items()}, adapter_name=ADAPTER_NAME)
+    result = set_peft_model_state_dict(
+        transformer, {k: v.to(dtype) for k, v in state.items()}, adapter_name=ADAPTER_NAME
+    )
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
     if unexpected:
-        raise TeacherMismatchError(f"expert {info.path}: peft did not place {unexpected[:3]}; the adapter format is off")
+        raise TeacherMismatchError(
+            f"expert {info.path}: peft did not place {unexpected[:3]}; the adapter format is off"
+        )
     transformer.set_adapter(ADAPTER_NAME)
     for p in transformer.parameters():
         p.requires_grad_(False)

@@ -50,7 +50,9 @@ def save_token(token: RateToken, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {name: v.detach().to("cpu", torch.float32).reshape(1, -1).contiguous() for name, v in token.vectors.items()}
+    tensors = {
+        name: v.detach().to("cpu", torch.float32).reshape(1, -1).contiguous() for name, v in token.vectors.items()
+    }
     metadata = {
         "format": FORMAT,
         "version": str(VERSION),
@@ -95,7 +97,9 @@ def load_token(path: str | Path) -> RateToken:
         raise TokenFileError(f"{path}: metadata lists encoders {encoders} but the file holds {sorted(tensors)}")
     for name in encoders:
         if tensors[name].ndim != 2 or int(tensors[name].shape[-1]) != int(dims.get(name, -1)):
-            raise TokenFileError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, metadata dim {dims.get(name)}")
+            raise TokenFileError(
+                f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, metadata dim {dims.get(name)}"
+            )
     return RateToken(
         token=token,
         arch=arch,

@@ -9,8 +9,15 @@ function behind ``python -m mrlora.merge``).
 """
 
 from mrlora.reduce.adapters import ExpertAdapter, LoraPair, read_expert_adapter, save_expert_adapter
-from mrlora.reduce.errors import (AdapterError, ArchMismatchError, CorruptSafetensorsError, OutputExistsError,
-                                  ReduceError, ShapeMismatchError, WeightsError)
+from mrlora.reduce.errors import (
+    AdapterError,
+    ArchMismatchError,
+    CorruptSafetensorsError,
+    OutputExistsError,
+    ReduceError,
+    ShapeMismatchError,
+    WeightsError,
+)
 from mrlora.reduce.exact import ReducedUpdate, reduce_exact, reduce_reference
 from mrlora.reduce.export import export_model, export_with_updates
 from mrlora.reduce.job import merge_cycle_in_run, merge_experts
@@ -19,10 +26,31 @@ from mrlora.reduce.store import apply_updates, load_update
 from mrlora.runstore import MapStart, ModelAfter, map_start, model_after, updates_after
 
 __all__ = [
-    "AdapterError", "ArchMismatchError", "CorruptSafetensorsError", "ExpertAdapter", "LoraPair", "MapStart",
-    "ModelAfter", "OutputExistsError", "ReduceError", "ReducedUpdate", "ShapeMismatchError", "WeightsError",
-    "apply_updates", "export_model", "export_with_updates", "load_pipeline_after", "load_transformer_after",
-    "load_update", "map_start",
-    "merge_cycle_in_run", "merge_experts", "model_after",
-    "read_expert_adapter", "reduce_exact", "reduce_reference", "save_expert_adapter", "updates_after",
+    "AdapterError",
+    "ArchMismatchError",
+    "CorruptSafetensorsError",
+    "ExpertAdapter",
+    "LoraPair",
+    "MapStart",
+    "ModelAfter",
+    "OutputExistsError",
+    "ReduceError",
+    "ReducedUpdate",
+    "ShapeMismatchError",
+    "WeightsError",
+    "apply_updates",
+    "export_model",
+    "export_with_updates",
+    "load_pipeline_after",
+    "load_transformer_after",
+    "load_update",
+    "map_start",
+    "merge_cycle_in_run",
+    "merge_experts",
+    "model_after",
+    "read_expert_adapter",
+    "reduce_exact",
+    "reduce_reference",
+    "save_expert_adapter",
+    "updates_after",
 ]

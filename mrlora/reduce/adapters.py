@@ -75,15 +75,22 @@ class ExpertAdapter:
     def summary(self) -> dict[str, Any]:
         ranks = sorted(set(self.ranks.values()))
         scales = sorted({round(p.scale, 9) for p in self.modules.values()})
-        return {"path": str(self.path), "reward": self.reward, "arch": self.arch, "base": self.base,
-                "modules": len(self.modules), "ranks": ranks, "scales": scales}
+        return {
+            "path": str(self.path),
+            "reward": self.reward,
+            "arch": self.arch,
+            "base": self.base,
+            "modules": len(self.modules),
+            "ranks": ranks,
+            "scales": scales,
+        }
 
 
 def module_key(key: str) -> tuple[str, str, str | None] | None:
     """``(module, "A"|"B", adapter_name)`` for a LoRA factor key (any accepted prefix), else None."""
     for prefix in KEY_PREFIXES:
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
             break
     m = _KEY_RE.match(key)
     if not m:
@@ -140,8 +147,11 @@ def adapter_marker_entry(path: Path) -> tuple[dict | None, Path | None]:
     from mrlora.runstore import CHECKPOINT_MARKER, DONE_MARKER, MERGE_MARKER, marker_entry
 
     inside = f"{path.name}/{ADAPTER_WEIGHTS}"
-    for unit, marker, rel in ((path, CHECKPOINT_MARKER, ADAPTER_WEIGHTS), (path.parent, DONE_MARKER, inside),
-                              (path.parent, MERGE_MARKER, inside)):
+    for unit, marker, rel in (
+        (path, CHECKPOINT_MARKER, ADAPTER_WEIGHTS),
+        (path.parent, DONE_MARKER, inside),
+        (path.parent, MERGE_MARKER, inside),
+    ):
         entry = marker_entry(unit, marker, rel)
         if entry is not None:
             return entry, unit
@@ -181,12 +191,16 @@ def read_expert_adapter(path: Path | str) -> ExpertAdapter:
         module, factor, adapter_name = parsed
         names.add(adapter_name)
         if factor in factors.setdefault(module, {}):
-            raise AdapterError(f"{weights}: module {module} has two lora_{factor} tensors (several adapters saved together?)")
+            raise AdapterError(
+                f"{weights}: module {module} has two lora_{factor} tensors (several adapters saved together?)"
+            )
         if tensor.dim() != 2:
             raise ShapeMismatchError(f"{weights}: {key} has shape {list(tensor.shape)}; LoRA factors are matrices")
         factors[module][factor] = tensor.to(torch.float32)
     if len(names) > 1:
-        raise AdapterError(f"{weights} holds several adapters {sorted(map(str, names))}; save one adapter per directory")
+        raise AdapterError(
+            f"{weights} holds several adapters {sorted(map(str, names))}; save one adapter per directory"
+        )
     if not factors:
         raise AdapterError(f"{weights} holds no LoRA factors")
 
@@ -217,8 +231,14 @@ def read_expert_adapter(path: Path | str) -> ExpertAdapter:
                 f"{path / MRLORA_JSON}: scale {meta['scale']} disagrees with adapter_config.json "
                 f"(lora_alpha / r = {expected}); one of the two files belongs to another adapter"
             )
-    return ExpertAdapter(path=path, modules=modules, arch=meta.get("arch"), base=meta.get("base"),
-                         reward=meta.get("reward"), config=config)
+    return ExpertAdapter(
+        path=path,
+        modules=modules,
+        arch=meta.get("arch"),
+        base=meta.get("base"),
+        reward=meta.get("reward"),
+        config=config,
+    )
 
 
 def _config_dict(lora_config: Any) -> dict:
@@ -233,7 +253,7 @@ def _config_dict(lora_config: Any) -> dict:
     def plain(v):
         if isinstance(v, (set, frozenset, tuple)):
             return sorted(v) if isinstance(v, (set, frozenset)) else list(v)
-        if hasattr(v, "value") and isinstance(getattr(v, "value"), str):  # enums such as PeftType.LORA
+        if hasattr(v, "value") and isinstance(v.value, str):  # enums such as PeftType.LORA
             return v.value
         return v
 

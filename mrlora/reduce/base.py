@@ -24,7 +24,7 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 class BaseTransformer:
     """Where a base model's transformer weights are and what they look like."""
 
-    root: Path | None            # the pipeline directory, or None for a bare transformer directory
+    root: Path | None  # the pipeline directory, or None for a bare transformer directory
     transformer_dir: Path
     arch: str
     shards: list[SafetensorsHeader]

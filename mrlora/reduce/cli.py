@@ -21,19 +21,38 @@ def _merge_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mrlora.merge",
         description="Merge LoRA experts exactly: dW = sum_i w_i * (alpha_i/r_i) * B_i A_i per module, stored as "
-                    "one stacked LoRA of rank sum(r_i). `python -m mrlora.merge export --help` for full models.",
+        "one stacked LoRA of rank sum(r_i). `python -m mrlora.merge export --help` for full models.",
     )
-    p.add_argument("--experts", nargs="+", required=True, metavar="DIR",
-                   help="expert adapter directories (adapter_model.safetensors + adapter_config.json + mrlora.json)")
-    p.add_argument("--weights", nargs="+", type=float, metavar="W",
-                   help="one weight per expert, normalised to sum 1 (default: equal weights)")
-    p.add_argument("--out", required=True, help="output directory for update.safetensors/update.json (must be new or empty)")
+    p.add_argument(
+        "--experts",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="expert adapter directories (adapter_model.safetensors + adapter_config.json + mrlora.json)",
+    )
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        metavar="W",
+        help="one weight per expert, normalised to sum 1 (default: equal weights)",
+    )
+    p.add_argument(
+        "--out", required=True, help="output directory for update.safetensors/update.json (must be new or empty)"
+    )
     p.add_argument("--base", help="base model directory: check the experts' architecture and shapes against it")
     p.add_argument("--arch", choices=("sd3", "flux"), help="expected architecture of the experts")
-    p.add_argument("--mode", choices=("exact", "reference"), default="exact",
-                   help="exact (default) or reference: the public code's inexact average of A and B, for ablations")
-    p.add_argument("--allow-negative-weights", action="store_true",
-                   help="accept negative weights (task-arithmetic style); normalised by the sum of |w|")
+    p.add_argument(
+        "--mode",
+        choices=("exact", "reference"),
+        default="exact",
+        help="exact (default) or reference: the public code's inexact average of A and B, for ablations",
+    )
+    p.add_argument(
+        "--allow-negative-weights",
+        action="store_true",
+        help="accept negative weights (task-arithmetic style); normalised by the sum of |w|",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only print errors")
     return p
 
@@ -42,13 +61,15 @@ def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mrlora.merge export",
         description="Write a full diffusers model directory (loadable by from_pretrained) with reduced updates "
-                    "folded into the transformer, streaming tensor by tensor.",
+        "folded into the transformer, streaming tensor by tensor.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (OUT_ROOT/<model>/<RUN_TS>); use with --cycle")
     src.add_argument("--base", help="base model directory; use with --updates")
     p.add_argument("--cycle", type=int, help="export base_0 plus the updates of cycles 1..CYCLE (0: base_0)")
-    p.add_argument("--updates", nargs="+", default=[], metavar="DIR", help="merged update directories to fold in, in order")
+    p.add_argument(
+        "--updates", nargs="+", default=[], metavar="DIR", help="merged update directories to fold in, in order"
+    )
     p.add_argument("--out", required=True, help="output model directory (must not exist or be empty)")
     p.add_argument("-q", "--quiet", action="store_true", help="only print errors")
     return p
@@ -75,15 +96,25 @@ def _main(argv: list[str] | None) -> int:
         if exporting:
             from mrlora.reduce.export import export_model, export_with_updates
 
-            out = export_model(args.run, args.cycle, args.out) if args.run else \
-                export_with_updates(args.base, args.updates, args.out)
+            out = (
+                export_model(args.run, args.cycle, args.out)
+                if args.run
+                else export_with_updates(args.base, args.updates, args.out)
+            )
             print(out)
         else:
             from mrlora.reduce.job import merge_experts
 
             weights = args.weights if args.weights is not None else [1.0] * len(args.experts)
-            marker = merge_experts(args.experts, weights, args.out, base=args.base, mode=args.mode,
-                                   allow_negative_weights=args.allow_negative_weights, arch=args.arch)
+            marker = merge_experts(
+                args.experts,
+                weights,
+                args.out,
+                base=args.base,
+                mode=args.mode,
+                allow_negative_weights=args.allow_negative_weights,
+                arch=args.arch,
+            )
             print(f"{args.out} ({marker['mode']}{'' if marker['exact'] else ', INEXACT'})")
     except ValueError as exc:  # not one of ours: a malformed value the standard library rejected
         print(error_line("mrlora.merge", exc), file=sys.stderr)

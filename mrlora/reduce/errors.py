@@ -6,6 +6,7 @@ and exits with status 2 before anything is written.
 """
 
 from __future__ import annotations
+
 from mrlora.cli import UserError
 
 

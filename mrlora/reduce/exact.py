@@ -37,7 +37,7 @@ class ReducedUpdate:
     """Per module, factors with ``dW = B @ A`` (fp32); plus what produced them."""
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A: R x in, B: out x R)
-    weights: list[float]                                     # normalised
+    weights: list[float]  # normalised
     mode: str
     missing: dict[str, list[str]] = field(default_factory=dict)  # expert path -> modules it does not adapt
 
@@ -62,8 +62,9 @@ def check_weights(weights: list[float], n_experts: int, allow_negative: bool = F
         raise WeightsError(str(exc)) from None
 
 
-def check_experts(experts: list[ExpertAdapter], base: BaseTransformer | None = None,
-                  arch: str | None = None) -> str | None:
+def check_experts(
+    experts: list[ExpertAdapter], base: BaseTransformer | None = None, arch: str | None = None
+) -> str | None:
     """Raise unless the experts agree with each other (arch, module shapes) and with the base; return the arch."""
     archs = {e.arch for e in experts if e.arch}
     if arch:
@@ -109,8 +110,13 @@ def _log_missing(experts: list[ExpertAdapter], modules: list[str]) -> dict[str, 
         absent = [m for m in modules if m not in e.modules]
         if absent:
             missing[str(e.path)] = absent
-            log.warning("expert %s does not adapt %d module(s) the others do (it contributes zero there): %s%s",
-                        e.path, len(absent), ", ".join(absent[:5]), " ..." if len(absent) > 5 else "")
+            log.warning(
+                "expert %s does not adapt %d module(s) the others do (it contributes zero there): %s%s",
+                e.path,
+                len(absent),
+                ", ".join(absent[:5]),
+                " ..." if len(absent) > 5 else "",
+            )
     return missing
 
 

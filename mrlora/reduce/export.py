@@ -27,11 +27,21 @@ import torch
 
 from mrlora.reduce.base import BaseTransformer, open_base, resolve_base
 from mrlora.reduce.errors import ArchMismatchError, OutputExistsError, ShapeMismatchError
-from mrlora.reduce.safetensors_io import DTYPES, OutEntry, StreamingWriter, TensorReader
 from mrlora.reduce.load_model import BASE_TRANSFORMER
+from mrlora.reduce.safetensors_io import DTYPES, OutEntry, StreamingWriter, TensorReader
 from mrlora.reduce.store import load_update, read_update_info
-from mrlora.runstore import (BASE_MARKER, RunDir, atomic_file, damaged_files, fsync_dir, model_after, pid_alive,
-                             read_marker, set_aside_damaged, write_marker)
+from mrlora.runstore import (
+    BASE_MARKER,
+    RunDir,
+    atomic_file,
+    damaged_files,
+    fsync_dir,
+    model_after,
+    pid_alive,
+    read_marker,
+    set_aside_damaged,
+    write_marker,
+)
 
 log = logging.getLogger("mrlora.reduce")
 
@@ -39,7 +49,9 @@ EXPORT_MARKER = "EXPORT_DONE.json"
 _PARTIAL = ".tmp-export-"
 
 
-def _collect_updates(base: BaseTransformer, update_dirs: Sequence[Path]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+def _collect_updates(
+    base: BaseTransformer, update_dirs: Sequence[Path]
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for d in update_dirs:
         info = read_update_info(d)
@@ -50,7 +62,9 @@ def _collect_updates(base: BaseTransformer, update_dirs: Sequence[Path]) -> dict
             if w is None:
                 raise ArchMismatchError(f"{d} updates {module}, which the base {base.transformer_dir} does not have")
             if tuple(w.shape) != (B.shape[0], A.shape[1]):
-                raise ShapeMismatchError(f"{d}: {module} update is {B.shape[0]}x{A.shape[1]}, base weight is {list(w.shape)}")
+                raise ShapeMismatchError(
+                    f"{d}: {module} update is {B.shape[0]}x{A.shape[1]}, base weight is {list(w.shape)}"
+                )
             per_module.setdefault(module, []).append((A, B))
     return per_module
 
@@ -59,7 +73,7 @@ def _remove_stale_partials(out: Path) -> None:
     """Remove hidden build directories of earlier exports to ``out`` whose process is gone."""
     host = socket.gethostname()
     for p in out.parent.glob(f"{_PARTIAL}{out.name}.*"):
-        parts = p.name[len(f"{_PARTIAL}{out.name}."):].split(".")
+        parts = p.name[len(f"{_PARTIAL}{out.name}.") :].split(".")
         if len(parts) >= 3 and parts[-3] == host and parts[-2].isdigit() and not pid_alive(int(parts[-2])):
             shutil.rmtree(p, ignore_errors=True)
 
@@ -98,8 +112,13 @@ def _export_shard(reader: TensorReader, out_path: Path, updates: dict) -> int:
     return written
 
 
-def export_with_updates(base_dir: Path | str, update_dirs: Sequence[Path | str], out: Path | str,
-                        marker_extra: dict | None = None, transformer_dir: Path | str | None = None) -> Path:
+def export_with_updates(
+    base_dir: Path | str,
+    update_dirs: Sequence[Path | str],
+    out: Path | str,
+    marker_extra: dict | None = None,
+    transformer_dir: Path | str | None = None,
+) -> Path:
     """Write ``out``: the model at ``base_dir`` with ``update_dirs`` folded into its transformer.
 
     ``transformer_dir`` (a run's materialised ``cycle_XXXX/base/transformer``) replaces the transformer of
@@ -119,8 +138,9 @@ def export_with_updates(base_dir: Path | str, update_dirs: Sequence[Path | str],
         if same:
             log.info("%s is already a complete export of the same updates", out)
             return out
-        raise OutputExistsError(f"{out} is a complete export of something else ({existing.get('updates')}); "
-                                "choose another --out")
+        raise OutputExistsError(
+            f"{out} is a complete export of something else ({existing.get('updates')}); choose another --out"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputExistsError(f"{out} exists and is not empty; choose a new --out directory")
     updates = _collect_updates(base, update_dirs)
@@ -170,6 +190,11 @@ def export_model(run_root: str, cycle: int, out: str) -> str:
             return export_model(run_root, cycle, out)
         transformer_dir = model.base_dir / BASE_TRANSFORMER
     base_dir = resolve_base(cfg.model.pretrained)
-    path = export_with_updates(base_dir, list(model.update_dirs), out, transformer_dir=transformer_dir,
-                               marker_extra={"run": str(run.root), "cycle": cycle, "base_id": cfg.model.pretrained})
+    path = export_with_updates(
+        base_dir,
+        list(model.update_dirs),
+        out,
+        transformer_dir=transformer_dir,
+        marker_extra={"run": str(run.root), "cycle": cycle, "base_id": cfg.model.pretrained},
+    )
     return str(path)

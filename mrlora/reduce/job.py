@@ -22,9 +22,19 @@ from mrlora.reduce.base import BaseTransformer, open_base, resolve_base
 from mrlora.reduce.errors import OutputExistsError, ReduceError
 from mrlora.reduce.exact import MODES, check_experts, check_weights, reduce_experts
 from mrlora.reduce.store import FORMAT_VERSION, UPDATE_WEIGHTS, write_update
-from mrlora.runstore import (CONTINUE_ADAPTER, MERGE_MARKER, UPDATE_JSON, DamagedFileError, RunDir,
-                             continues_reference_merge, damaged_files, quarantine, read_marker, reset_incomplete_dir,
-                             write_marker)
+from mrlora.runstore import (
+    CONTINUE_ADAPTER,
+    MERGE_MARKER,
+    UPDATE_JSON,
+    DamagedFileError,
+    RunDir,
+    continues_reference_merge,
+    damaged_files,
+    quarantine,
+    read_marker,
+    reset_incomplete_dir,
+    write_marker,
+)
 
 log = logging.getLogger("mrlora.reduce")
 
@@ -115,20 +125,36 @@ def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights
         **(extra_info or {}),
     }
     if not update.exact:
-        info["warning"] = ("inexact: A and B were averaged separately (public reference code); the update is not "
-                           "the weighted average of the experts' updates")
+        info["warning"] = (
+            "inexact: A and B were averaged separately (public reference code); the update is not "
+            "the weighted average of the experts' updates"
+        )
 
     reset_incomplete_dir(out, MERGE_MARKER)
     write_update(out, update.factors, info)
     if averaged is not None:
         first = experts[0]
-        save_expert_adapter({f"{m}.lora_{f}.weight": t for m, (A, B) in averaged.items() for f, t in (("A", A), ("B", B))},
-                            out / CONTINUE_ADAPTER, arch=arch or "", lora_config=first.config,
-                            base=info["base"] or "", reward="reference-merge")
-    marker = write_marker(out, MERGE_MARKER, extra={"mode": mode, "exact": update.exact,
-                                                    "format_version": FORMAT_VERSION})
-    log.info("merged %d experts (%s, weights %s) into %s: %d modules, rank %d, %.2f s", len(experts), mode,
-             [round(w, 4) for w in norm], out, info["modules"], info["rank_total"], time.monotonic() - started)
+        save_expert_adapter(
+            {f"{m}.lora_{f}.weight": t for m, (A, B) in averaged.items() for f, t in (("A", A), ("B", B))},
+            out / CONTINUE_ADAPTER,
+            arch=arch or "",
+            lora_config=first.config,
+            base=info["base"] or "",
+            reward="reference-merge",
+        )
+    marker = write_marker(
+        out, MERGE_MARKER, extra={"mode": mode, "exact": update.exact, "format_version": FORMAT_VERSION}
+    )
+    log.info(
+        "merged %d experts (%s, weights %s) into %s: %d modules, rank %d, %.2f s",
+        len(experts),
+        mode,
+        [round(w, 4) for w in norm],
+        out,
+        info["modules"],
+        info["rank_total"],
+        time.monotonic() - started,
+    )
     return marker
 
 

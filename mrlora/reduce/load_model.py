@@ -18,11 +18,12 @@ from mrlora.runstore import BASE_MARKER, ModelAfter, RunStoreError, read_json, r
 
 log = logging.getLogger("mrlora.reduce")
 
-BASE_TRANSFORMER = "transformer"   # cycle_XXXX/base/transformer/: the model dtype, loadable like base_0's
+BASE_TRANSFORMER = "transformer"  # cycle_XXXX/base/transformer/: the model dtype, loadable like base_0's
 BASE_MASTER = "master.safetensors"  # cycle_XXXX/base/master.safetensors: fp32 adapted weights (merge job only)
 
 
 # ------------------------------------------------------------------------------------------------- loading
+
 
 def base_files(base_dir: Path) -> dict[str, dict]:
     """``{relative path: marker entry}`` of an intact materialised base (RunStoreError when it is not)."""
@@ -96,8 +97,11 @@ def load_transformer_after(model: ModelAfter, spec: str, arch: str, dtype: Any) 
         if model.update_dirs:
             apply_updates(transformer, list(model.update_dirs), torch_dtype(dtype), arch=arch)
     except DamagedFileError as exc:
-        raise quarantine(exc, "run the same command again (a materialised base is rebuilt from the updates) or "
-                              "resume the run (a merge is redone)") from None
+        raise quarantine(
+            exc,
+            "run the same command again (a materialised base is rebuilt from the updates) or "
+            "resume the run (a merge is redone)",
+        ) from None
     log.info("model after cycle %d: %s", model.cycle, model.describe())
     return transformer
 

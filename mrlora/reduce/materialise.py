@@ -36,11 +36,27 @@ import torch
 from mrlora.reduce.base import INDEX_NAME, open_base, resolve_base
 from mrlora.reduce.errors import ReduceError
 from mrlora.reduce.load_model import BASE_MASTER, BASE_TRANSFORMER, base_files
-from mrlora.reduce.safetensors_io import (DTYPE_NAMES, OutEntry, StreamingWriter, TensorReader, iter_verified,
-                                          read_header)
+from mrlora.reduce.safetensors_io import (
+    DTYPE_NAMES,
+    OutEntry,
+    StreamingWriter,
+    TensorReader,
+    iter_verified,
+    read_header,
+)
 from mrlora.reduce.store import UPDATE_WEIGHTS, update_files
-from mrlora.runstore import (BASE_MARKER, DamagedFileError, ModelAfter, RunDir, atomic_file, atomic_write_json,
-                             model_after, reset_incomplete_dir, set_aside_damaged, write_marker)
+from mrlora.runstore import (
+    BASE_MARKER,
+    DamagedFileError,
+    ModelAfter,
+    RunDir,
+    atomic_file,
+    atomic_write_json,
+    model_after,
+    reset_incomplete_dir,
+    set_aside_damaged,
+    write_marker,
+)
 
 log = logging.getLogger("mrlora.reduce")
 
@@ -100,7 +116,7 @@ class _ModuleStream:
             if self._pending is None or _module_of(self._pending[0]) != module:
                 return out
             name, tensor = self._pending
-            out[name[len(module) + 1:]] = tensor
+            out[name[len(module) + 1 :]] = tensor
             self._pending = None
 
     def finish(self) -> None:
@@ -128,8 +144,9 @@ def materialise(run: RunDir, model: ModelAfter, cfg) -> dict:
     sources: list[_ModuleStream] = []
     previous = None
     if model.base_dir is not None:
-        previous = _ModuleStream(model.base_dir / BASE_MASTER, base_files(model.base_dir).get(BASE_MASTER,
-                                 {"size": -1}), model.base_dir)
+        previous = _ModuleStream(
+            model.base_dir / BASE_MASTER, base_files(model.base_dir).get(BASE_MASTER, {"size": -1}), model.base_dir
+        )
     for d in model.update_dirs:
         sources.append(_ModuleStream(d / UPDATE_WEIGHTS, update_files(d).get(UPDATE_WEIGHTS, {"size": -1}), d))
     modules = sorted(set().union(*(s.modules for s in sources), previous.modules if previous else ()))
@@ -142,8 +159,9 @@ def materialise(run: RunDir, model: ModelAfter, cfg) -> dict:
     try:
         entries = [OutEntry(f"{m}.weight", "F32", tuple(base0.weight(m).shape)) for m in modules]
         with atomic_file(out / BASE_MASTER) as tmp:
-            with StreamingWriter(tmp, entries, {"format": "mrlora-master", "cycle": str(cycle)},
-                                 hash_output=True) as writer:
+            with StreamingWriter(
+                tmp, entries, {"format": "mrlora-master", "cycle": str(cycle)}, hash_output=True
+            ) as writer:
                 for m in modules:
                     if previous is not None and m in previous:
                         w32 = previous.take(m)["weight"]
@@ -162,18 +180,33 @@ def materialise(run: RunDir, model: ModelAfter, cfg) -> dict:
     finally:
         for r in readers.values():
             r.close()
-    marker = write_marker(out, BASE_MARKER, digests=digests, extra={
-        "cycle": cycle, "chain": [int(Path(d).parent.name.split("_")[1]) for d in model.chain],
-        "from_base_cycle": model.base_cycle, "updates_folded": len(model.update_dirs), "dtype": str(cfg.model.dtype),
-        "base_id": cfg.model.pretrained, "policy": "fp32 master; transformer/ = master rounded once to dtype",
-    })
-    log.info("materialised the model after cycle %d (%s) into %s in %.1f s", cycle, model.describe(), out,
-             time.monotonic() - started)
+    marker = write_marker(
+        out,
+        BASE_MARKER,
+        digests=digests,
+        extra={
+            "cycle": cycle,
+            "chain": [int(Path(d).parent.name.split("_")[1]) for d in model.chain],
+            "from_base_cycle": model.base_cycle,
+            "updates_folded": len(model.update_dirs),
+            "dtype": str(cfg.model.dtype),
+            "base_id": cfg.model.pretrained,
+            "policy": "fp32 master; transformer/ = master rounded once to dtype",
+        },
+    )
+    log.info(
+        "materialised the model after cycle %d (%s) into %s in %.1f s",
+        cycle,
+        model.describe(),
+        out,
+        time.monotonic() - started,
+    )
     return marker
 
 
-def _write_transformer(base0, readers: dict, out: Path, adapted: set[str], dtype: torch.dtype,
-                       digests: dict[str, str]) -> None:
+def _write_transformer(
+    base0, readers: dict, out: Path, adapted: set[str], dtype: torch.dtype, digests: dict[str, str]
+) -> None:
     """``out/transformer/``: base_0's transformer layout, adapted weights = the master rounded once."""
     tdir = out / BASE_TRANSFORMER
     tdir.mkdir()
@@ -182,6 +215,7 @@ def _write_transformer(base0, readers: dict, out: Path, adapted: set[str], dtype
         tmp.write_bytes(config)
     dtype_name = DTYPE_NAMES[dtype]
     total = 0
+
     def is_adapted(name: str) -> bool:
         return name.endswith(".weight") and name[: -len(".weight")] in adapted
 
@@ -203,4 +237,3 @@ def _write_transformer(base0, readers: dict, out: Path, adapted: set[str], dtype
         data = json.loads(index.read_text(encoding="utf-8"))
         data.setdefault("metadata", {})["total_size"] = total
         atomic_write_json(tdir / INDEX_NAME, data)
-

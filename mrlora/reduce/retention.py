@@ -61,4 +61,3 @@ def prune_step_checkpoints(run: RunDir, cycle: int, rewards: list[str]) -> list[
             shutil.rmtree(p)
             removed.append(p.relative_to(run.root).as_posix())
     return removed
-

@@ -35,12 +35,24 @@ _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 _COPY_CHUNK = 64 << 20
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
+for _name, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
@@ -107,8 +119,9 @@ def read_header(path: Path | str) -> SafetensorsHeader:
     if not isinstance(obj, dict):
         raise bad("header is not a JSON object")
     metadata = obj.pop("__metadata__", None)
-    if metadata is not None and not (isinstance(metadata, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
         raise bad("__metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in obj.items():
@@ -119,7 +132,8 @@ def read_header(path: Path | str) -> SafetensorsHeader:
         if dtype not in DTYPES:
             raise bad(f"tensor {name!r} has unsupported dtype {dtype!r}")
         if not all(isinstance(d, int) and d >= 0 for d in shape) or not (
-                isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
+        ):
             raise bad(f"tensor {name!r} has an invalid shape or offsets")
         if (end - begin) != math.prod(shape) * _itemsize(dtype):
             raise bad(f"tensor {name!r}: {end - begin} bytes for shape {list(shape)} {dtype}")
@@ -180,8 +194,9 @@ def _damaged(path: Path, unit: Path | None, what: str) -> DamagedFileError:
     return DamagedFileError(f"{path} is damaged ({what}); it changed after it was written", path, unit)
 
 
-def iter_verified(path: Path | str, expect: dict | None = None, unit: Path | str | None = None
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_verified(
+    path: Path | str, expect: dict | None = None, unit: Path | str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every tensor of ``path`` in file order, reading the file once, front to back.
 
     With ``expect`` (a marker's ``{"size", "sha256"}`` entry) every byte read is hashed on the way and the file
@@ -218,15 +233,19 @@ def iter_verified(path: Path | str, expect: dict | None = None, unit: Path | str
                     got = fh.readinto(view[done:])
                     if not got:
                         raise CorruptSafetensorsError(
-                            f"{path} ended while reading tensor {info.name!r}; it is truncated")
+                            f"{path} ended while reading tensor {info.name!r}; it is truncated"
+                        )
                     done += got
                 if hasher is not None:
                     if pending is not None:
                         pending.result()
                     pending = hasher.submit(digest.update, buf)
                 dtype = DTYPES[info.dtype]
-                tensor = torch.frombuffer(buf, dtype=dtype).reshape(info.shape) if info.nbytes else \
-                    torch.empty(info.shape, dtype=dtype)
+                tensor = (
+                    torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+                    if info.nbytes
+                    else torch.empty(info.shape, dtype=dtype)
+                )
                 yield info.name, tensor
         if pending is not None:
             pending.result()
@@ -252,8 +271,13 @@ class StreamingWriter:
     abandoned half way has a valid-looking header but a short data section, which ``read_header`` rejects.
     """
 
-    def __init__(self, path: Path | str, entries: Iterable[OutEntry], metadata: dict[str, str] | None = None,
-                 hash_output: bool = False):
+    def __init__(
+        self,
+        path: Path | str,
+        entries: Iterable[OutEntry],
+        metadata: dict[str, str] | None = None,
+        hash_output: bool = False,
+    ):
         self.path = Path(path)
         # tensors are written strictly in file order, so the output can be hashed as it is written (the marker
         # then needs no second read of a multi-GB file); copies go through user space when hashing
@@ -358,7 +382,7 @@ class StreamingWriter:
             return
         try:
             if self._next != len(self._entries):
-                missing = [e.name for e in self._entries[self._next:]][:3]
+                missing = [e.name for e in self._entries[self._next :]][:3]
                 raise RuntimeError(f"{self.path}: closed with tensors not written: {missing}...")
         finally:
             os.close(self._fd)
@@ -373,8 +397,9 @@ def write_tensors(path: Path | str, tensors: dict[str, torch.Tensor], metadata: 
             writer.write(k, t)
 
 
-def read_tensors(path: Path | str, expect: dict | None = None, unit: Path | str | None = None
-                 ) -> dict[str, torch.Tensor]:
+def read_tensors(
+    path: Path | str, expect: dict | None = None, unit: Path | str | None = None
+) -> dict[str, torch.Tensor]:
     """Read every tensor of a small file (an adapter or an update), validating the header first; with
     ``expect`` (its marker entry) also its size and sha256, hashed during the one read (``iter_verified``)."""
     if expect is not None:

@@ -78,13 +78,19 @@ def load_update(update_dir: Path | str) -> dict[str, tuple[torch.Tensor, torch.T
             B = tensors.get(f"{module}.lora_B")
             A = tensors[key]
             if B is None or A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-                raise ShapeMismatchError(f"{update_dir / UPDATE_WEIGHTS}: factors of {module} are missing or do not fit")
+                raise ShapeMismatchError(
+                    f"{update_dir / UPDATE_WEIGHTS}: factors of {module} are missing or do not fit"
+                )
             factors[module] = (A, B)
     return factors
 
 
-def apply_updates(transformer: torch.nn.Module, update_dirs: Iterable[Path | str],
-                  dtype: torch.dtype | None = None, arch: str | None = None) -> list[str]:
+def apply_updates(
+    transformer: torch.nn.Module,
+    update_dirs: Iterable[Path | str],
+    dtype: torch.dtype | None = None,
+    arch: str | None = None,
+) -> list[str]:
     """Fold reduced updates into ``transformer``'s weights in fp32, then cast them to ``dtype``.
 
     Works on a plain diffusers transformer or one that already carries peft LoRA layers (the base layer is

@@ -38,16 +38,22 @@ def build_accelerator(cfg, n_backward: int, use_cpu: bool):
         return Accelerator(cpu=use_cpu, gradient_accumulation_steps=n_backward, mixed_precision="no")
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=n_backward,
-                             gradient_clipping=cfg.train.max_grad_norm)
+    plugin = DeepSpeedPlugin(
+        zero_stage=2, gradient_accumulation_steps=n_backward, gradient_clipping=cfg.train.max_grad_norm
+    )
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = int(cfg.train.micro_batch)
     _one_process_world()
     handlers = []
     if use_cpu:
         cache_extensions()
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(cpu=False, gradient_accumulation_steps=n_backward, mixed_precision="no",
-                       deepspeed_plugin=plugin, kwargs_handlers=handlers)
+    return Accelerator(
+        cpu=False,
+        gradient_accumulation_steps=n_backward,
+        mixed_precision="no",
+        deepspeed_plugin=plugin,
+        kwargs_handlers=handlers,
+    )
 
 
 def cache_extensions() -> str:
@@ -66,9 +72,16 @@ def _one_process_world() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                       "MASTER_PORT": os.environ.get("MASTER_PORT", str(port))})
+    os.environ.update(
+        {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": os.environ.get("MASTER_PORT", str(port)),
+        }
+    )
 
 
 def save_sharded_state(accelerator, directory) -> None:

@@ -68,8 +68,6 @@ def checkpoint_path(expert_dir: Path, step: int) -> Path:
     return Path(expert_dir) / f"checkpoint-{step}"
 
 
-
-
 def save_checkpoint(
     expert_dir: Path,
     step: int,
@@ -100,7 +98,7 @@ def save_checkpoint(
     with atomic_file(path / STATE_FILE) as tmp:
         torch.save(state, tmp)
     write_marker(path, CHECKPOINT_MARKER, {"step": int(step)})
-    for old_step, old in complete_checkpoints(expert_dir)[:-KEEP]:
+    for _step, old in complete_checkpoints(expert_dir)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -129,10 +127,13 @@ def load_step(path: Path, step: int) -> Restored:
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable state means this checkpoint is unusable
-        raise TrainError(f"{path / STATE_FILE} is complete but unreadable ({exc}); delete {path} to resume "
-                         "from the previous checkpoint") from None
+        raise TrainError(
+            f"{path / STATE_FILE} is complete but unreadable ({exc}); delete {path} to resume "
+            "from the previous checkpoint"
+        ) from None
     if int(state.get("step", -1)) != step:
         raise TrainError(f"{path} holds step {state.get('step')} but is named for step {step}; delete it")
     ema_path = path / EMA_FILE
-    return Restored(step, path, read_adapter_weights(path),
-                    load_file(str(ema_path)) if ema_path.is_file() else None, state)
+    return Restored(
+        step, path, read_adapter_weights(path), load_file(str(ema_path)) if ema_path.is_file() else None, state
+    )

@@ -1,6 +1,7 @@
 """Training errors, torch-free so launchers and CLIs can catch them without heavy imports."""
 
 from __future__ import annotations
+
 from mrlora.cli import UserError
 
 

@@ -32,12 +32,12 @@ from mrlora.claim import release as release_claim
 from mrlora.grpo import group_advantages, grpo_loss, kl_std, train_step_indices, zero_advantage_weights
 from mrlora.runstore import CHECKPOINT_MARKER, DONE_MARKER, read_marker, wait_for, write_marker
 from mrlora.sampling import PromptEmbeds, flow_model, sample, step_log_prob
+from mrlora.tracking import Lineage, open_tracker, standalone_lineage
 from mrlora.training import checkpoint as ckpt
 from mrlora.training.data import PromptSchedule, sample_seed
 from mrlora.training.errors import Preempted, TrainError
-from mrlora.training.lora import add_lora, lora_state, load_lora_state, write_expert_adapter
+from mrlora.training.lora import add_lora, load_lora_state, lora_state, write_expert_adapter
 from mrlora.training.metrics import MetricsLog
-from mrlora.tracking import Lineage, open_tracker, standalone_lineage
 from mrlora.training.signals import StopFlag
 
 ADAPTER_DIR = "adapter"
@@ -120,8 +120,10 @@ def train_expert(job: ExpertJob) -> dict:
     per_round = int(cfg.train.get("updates_per_round", 1))  # run.json of older runs lacks the field
     group, per_step = int(cfg.sample.group_size), int(cfg.sample.prompts_per_step)
     if per_round < 1 or total % per_round or int(cfg.train.checkpoint_every) % per_round:
-        raise TrainError(f"train.steps={total} and train.checkpoint_every={cfg.train.checkpoint_every} must be "
-                         f"multiples of train.updates_per_round={per_round} (>= 1)")
+        raise TrainError(
+            f"train.steps={total} and train.checkpoint_every={cfg.train.checkpoint_every} must be "
+            f"multiples of train.updates_per_round={per_round} (>= 1)"
+        )
     chunk_n = per_step * group // dist.world_size  # samples of one optimizer step on this process
     if chunk_n * dist.world_size != per_step * group:
         raise TrainError(
@@ -134,7 +136,9 @@ def train_expert(job: ExpertJob) -> dict:
     accelerator = _accelerator(cfg, n_backward, use_cpu)
     is_main = accelerator.is_main_process
     # one writer per expert directory, even for a job started twice; released once DONE.json is written
-    claim = acquire_on_main(out_dir, f"expert {job.reward}", is_main, lambda bad: distributed.any_rank(bad, accelerator))
+    claim = acquire_on_main(
+        out_dir, f"expert {job.reward}", is_main, lambda bad: distributed.any_rank(bad, accelerator)
+    )
     if distributed.any_rank(read_marker(out_dir, DONE_MARKER) is not None, accelerator):
         release_claim(claim)  # finished by the writer that held the claim until a moment ago
         return wait_for(out_dir / DONE_MARKER, timeout=120) and read_marker(out_dir, DONE_MARKER, verify="none")
@@ -157,16 +161,20 @@ def train_expert(job: ExpertJob) -> dict:
     if job.init_adapter is not None:
         _load_initial_adapter(params, Path(job.init_adapter), cfg)
     optimizer = torch.optim.AdamW(
-        list(params.values()), lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        weight_decay=cfg.train.weight_decay, eps=cfg.train.adam_epsilon,
+        list(params.values()),
+        lr=cfg.train.lr,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        weight_decay=cfg.train.weight_decay,
+        eps=cfg.train.adam_epsilon,
     )
     ema = None
     if cfg.train.ema:
         from mrlora.ema import LoraEMA
 
         # run.json of older runs lacks ema_schedule: they continue with the schedule they started with
-        ema = LoraEMA(params.items(), cfg.train.ema_decay, cfg.train.ema_every,
-                      cfg.train.get("ema_schedule", "per_update"))
+        ema = LoraEMA(
+            params.items(), cfg.train.ema_decay, cfg.train.ema_every, cfg.train.get("ema_schedule", "per_update")
+        )
     reward_cfg = cfg.reward_models.get(job.reward)
     reward_kwargs = reward_cfg.to_dict() if hasattr(reward_cfg, "to_dict") else dict(reward_cfg or {})
     reward_fn = rewards_pkg.build_reward(job.reward, **reward_kwargs)
@@ -180,16 +188,25 @@ def train_expert(job: ExpertJob) -> dict:
 
     start = _restore(job, accelerator, params, optimizer, ema, per_step)
     if start > total:
-        raise TrainError(f"{out_dir} has a checkpoint at step {start}, beyond train.steps={total}; train with "
-                         f"--steps {start} or more, or use another output directory")
+        raise TrainError(
+            f"{out_dir} has a checkpoint at step {start}, beyond train.steps={total}; train with "
+            f"--steps {start} or more, or use another output directory"
+        )
     if start % per_round:
-        raise TrainError(f"{out_dir} has a checkpoint at step {start}, inside a sampling round of "
-                         f"train.updates_per_round={per_round}; resume with the updates_per_round it was written with")
+        raise TrainError(
+            f"{out_dir} has a checkpoint at step {start}, inside a sampling round of "
+            f"train.updates_per_round={per_round}; resume with the updates_per_round it was written with"
+        )
     tracker = open_tracker(cfg.logging, job.tracking or standalone_lineage(out_dir, job.reward)) if is_main else None
     metrics = MetricsLog(out_dir / METRICS_FILE, start, is_main, tracker)
-    sample_kw = dict(num_steps=int(cfg.sample.num_steps), guidance_scale=float(cfg.sample.guidance_scale),
-                     resolution=int(cfg.sample.resolution), noise_level=float(cfg.sample.noise_level),
-                     batch_size=int(cfg.sample.batch_size), max_sequence_length=int(cfg.sample.max_sequence_length))
+    sample_kw = dict(
+        num_steps=int(cfg.sample.num_steps),
+        guidance_scale=float(cfg.sample.guidance_scale),
+        resolution=int(cfg.sample.resolution),
+        noise_level=float(cfg.sample.noise_level),
+        batch_size=int(cfg.sample.batch_size),
+        max_sequence_length=int(cfg.sample.max_sequence_length),
+    )
     train_guidance = float(cfg.sample.guidance_scale)
     from mrlora.progress import progress
 
@@ -209,12 +226,16 @@ def train_expert(job: ExpertJob) -> dict:
                     res = sample(pipe, prompts, seeds=plan.seeds[plan.local], transformer=transformer, **sample_kw)
                 scores = torch.as_tensor(reward_fn(res.images, prompts, metadata).scores, dtype=torch.float32)
                 all_scores = distributed.all_gather_cat(scores.to(accelerator.device), accelerator).cpu()
-                adv_all = group_advantages(all_scores, torch.tensor(plan.group_ids), cfg.train.adv_std,
-                                           cfg.train.adv_clip_max)
+                adv_all = group_advantages(
+                    all_scores, torch.tensor(plan.group_ids), cfg.train.adv_std, cfg.train.adv_clip_max
+                )
                 adv = adv_all[plan.local].to(accelerator.device)
                 t_sample = time.perf_counter() - t0
-                embeds = res.embeds if cfg.train.cfg else PromptEmbeds(
-                    res.embeds.prompt_embeds, res.embeds.pooled, text_ids=res.embeds.text_ids)
+                embeds = (
+                    res.embeds
+                    if cfg.train.cfg
+                    else PromptEmbeds(res.embeds.prompt_embeds, res.embeds.pooled, text_ids=res.embeds.text_ids)
+                )
                 chunks = round_chunks(chunk_n * per_round, per_round, int(cfg.seed), job.seed_salt, round_, dist.rank)
 
                 for update, chunk in enumerate(chunks):
@@ -226,34 +247,56 @@ def train_expert(job: ExpertJob) -> dict:
                     weights = zero_advantage_weights(chunk_adv) if _drop_zero_advantage(cfg) else None
                     for j in train_steps:
                         for mb in range(0, chunk_n, micro):
-                            sel = chunk[mb:mb + micro]
+                            sel = chunk[mb : mb + micro]
                             with accelerator.accumulate(wrapped):
                                 terms = _micro_batch_loss(
-                                    cfg, model, wrapped, transformer, res, embeds, sel, j, chunk_adv[mb:mb + micro],
-                                    train_guidance, None if weights is None else weights[mb:mb + micro])
+                                    cfg,
+                                    model,
+                                    wrapped,
+                                    transformer,
+                                    res,
+                                    embeds,
+                                    sel,
+                                    j,
+                                    chunk_adv[mb : mb + micro],
+                                    train_guidance,
+                                    None if weights is None else weights[mb : mb + micro],
+                                )
                                 accelerator.backward(terms.loss)
                                 if accelerator.sync_gradients:
                                     norm = accelerator.clip_grad_norm_(list(params.values()), cfg.train.max_grad_norm)
                                     grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed: None
                                 optimizer.step()
                                 optimizer.zero_grad(set_to_none=True)
-                            stats.add(loss=terms.loss.item(), policy_loss=terms.policy_loss.item(),
-                                      kl=terms.kl.item(), clip_fraction=terms.clip_fraction.item(),
-                                      ratio_mean=terms.ratio.mean().item(),
-                                      zero_adv_fraction=(chunk_adv[mb:mb + micro] == 0).float().mean().item())
-                            stats.peak(ratio_max=terms.ratio.max().item(),
-                                       ratio_max_dev=(terms.ratio - 1).abs().max().item())
+                            stats.add(
+                                loss=terms.loss.item(),
+                                policy_loss=terms.policy_loss.item(),
+                                kl=terms.kl.item(),
+                                clip_fraction=terms.clip_fraction.item(),
+                                ratio_mean=terms.ratio.mean().item(),
+                                zero_adv_fraction=(chunk_adv[mb : mb + micro] == 0).float().mean().item(),
+                            )
+                            stats.peak(
+                                ratio_max=terms.ratio.max().item(), ratio_max_dev=(terms.ratio - 1).abs().max().item()
+                            )
                     done_steps = round_ * per_round + update + 1
                     if ema is not None:
                         ema.step(done_steps)
                     means = _reduce_stats(stats, accelerator)
                     elapsed = time.perf_counter() - t1 + t_sample / per_round
                     record = {
-                        "step": done_steps, "round": round_ + 1, "update": update + 1,
-                        "reward_mean": float(all_scores.mean()), "reward_std": float(all_scores.std(unbiased=False)),
-                        **means, "lr": float(optimizer.param_groups[0]["lr"]), "grad_norm": grad_norm,
-                        "samples_per_s": per_step * group / elapsed, "step_time_s": elapsed,
-                        "sample_time_s": t_sample, "processes": dist.world_size,
+                        "step": done_steps,
+                        "round": round_ + 1,
+                        "update": update + 1,
+                        "reward_mean": float(all_scores.mean()),
+                        "reward_std": float(all_scores.std(unbiased=False)),
+                        **means,
+                        "lr": float(optimizer.param_groups[0]["lr"]),
+                        "grad_norm": grad_norm,
+                        "samples_per_s": per_step * group / elapsed,
+                        "step_time_s": elapsed,
+                        "sample_time_s": t_sample,
+                        "processes": dist.world_size,
                     }
                     metrics.log(record)
                     last_record = record
@@ -289,7 +332,7 @@ def round_chunks(n_local: int, n_chunks: int, seed: int, salt: int, round_: int,
         gen = torch.Generator().manual_seed(sample_seed(seed, salt, round_, -1 - rank))
         order = torch.randperm(n_local, generator=gen)
     size = n_local // n_chunks
-    return [order[i * size:(i + 1) * size] for i in range(n_chunks)]
+    return [order[i * size : (i + 1) * size] for i in range(n_chunks)]
 
 
 def _load_initial_adapter(params: dict[str, torch.nn.Parameter], path: Path, cfg) -> None:
@@ -305,8 +348,10 @@ def _load_initial_adapter(params: dict[str, torch.nn.Parameter], path: Path, cfg
     state = {}
     for module, pair in adapter.modules.items():
         if not math.isclose(pair.scale, scale, rel_tol=1e-6):
-            raise TrainError(f"{path}: {module} has LoRA scale {pair.scale}, this config's lora.alpha/lora.rank is "
-                             f"{scale}; the run's LoRA settings changed since that merge")
+            raise TrainError(
+                f"{path}: {module} has LoRA scale {pair.scale}, this config's lora.alpha/lora.rank is "
+                f"{scale}; the run's LoRA settings changed since that merge"
+            )
         state[f"{module}.lora_A.weight"] = pair.A
         state[f"{module}.lora_B.weight"] = pair.B
     load_lora_state(params, state)
@@ -323,23 +368,27 @@ def _micro_batch_loss(cfg, model, wrapped, transformer, res, embeds, sel, j, adv
     noise_level = float(cfg.sample.noise_level)
     # older runs' run.json lack these fields: they continue with the behaviour they were started with
     detach = bool(cfg.train.get("cfg_detach_uncond", False))
-    out = step_log_prob(model, wrapped, lat, nxt, j, res.timesteps, res.sigmas, emb, guidance, noise_level,
-                        detach_uncond=detach)
+    out = step_log_prob(
+        model, wrapped, lat, nxt, j, res.timesteps, res.sigmas, emb, guidance, noise_level, detach_uncond=detach
+    )
     ref_mean = std = None
     beta = float(cfg.train.beta)
     if beta > 0:
         with torch.no_grad():
             transformer.disable_adapters()
             try:
-                ref_mean = step_log_prob(model, transformer, lat, nxt, j, res.timesteps, res.sigmas, emb, guidance,
-                                         noise_level).mean
+                ref_mean = step_log_prob(
+                    model, transformer, lat, nxt, j, res.timesteps, res.sigmas, emb, guidance, noise_level
+                ).mean
             finally:
                 transformer.enable_adapters()
-        std = kl_std(cfg.train.get("kl_form", "transition"), res.sigmas[j], res.sigmas[j + 1], res.sigmas[1],
-                     noise_level).to(out.mean.device)
+        std = kl_std(
+            cfg.train.get("kl_form", "transition"), res.sigmas[j], res.sigmas[j + 1], res.sigmas[1], noise_level
+        ).to(out.mean.device)
     old = res.log_probs[sel, j].to(out.log_prob.device)
-    return grpo_loss(out.log_prob, old, adv, float(cfg.train.clip_range), beta, out.mean, ref_mean, std,
-                     weights=weights)
+    return grpo_loss(
+        out.log_prob, old, adv, float(cfg.train.clip_range), beta, out.mean, ref_mean, std, weights=weights
+    )
 
 
 def _reduce_stats(stats: _Step, accelerator) -> dict[str, float]:
@@ -405,8 +454,10 @@ def _save(job: ExpertJob, accelerator, params, optimizer, ema, step: int, data_p
     per_rank = gather_object(mine) if accelerator.num_processes > 1 else mine
     digests = [r["digest"] for r in per_rank]
     if len(set(digests)) != 1:  # DDP keeps replicas equal; a mismatch means a broken process group or a bug
-        raise TrainError(f"LoRA weights differ across ranks at step {step} (digests {digests}); not saving a "
-                         "checkpoint. Check that every rank runs the same code and config, then resume")
+        raise TrainError(
+            f"LoRA weights differ across ranks at step {step} (digests {digests}); not saving a "
+            "checkpoint. Check that every rank runs the same code and config, then resume"
+        )
     path = ckpt.checkpoint_path(job.out_dir, step)
     if job.cfg.train.deepspeed == "zero2":  # ZeRO-2 shards optimizer state: every rank writes its part
         if accelerator.is_main_process:
@@ -418,14 +469,25 @@ def _save(job: ExpertJob, accelerator, params, optimizer, ema, step: int, data_p
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
-            "step": step, "data_position": data_position, "rng": [r["rng"] for r in per_rank],
+            "step": step,
+            "data_position": data_position,
+            "rng": [r["rng"] for r in per_rank],
             "rank_digests": digests,
             "optimizer": optimizer.state_dict() if job.cfg.train.deepspeed != "zero2" else None,
-            "ema_updates": ema.num_updates if ema is not None else 0, "world_size": accelerator.num_processes,
+            "ema_updates": ema.num_updates if ema is not None else 0,
+            "world_size": accelerator.num_processes,
         }
-        ckpt.save_checkpoint(job.out_dir, step, weights, ema.state_dict() if ema is not None else None,
-                             state, job.cfg, job.base_id, job.reward,
-                             keep_existing=job.cfg.train.deepspeed == "zero2")
+        ckpt.save_checkpoint(
+            job.out_dir,
+            step,
+            weights,
+            ema.state_dict() if ema is not None else None,
+            state,
+            job.cfg,
+            job.base_id,
+            job.reward,
+            keep_existing=job.cfg.train.deepspeed == "zero2",
+        )
     accelerator.wait_for_everyone()
     return path
 
@@ -439,11 +501,20 @@ def _finish(job: ExpertJob, accelerator, params, ema, total: int, last_record: d
             shutil.rmtree(adapter_dir)  # leftover of a run killed between adapter/ and DONE.json
         weights = {k: v.clone() for k, v in ema.state_dict().items()} if ema is not None else lora_state(params)
         write_expert_adapter(adapter_dir, weights, job.cfg, job.base_id, job.reward)
-        write_marker(out_dir, DONE_MARKER, {
-            "status": "ok", "reward": job.reward, "steps": total, "adapter": ADAPTER_DIR,
-            "weights": "ema" if ema is not None else "live", "final_metrics": last_record,
-            "processes": accelerator.num_processes, **job.extra_done,
-        })
+        write_marker(
+            out_dir,
+            DONE_MARKER,
+            {
+                "status": "ok",
+                "reward": job.reward,
+                "steps": total,
+                "adapter": ADAPTER_DIR,
+                "weights": "ema" if ema is not None else "live",
+                "final_metrics": last_record,
+                "processes": accelerator.num_processes,
+                **job.extra_done,
+            },
+        )
     accelerator.wait_for_everyone()
     done = wait_for(out_dir / DONE_MARKER, timeout=120) and read_marker(out_dir, DONE_MARKER, verify="none")
     if done is None:

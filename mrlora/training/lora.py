@@ -23,8 +23,14 @@ def lora_config(rank: int, alpha: float, target_modules: list[str], init: str = 
     from peft import LoraConfig
 
     init_weights = True if init in ("default", "kaiming", "true", "True") else init
-    return LoraConfig(r=int(rank), lora_alpha=alpha, target_modules=list(target_modules),
-                      init_lora_weights=init_weights, lora_dropout=0.0, bias="none")
+    return LoraConfig(
+        r=int(rank),
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        init_lora_weights=init_weights,
+        lora_dropout=0.0,
+        bias="none",
+    )
 
 
 def add_lora(transformer: torch.nn.Module, cfg) -> dict[str, torch.nn.Parameter]:
