@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     cancelled: list[str] = []
     still_alive: list[int] = []
     run, lease, not_found = None, None, ""
+    asked_slurm = False  # whether Slurm answered: then "nothing queued" is known even without the run directory
     try:
         run = find_run(out_root_of(args), args.model, args.run_ts)
         lease = run.read_lease()
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if slurm.have_slurm():
             try:
                 jobs = slurm.run_jobs_in_queue(args.run_ts, set(lease.job_ids) if lease else set())
+                asked_slurm = True
             except slurm.SlurmError as exc:
                 if not local:
                     raise slurm.SlurmError(
@@ -136,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         signalled, still_alive = stop_local(run, lease.pid if lease is not None else None, args.wait)
         cancelled.extend(signalled)
     if not cancelled:
-        if not_found:
+        if not_found and not asked_slurm:
             print(f"error: {not_found}", file=sys.stderr)
             return 2
-        print(f"run {args.run_ts} has no queued or running jobs")
+        where = f" (and no run directory of it here: {not_found})" if not_found else ""
+        print(f"run {args.run_ts} has no queued or running jobs{where}")
         return 0
     print(f"cancelled run {args.run_ts}: {', '.join(cancelled)}")
     if still_alive:
