@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_scripts_written_with_write_sbatch_run_the_whole_run_when_submitted_by_hand(tmp_path, monkeypatch):
     monkeypatch.setenv("MRLORA_JOB_ENTRYPOINTS", "test_launch_fake_entrypoints")
+    # the scripts run `python` after the profile's setup lines, which on a cluster activate the environment;
+    # here the environment is this interpreter's, whatever PATH the test was started with
+    monkeypatch.setenv("MRLORA_PYTHON", sys.executable)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
     tmp_path.mkdir(exist_ok=True)
     scripts = tmp_path / "sbatch"
