@@ -214,3 +214,21 @@ def test_cli_subprocess_exit_code_and_stderr(setup):
 def test_missing_base_dir(capsys, setup):
     tmp_path, experts, _ = setup
     expect_error(capsys, tmp_path, ["--experts", *experts, "--base", tmp_path / "no_such_model"], "does not exist")
+
+
+def test_expert_rewritten_after_verification_is_refused(setup):
+    """The merge verifies each expert in one streamed read, then reads factors module by module; a file that
+    another process replaces in between is refused rather than merged unchecked."""
+    from mrlora.reduce.adapters import read_expert_adapter
+    from mrlora.reduce.errors import AdapterError
+
+    _, experts, _ = setup
+    adapter = read_expert_adapter(experts[0], load=False)
+    module, pair = next(iter(adapter.modules.items()))
+    first = pair.A.clone()
+    assert torch.equal(read_expert_adapter(experts[0]).modules[module].A, first)
+    tmp = experts[0] / "adapter_model.safetensors.new"
+    tmp.write_bytes((experts[1] / "adapter_model.safetensors").read_bytes())
+    os.replace(tmp, experts[0] / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="changed after it was verified"):
+        _ = pair.A

@@ -21,7 +21,13 @@ from typing import Any, Mapping
 import torch
 
 from mrlora.reduce.errors import AdapterError, ShapeMismatchError
-from mrlora.reduce.safetensors_io import read_tensors, write_tensors
+from mrlora.reduce.safetensors_io import (
+    SafetensorsHeader,
+    TensorReader,
+    iter_verified,
+    read_header,
+    write_tensors,
+)
 from mrlora.runstore import atomic_file, atomic_write_json
 
 log = logging.getLogger("mrlora.reduce")
@@ -33,25 +39,74 @@ KEY_PREFIXES = ("base_model.model.", "transformer.")
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
+class _FactorFile:
+    """An adapter weights file whose factors are read one at a time, on demand (``read_expert_adapter(...,
+    load=False)``): the header is parsed once, each read is a ``pread`` of one tensor, so a merge of FLUX-size
+    experts holds one module's factors at a time instead of every expert whole."""
+
+    def __init__(self, header: SafetensorsHeader):
+        self.header = header
+        # the identity of the file whose bytes were verified: a later read of a replaced or rewritten file
+        # is refused instead of merging bytes nobody checked
+        self._stat = self._identity()
+
+    def _identity(self) -> tuple[int, int, int]:
+        st = Path(self.header.path).stat()
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def read(self, name: str) -> torch.Tensor:
+        if self._identity() != self._stat:
+            raise AdapterError(
+                f"{self.header.path} changed after it was verified (another process rewrote it?); "
+                "rerun the merge once nothing writes to the expert directory"
+            )
+        with TensorReader(self.header.path, self.header) as reader:
+            return reader.get(name).to(torch.float32)
+
+
 @dataclass(frozen=True)
 class LoraPair:
-    """One adapted module of one expert: dW = scale * B @ A (fp32 factors)."""
+    """One adapted module of one expert: dW = scale * B @ A (fp32 factors).
 
-    A: torch.Tensor  # r x in
-    B: torch.Tensor  # out x r
+    The factors are either in memory or, for an adapter opened with ``load=False``, read from its (already
+    verified) file each time ``A`` or ``B`` is asked for."""
+
     scale: float
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+    _tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    _file: _FactorFile | None = field(default=None, repr=False, compare=False)
+    _keys: tuple[str, str] = field(default=("", ""), repr=False, compare=False)
+
+    @classmethod
+    def loaded(cls, A: torch.Tensor, B: torch.Tensor, scale: float) -> "LoraPair":
+        return cls(scale, (int(A.shape[0]), int(A.shape[1])), (int(B.shape[0]), int(B.shape[1])), (A, B))
+
+    @property
+    def A(self) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[0]
+        assert self._file is not None
+        return self._file.read(self._keys[0])
+
+    @property
+    def B(self) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[1]
+        assert self._file is not None
+        return self._file.read(self._keys[1])
 
     @property
     def rank(self) -> int:
-        return int(self.A.shape[0])
+        return self.a_shape[0]
 
     @property
     def in_features(self) -> int:
-        return int(self.A.shape[1])
+        return self.a_shape[1]
 
     @property
     def out_features(self) -> int:
-        return int(self.B.shape[0])
+        return self.b_shape[0]
 
     def delta(self) -> torch.Tensor:
         return self.scale * (self.B @ self.A)
@@ -158,12 +213,15 @@ def adapter_marker_entry(path: Path) -> tuple[dict | None, Path | None]:
     return None, None
 
 
-def read_expert_adapter(path: Path | str) -> ExpertAdapter:
-    """Load and validate an expert adapter directory (see the module docstring for the checks).
+def read_expert_adapter(path: Path | str, load: bool = True) -> ExpertAdapter:
+    """Validate an expert adapter directory (see the module docstring for the checks) and return it.
 
-    Inside a run its weights file is also checked against the marker that completes it
-    (``adapter_marker_entry``: size and sha256, hashed during the one read); DamagedFileError names a damaged
-    file, with the directory that marker completes as what must be redone.
+    The weights file is read once, front to back, one tensor at a time: every factor's shape and finiteness is
+    checked, and inside a run the file is checked against the marker that completes it
+    (``adapter_marker_entry``: size and sha256, hashed during that read); DamagedFileError names a damaged
+    file, with the directory that marker completes as what must be redone. ``load=False`` keeps no factor in
+    memory: each ``LoraPair.A``/``.B`` is read from the verified file when asked (the merge job, which
+    must stay small at FLUX size); ``load=True`` keeps them (training and eval load the whole adapter anyway).
     """
     path = Path(path)
     expect, unit = adapter_marker_entry(path)
@@ -177,11 +235,20 @@ def read_expert_adapter(path: Path | str) -> ExpertAdapter:
     weights = path / ADAPTER_WEIGHTS
     if not weights.exists():
         raise AdapterError(f"{path} has no {ADAPTER_WEIGHTS}; the expert did not finish writing its adapter")
-    tensors = read_tensors(weights, expect=expect, unit=unit)
+    header = read_header(weights)
 
-    factors: dict[str, dict[str, torch.Tensor]] = {}
+    factors: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    kept: dict[str, torch.Tensor] = {}
     names = set()
-    for key, tensor in tensors.items():
+    not_finite: set[str] = set()
+    # the one read first (hashed inside a run), so a damaged file is reported as damaged, not as malformed
+    for key, tensor in iter_verified(weights, expect, unit):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            not_finite.add(key)
+        if load:
+            kept[key] = tensor.to(torch.float32)
+    for info in header.in_file_order():
+        key = info.name
         parsed = module_key(key)
         if parsed is None:
             raise AdapterError(
@@ -194,9 +261,9 @@ def read_expert_adapter(path: Path | str) -> ExpertAdapter:
             raise AdapterError(
                 f"{weights}: module {module} has two lora_{factor} tensors (several adapters saved together?)"
             )
-        if tensor.dim() != 2:
-            raise ShapeMismatchError(f"{weights}: {key} has shape {list(tensor.shape)}; LoRA factors are matrices")
-        factors[module][factor] = tensor.to(torch.float32)
+        if len(info.shape) != 2:
+            raise ShapeMismatchError(f"{weights}: {key} has shape {list(info.shape)}; LoRA factors are matrices")
+        factors[module][factor] = (key, tuple(info.shape))
     if len(names) > 1:
         raise AdapterError(
             f"{weights} holds several adapters {sorted(map(str, names))}; save one adapter per directory"
@@ -204,25 +271,31 @@ def read_expert_adapter(path: Path | str) -> ExpertAdapter:
     if not factors:
         raise AdapterError(f"{weights} holds no LoRA factors")
 
+    source = None if load else _FactorFile(header)
     modules: dict[str, LoraPair] = {}
     for module, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
             raise AdapterError(f"{weights}: module {module} has no {missing}; the file is incomplete")
-        A, B = ab["A"], ab["B"]
-        if A.shape[0] != B.shape[1]:
+        (key_a, a_shape), (key_b, b_shape) = ab["A"], ab["B"]
+        if a_shape[0] != b_shape[1]:
             raise ShapeMismatchError(
-                f"{weights}: {module} lora_A is {list(A.shape)} and lora_B is {list(B.shape)}; their ranks differ"
+                f"{weights}: {module} lora_A is {list(a_shape)} and lora_B is {list(b_shape)}; their ranks differ"
             )
         scale, configured = lora_scale(config, module)
-        if A.shape[0] != configured:
+        if a_shape[0] != configured:
             raise ShapeMismatchError(
-                f"{weights}: {module} has rank {A.shape[0]} but adapter_config.json says r={configured}; "
+                f"{weights}: {module} has rank {a_shape[0]} but adapter_config.json says r={configured}; "
                 "the config does not belong to these weights"
             )
-        if not torch.isfinite(A).all() or not torch.isfinite(B).all():
+        if key_a in not_finite or key_b in not_finite:
             raise AdapterError(f"{weights}: {module} has NaN or infinite values; the expert diverged")
-        modules[module] = LoraPair(A, B, scale)
+        if load:
+            modules[module] = LoraPair.loaded(kept[key_a], kept[key_b], scale)
+        else:
+            shape_a = (int(a_shape[0]), int(a_shape[1]))
+            shape_b = (int(b_shape[0]), int(b_shape[1]))
+            modules[module] = LoraPair(scale, shape_a, shape_b, _file=source, _keys=(key_a, key_b))
 
     if "scale" in meta and not (config.get("rank_pattern") or config.get("alpha_pattern")):
         expected = next(iter(modules.values())).scale

@@ -17,13 +17,15 @@ different modules; a module an expert does not adapt contributes zero for it (an
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from mrlora.config import ConfigError, normalised_weights
-from mrlora.reduce.adapters import ExpertAdapter
+from mrlora.reduce.adapters import ExpertAdapter, LoraPair
 from mrlora.reduce.base import BaseTransformer
 from mrlora.reduce.errors import ArchMismatchError, ReduceError, ShapeMismatchError, WeightsError
 
@@ -34,9 +36,16 @@ MODES = ("exact", "reference")
 
 @dataclass
 class ReducedUpdate:
-    """Per module, factors with ``dW = B @ A`` (fp32); plus what produced them."""
+    """Per module, factors with ``dW = B @ A`` (fp32); plus what produced them.
 
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A: R x in, B: out x R)
+    ``shapes`` (module -> (rank, in, out), in module order) is known without computing anything; the factors
+    of one module are computed when asked (``module_factors``), so the merge job streams a FLUX-size update
+    to disk holding one module at a time. ``factors`` computes (once) and keeps all of them, for small
+    callers and tests.
+    """
+
+    shapes: dict[str, tuple[int, int, int]]
+    compute: Callable[[str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
     weights: list[float]  # normalised
     mode: str
     missing: dict[str, list[str]] = field(default_factory=dict)  # expert path -> modules it does not adapt
@@ -44,6 +53,17 @@ class ReducedUpdate:
     @property
     def exact(self) -> bool:
         return self.mode == "exact"
+
+    @property
+    def rank_total(self) -> int:
+        return max((r for r, _, _ in self.shapes.values()), default=0)
+
+    def module_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.compute(module)
+
+    @functools.cached_property
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {m: self.compute(m) for m in self.shapes}
 
     def delta(self, module: str) -> torch.Tensor:
         A, B = self.factors[module]
@@ -121,23 +141,32 @@ def _log_missing(experts: list[ExpertAdapter], modules: list[str]) -> dict[str, 
 
 
 def reduce_exact(experts: list[ExpertAdapter], weights: list[float]) -> ReducedUpdate:
-    """dW = sum_i w_i s_i B_i A_i per module, as stacked factors (``weights`` already normalised)."""
+    """dW = sum_i w_i s_i B_i A_i per module, as stacked factors (``weights`` already normalised).
+
+    Nothing is computed here: the update's shapes come from the experts' headers, and each module's factors
+    are stacked when asked (``ReducedUpdate.module_factors``), reading only that module of each expert."""
     if len(experts) != len(weights):
         raise WeightsError(f"{len(weights)} weights for {len(experts)} experts")
     modules = sorted(set().union(*(e.modules for e in experts)))
     missing = _log_missing(experts, modules)
-    factors = {}
+    contributing: dict[str, list[tuple[LoraPair, float]]] = {}
+    shapes: dict[str, tuple[int, int, int]] = {}
     for module in modules:
+        present = [(e.modules[module], w) for e, w in zip(experts, weights) if module in e.modules and w != 0.0]
+        if present:
+            contributing[module] = present
+            first = present[0][0]
+            shapes[module] = (sum(p.rank for p, _ in present), first.in_features, first.out_features)
+
+    def compute(module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        present = contributing[module]
         As, Bs = [], []
-        for e, w in zip(experts, weights):
-            pair = e.modules.get(module)
-            if pair is None or w == 0.0:
-                continue
+        for pair, w in present:
             As.append(pair.A)
             Bs.append(pair.B * (w * pair.scale))
-        if As:
-            factors[module] = (torch.cat(As, dim=0).contiguous(), torch.cat(Bs, dim=1).contiguous())
-    return ReducedUpdate(factors=factors, weights=list(weights), mode="exact", missing=missing)
+        return torch.cat(As, dim=0).contiguous(), torch.cat(Bs, dim=1).contiguous()
+
+    return ReducedUpdate(shapes=shapes, compute=compute, weights=list(weights), mode="exact", missing=missing)
 
 
 def reduce_reference(experts: list[ExpertAdapter], weights: list[float]) -> tuple[ReducedUpdate, dict]:
@@ -145,6 +174,7 @@ def reduce_reference(experts: list[ExpertAdapter], weights: list[float]) -> tupl
 
     Returns the update (dW = s * B_avg @ A_avg, scale folded into B) and the averaged LoRA itself as
     ``{module: (A_avg, B_avg)}`` so the next cycle can continue training it, as the reference code does.
+    Computed in memory (the averaged LoRA is saved whole anyway): an ablation mode, not for FLUX-size runs.
     """
     log.warning(
         "reference merge mode: averaging LoRA A and B separately is NOT the weighted average of the experts' "
@@ -167,7 +197,10 @@ def reduce_reference(experts: list[ExpertAdapter], weights: list[float]) -> tupl
         scale = present[0][0].modules[module].scale
         averaged[module] = (A.contiguous(), B.contiguous())
         factors[module] = (A.contiguous(), (scale * B).contiguous())
-    return ReducedUpdate(factors=factors, weights=list(weights), mode="reference", missing=missing), averaged
+    shapes = {m: (int(A.shape[0]), int(A.shape[1]), int(B.shape[0])) for m, (A, B) in factors.items()}
+    update = ReducedUpdate(shapes=shapes, compute=factors.__getitem__, weights=list(weights), mode="reference")
+    update.missing = missing
+    return update, averaged
 
 
 def reduce_experts(experts: list[ExpertAdapter], weights: list[float], mode: str = "exact"):

@@ -104,7 +104,8 @@ def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights
     if not expert_dirs:
         raise ReduceError("no experts given; pass at least one adapter directory")
     norm = check_weights(list(weights), len(expert_dirs), allow_negative_weights)
-    experts = [read_expert_adapter(d) for d in expert_dirs]
+    # verified (one streamed read each), but no factor kept: the update is computed module by module below
+    experts = [read_expert_adapter(d, load=False) for d in expert_dirs]
     base_info = open_base(resolve_base(str(base))) if isinstance(base, (str, Path)) else base
     arch = check_experts(experts, base_info, arch)
     _check_output(out)
@@ -119,8 +120,8 @@ def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights
         "weights": norm,
         "allow_negative_weights": allow_negative_weights,
         "experts": [dict(e.summary(), weight=w) for e, w in zip(experts, norm)],
-        "modules": len(update.factors),
-        "rank_total": max((A.shape[0] for A, _ in update.factors.values()), default=0),
+        "modules": len(update.shapes),
+        "rank_total": update.rank_total,
         "missing_modules": update.missing,
         **(extra_info or {}),
     }
@@ -131,7 +132,7 @@ def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights
         )
 
     reset_incomplete_dir(out, MERGE_MARKER)
-    write_update(out, update.factors, info)
+    digests = write_update(out, update, info)
     if averaged is not None:
         first = experts[0]
         save_expert_adapter(
@@ -143,7 +144,10 @@ def _merge_experts(expert_dirs, weights, out, base, mode, allow_negative_weights
             reward="reference-merge",
         )
     marker = write_marker(
-        out, MERGE_MARKER, extra={"mode": mode, "exact": update.exact, "format_version": FORMAT_VERSION}
+        out,
+        MERGE_MARKER,
+        extra={"mode": mode, "exact": update.exact, "format_version": FORMAT_VERSION},
+        digests=digests,
     )
     log.info(
         "merged %d experts (%s, weights %s) into %s: %d modules, rank %d, %.2f s",

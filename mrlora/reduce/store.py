@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 
 from mrlora.reduce.errors import ArchMismatchError, ReduceError, ShapeMismatchError
-from mrlora.reduce.safetensors_io import read_tensors, write_tensors
+from mrlora.reduce.safetensors_io import OutEntry, StreamingWriter, read_tensors
 from mrlora.runstore import MERGE_MARKER, UPDATE_JSON, atomic_file, atomic_write_json, read_json, read_marker
+
+if TYPE_CHECKING:
+    from mrlora.reduce.exact import ReducedUpdate
 
 log = logging.getLogger("mrlora.reduce")
 
@@ -31,17 +34,38 @@ UPDATE_WEIGHTS = "update.safetensors"
 FORMAT_VERSION = 1
 
 
-def write_update(out_dir: Path | str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], info: dict) -> None:
-    """Write ``update.safetensors`` then ``update.json`` (atomically; the caller writes the marker last)."""
+def write_update(
+    out_dir: Path | str,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | ReducedUpdate,
+    info: dict,
+) -> dict[str, str]:
+    """Write ``update.safetensors`` then ``update.json`` (atomically; the caller writes the marker last).
+
+    ``factors`` is a reduced update (its modules computed and written one at a time, so a FLUX-size update
+    never sits in memory whole) or a ``{module: (A, B)}`` dict. Returns ``{file: sha256}`` of what was
+    streamed out, for ``write_marker(digests=...)`` (no second read of the file to hash it).
+    """
     out_dir = Path(out_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    for module in sorted(factors):
-        A, B = factors[module]
-        tensors[f"{module}.lora_A"] = A.to(torch.float32).contiguous()
-        tensors[f"{module}.lora_B"] = B.to(torch.float32).contiguous()
+    if isinstance(factors, Mapping):
+        table = dict(factors)
+        shapes = {m: (int(A.shape[0]), int(A.shape[1]), int(B.shape[0])) for m, (A, B) in table.items()}
+        compute = table.__getitem__
+    else:
+        shapes, compute = factors.shapes, factors.module_factors
+    modules = sorted(shapes)
+    entries = []
+    for m in modules:
+        rank, fan_in, fan_out = shapes[m]
+        entries += [OutEntry(f"{m}.lora_A", "F32", (rank, fan_in)), OutEntry(f"{m}.lora_B", "F32", (fan_out, rank))]
+    metadata = {"format": "mrlora-update", "version": str(FORMAT_VERSION)}
     with atomic_file(out_dir / UPDATE_WEIGHTS) as tmp:
-        write_tensors(tmp, tensors, metadata={"format": "mrlora-update", "version": str(FORMAT_VERSION)})
+        with StreamingWriter(tmp, entries, metadata, hash_output=True) as writer:
+            for m in modules:
+                A, B = compute(m)
+                writer.write(f"{m}.lora_A", A.to(torch.float32).contiguous())
+                writer.write(f"{m}.lora_B", B.to(torch.float32).contiguous())
     atomic_write_json(out_dir / UPDATE_JSON, {"format_version": FORMAT_VERSION, **info})
+    return {UPDATE_WEIGHTS: str(writer.sha256)}
 
 
 def read_update_info(update_dir: Path | str) -> dict:
