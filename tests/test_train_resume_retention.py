@@ -1,20 +1,23 @@
-"""What retention deletes never changes a run: a tiny run of 3 cycles whose materialised bases and step
-checkpoints are deleted between cycles (what the retention policy may remove, and more: the newest base too)
+"""What retention deletes never changes a run: a tiny run of 6 cycles whose materialised bases and step
+checkpoints are deleted between cycles (what the retention policy may remove, and more: the newest base too),
+and whose cycle-4 expert job is killed (SIGKILL, after its first checkpoint) and resumed by a new process,
 ends bit-identical to an untouched one."""
 
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
-from train_helpers import tiny_run
+from train_helpers import kill_after_checkpoint, tiny_run
 
 from mrlora.reduce import merge_cycle_in_run
 from mrlora.train import train_expert_in_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
-CYCLES = 3
+CYCLES = 6
+KILLED = 4  # the cycle whose expert job is killed mid-training, then resumed
 
 
 def _run(tmp_path, base: str, delete: bool):
@@ -26,13 +29,16 @@ def _run(tmp_path, base: str, delete: bool):
             "weights=[1.0]",
             "sample.resolution=32",
             "train.steps=2",
-            "train.checkpoint_every=2",
+            "train.checkpoint_every=1",
             "train.lr=3e-2",
             f"mapreduce.cycles={CYCLES}",
             "mapreduce.keep_step_checkpoints=true",
         ],
     )
     for cycle in range(1, CYCLES + 1):
+        if delete and cycle == KILLED:
+            job = [sys.executable, "-m", "launch.jobs", "expert", str(run.root), str(cycle), "brightness"]
+            kill_after_checkpoint(job, run.expert_dir(cycle, "brightness"), step=1)
         train_expert_in_run(str(run.root), cycle, "brightness")
         merge_cycle_in_run(str(run.root), cycle)
         if delete:  # everything that can be rebuilt: the step checkpoints and the materialised base
