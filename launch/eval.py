@@ -23,12 +23,14 @@ Login-node module: nothing heavy at module level; the eval modules it calls are 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from launch.profiles import Resources
+from launch.submit import resource_flags
 from mrlora.cli import UserError, add_version_flag, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,36 +74,11 @@ def render_template(text: str, values: dict[str, str]) -> str:
     return re.sub(r"\n{3,}", "\n\n", "".join(lines))
 
 
-@dataclass(frozen=True)
-class JobSize:
-    """Resources of one job (one array task, or the aggregation job)."""
-
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    time_min: int = 60
-    cpus: int = 1
-    mem_gb: float = 0.0
-    gpus: int = 0
-    gres_gpu: bool = True
-
-    def sbatch_lines(self, comment: str) -> str:
-        lines = []
-        for key, value in (("partition", self.partition), ("account", self.account), ("qos", self.qos)):
-            if value:
-                lines.append(f"#SBATCH --{key}={value}")
-        lines += [
-            f"#SBATCH --time={self.time_min}",
-            "#SBATCH --nodes=1",
-            "#SBATCH --ntasks=1",
-            f"#SBATCH --cpus-per-task={self.cpus}",
-        ]
-        if self.mem_gb > 0:
-            lines.append(f"#SBATCH --mem={int(round(self.mem_gb * 1024))}M")
-        if self.gpus > 0:
-            lines.append(f"#SBATCH --gres=gpu:{self.gpus}" if self.gres_gpu else f"#SBATCH --gpus-per-node={self.gpus}")
-        lines.append(f"#SBATCH --comment={comment}")
-        return "\n".join(lines)
+def sbatch_options(res: Resources, comment: str) -> str:
+    """The ``{{sbatch_options}}`` of the templates: the job's size and placement, rendered as the run's own
+    jobs render theirs (``launch.submit.resource_flags``), and the comment that finds it in squeue."""
+    lines = [f"#SBATCH --{key}={value}" for key, value in resource_flags(res).items()]
+    return "\n".join([*lines, f"#SBATCH --comment={comment}"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mem-gb", type=float, default=None, help="memory per shard in GB (default: the profile's)")
     s.add_argument("--max-parallel", type=int, default=0, help="run at most this many shards at once (0: no cap)")
     s.add_argument(
+        "--executor",
+        choices=("auto", "slurm", "local"),
+        default=None,
+        help="slurm: the shards as one array, the aggregation afterok; local: the unfinished shards one after "
+        "another on this machine, then the aggregation (Ctrl-C stops the shard in progress; the same command "
+        "continues); auto: slurm when it answers, else local (default: the profile's executor)",
+    )
+    s.add_argument(
         "--dry-run",
         dest="print",
         action="store_true",
@@ -226,24 +211,20 @@ def _profile(name: str | None):
 def render_scripts(args: argparse.Namespace, run_argv: list[str], array: str, out: Path) -> tuple[str, str]:
     profile = _profile(args.profile)
     gpus = args.gpus if args.gpus is not None else (1 if profile.gpus_per_node > 0 else 0)
-    shard_size = JobSize(
+    shard_size = Resources(
+        nodes=1,
+        tasks_per_node=1,
+        gpus_per_node=gpus,
+        gres_gpu=profile.gres_gpu,
+        cpus_per_task=args.cpus if args.cpus is not None else profile.cpus_per_gpu,
+        mem_gb=args.mem_gb if args.mem_gb is not None else profile.mem_per_gpu_gb * max(1, gpus),
+        time_min=args.time,
         partition=args.partition if args.partition is not None else profile.partition,
         account=profile.account,
         qos=profile.qos,
-        time_min=args.time,
-        cpus=args.cpus if args.cpus is not None else profile.cpus_per_gpu,
-        mem_gb=args.mem_gb if args.mem_gb is not None else profile.mem_per_gpu_gb * max(1, gpus),
-        gpus=gpus,
-        gres_gpu=profile.gres_gpu,
     )
-    aggregate_size = JobSize(
-        partition=profile.merge_partition,
-        account=profile.account,
-        qos=profile.qos,
-        time_min=max(10, profile.merge_time_min),
-        cpus=profile.merge_cpus,
-        mem_gb=profile.merge_mem_gb,
-    )
+    # the aggregation is the merge job's kind of work: CPU only, small; at least 10 minutes for the report
+    aggregate_size = dataclasses.replace(profile.merge, time_min=max(10, profile.merge_time_min))
     comment = f"mrlora-eval:{out.name}"
     common = {
         "log_dir": shlex.quote(str(out / "logs")),
@@ -258,7 +239,7 @@ def render_scripts(args: argparse.Namespace, run_argv: list[str], array: str, ou
             "job_name": f"mrlora-eval-{out.name}",
             "array": array,
             "num_shards": str(args.shards),
-            "sbatch_options": shard_size.sbatch_lines(comment),
+            "sbatch_options": sbatch_options(shard_size, comment),
             "eval_args": shlex.join(run_argv),
         },
     )
@@ -267,7 +248,7 @@ def render_scripts(args: argparse.Namespace, run_argv: list[str], array: str, ou
         {
             **common,
             "job_name": f"mrlora-eval-{out.name}-aggregate",
-            "sbatch_options": aggregate_size.sbatch_lines(comment),
+            "sbatch_options": sbatch_options(aggregate_size, comment),
             "out": shlex.quote(str(out)),
         },
     )
@@ -319,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out.root} is already complete (DONE.json); nothing to submit")
         return 0
     pending = out.pending_shards(args.shards)
+    from launch.mapreduce import resolve_executor
+
+    if resolve_executor(args.executor, _profile(args.profile), dry_run=args.print) == "local":
+        given = sys.argv[1:] if argv is None else list(argv)
+        return _run_here(
+            args, run_argv, pending, out.root, ckpt.label, shlex.join(["python", "-m", "launch.eval", *given])
+        )
     eval_script, aggregate_script = render_scripts(
         args, run_argv, array_spec(pending, args.max_parallel) or "0", out.root
     )
@@ -344,6 +332,32 @@ def main(argv: list[str] | None = None) -> int:
     aggregate_id = sbatch(slurm_dir / "eval_aggregate.sbatch", dependency)
     print(f"submitted aggregation job {aggregate_id}; results in {out.root} (logs in {out.root / 'logs'})")
     return 0
+
+
+def _run_here(
+    args: argparse.Namespace, run_argv: list[str], pending: list[int], out: Path, label: str, again: str
+) -> int:
+    """The local executor: the same shard and aggregation commands the Slurm scripts run, here, in order."""
+    steps = [
+        (
+            f"eval shard {i}/{args.shards}",
+            ["-m", "eval.run", *run_argv, "--shard", f"{i}/{args.shards}"],
+            out / "logs" / f"eval-local_{i}.out",
+        )
+        for i in pending
+    ]
+    steps.append(("aggregation", ["-m", "eval.aggregate", "--out", str(out)], out / "logs" / "aggregate-local.out"))
+    if args.print:
+        for name, python_args, log in steps:
+            print(f"# {name} (log {log})\n{shlex.quote(sys.executable)} -u {shlex.join(python_args)}")
+        return 0
+    from launch.local import run_supervised
+
+    print(f"evaluating {label} here: {len(pending)} shard(s) of {args.shards}, then the aggregation")
+    rc = run_supervised(steps, sys.stdout, again)
+    if rc == 0:
+        print(f"results in {out} (summary.json; a report: python -m eval.report {shlex.quote(str(out))})")
+    return rc
 
 
 def cli(argv: list[str] | None = None) -> int:

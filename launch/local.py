@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from launch.jobs import EXIT_INTERRUPTED, LAUNCHER_PID_ENV
 from launch.plan import MERGE, RATE, Plan
@@ -231,6 +231,51 @@ class Supervisor:
     def exit_code(self) -> int:
         return 128 + int(self.signum or 0)
 
+    def start(self, python_args: list[str], log: IO) -> subprocess.Popen:
+        """Start ``python -u <python_args>`` as the supervised worker (its own session, output to ``log``)."""
+        self.worker = proc = subprocess.Popen(
+            [sys.executable, "-u", *python_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_child_env(),
+            start_new_session=True,
+        )
+        if self.signum is not None:  # a signal between the caller's last check and Popen
+            self._signal_worker(signal.SIGTERM)
+        return proc
+
+
+def run_supervised(steps: list[tuple[str, list[str], Path]], out: TextIO, continue_hint: str) -> int:
+    """Run ``(label, python_args, log)`` steps one after another here, each a supervised worker (see
+    ``Supervisor``): the local executor of work that is not a run's plan (an eval's shards, then its
+    aggregation). Returns 0, the first failing exit code (after naming its log), or 128 + the stop signal."""
+    with Supervisor() as supervisor:
+        for n, (label, python_args, log) in enumerate(steps, 1):
+            if supervisor.signum is not None:
+                break
+            prefix = f"[{n}/{len(steps)}] {label}"
+            out.write(f"{prefix}: running (log {log})\n")
+            out.flush()
+            t0 = time.monotonic()
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a", encoding="utf-8") as fh:
+                fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(python_args)}\n")
+                fh.flush()
+                proc = supervisor.start(python_args, fh)
+                rc = proc.wait()
+                supervisor.worker = None
+            if supervisor.signum is not None:
+                break
+            if rc != 0:
+                out.write(f"{prefix}: FAILED (exit {rc}); read the log: {log}\n")
+                return rc
+            out.write(f"{prefix}: done in {time.monotonic() - t0:.1f} s\n")
+        else:
+            return 0
+    out.write(f"stopped by {signal.Signals(supervisor.signum or 0).name}. Continue with: {continue_hint}\n")
+    out.flush()
+    return supervisor.exit_code
+
 
 def run_plan_locally(
     run: RunDir,
@@ -287,15 +332,7 @@ def _run_tasks(
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(task.argv)}\n")
             fh.flush()
-            supervisor.worker = proc = subprocess.Popen(
-                [sys.executable, "-u", "-m", "launch.jobs", *task.argv],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env=_child_env(),
-                start_new_session=True,
-            )
-            if supervisor.signum is not None:  # a signal between the check above and Popen
-                supervisor._signal_worker(signal.SIGTERM)
+            proc = supervisor.start(["-m", "launch.jobs", *task.argv], fh)
             last_shown, announced = None, False
             while proc.poll() is None:
                 time.sleep(poll_s)

@@ -95,10 +95,12 @@ class Resources:
     partition: str = ""
     account: str = ""
     qos: str = ""
+    # processes per node; 0 = one per GPU (a training job). An eval shard is one process driving its GPUs.
+    tasks_per_node: int = 0
 
     @property
     def procs_per_node(self) -> int:
-        return max(1, self.gpus_per_node)
+        return self.tasks_per_node or max(1, self.gpus_per_node)
 
     @property
     def procs(self) -> int:
@@ -116,6 +118,7 @@ class Resources:
             self.partition,
             self.account,
             self.qos,
+            self.tasks_per_node,
         )
 
     @property

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from launch import journal
 from launch.plan import MERGE, RATE, Job, Plan, build_plan, job_key, job_prefix, run_comment, submission_dependencies
-from launch.profiles import ClusterProfile
+from launch.profiles import ClusterProfile, Resources
 
 SUBMITIT_DIR = "slurm"
 
@@ -65,6 +65,28 @@ def sbatch_parameters(job: Job, run_ts: str, profile: ClusterProfile, dependenci
     extra = {"kill-on-invalid-dep": "yes", "requeue": True}
     params["additional_parameters"] = extra
     return params
+
+
+def resource_flags(res: Resources) -> dict[str, object]:
+    """The ``#SBATCH`` flags (sbatch's spellings, in this order) that size and place a job: the one rendering
+    of a ``Resources`` for every hand-readable script, the run's jobs (``--write-sbatch``) and eval's alike."""
+    flags: dict[str, object] = {
+        "nodes": res.nodes,
+        "ntasks-per-node": res.procs_per_node,
+        "cpus-per-task": res.cpus_per_task,
+        "time": res.time_min,
+    }
+    if res.gpus_per_node:
+        if res.gres_gpu:
+            flags["gres"] = f"gpu:{res.gpus_per_node}"
+        else:
+            flags["gpus-per-node"] = res.gpus_per_node
+    if res.mem_gb:
+        flags["mem"] = _mem(res.mem_gb)
+    for key in ("partition", "account", "qos"):
+        if getattr(res, key):
+            flags[key] = getattr(res, key)
+    return flags
 
 
 def submit_command(folder: Path | str, python: str | None = None) -> str:
@@ -112,22 +134,12 @@ def job_script(job: Job, run_ts: str, run_root: Path | str, profile: ClusterProf
             f"# waits for: afterok:{':'.join(f'<job of {k}>' for k in after)}  (submit with "
             f"sbatch --dependency=afterok:<ids> {job.key}.sbatch; submit.sh does this)"
         )
-    flags = {
+    flags: dict[str, object] = {
         "job-name": params["job_name"],
         "comment": params["comment"],
         "wckey": params["wckey"],
-        "nodes": params["nodes"],
-        "ntasks-per-node": params["ntasks_per_node"],
-        "cpus-per-task": params["cpus_per_task"],
-        "time": params["time"],
+        **resource_flags(job.resources),
     }
-    if "gres" in params:
-        flags["gres"] = params["gres"]
-    if "gpus_per_node" in params:
-        flags["gpus-per-node"] = params["gpus_per_node"]
-    for key in ("mem", "partition", "account", "qos"):
-        if key in params:
-            flags[key] = params[key]
     if job.array:
         flags["array"] = f"0-{len(job.rewards) - 1}"
     flags.update(

@@ -531,8 +531,8 @@ def test_report_is_self_contained_and_renders_its_images_in_chromium(evals, tmp_
     assert colours > 4 * text_colours and spread > 20, (colours, text_colours, spread)
 
 
-@pytest.mark.slurm
-def test_two_shard_array_job_gives_the_same_summary_as_one_shard(slurm_cluster, cache_env, tmp_path):
+def _shard_eval_args(tmp_path: Path) -> list[str]:
+    """eval arguments for the sharded-vs-single comparisons: the tiny base, two model-free rewards, 5 prompts."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a red apple\na blue car on a street\nthe sign says "open"\na small house\na dog\n')
     common = [
@@ -551,6 +551,34 @@ def test_two_shard_array_job_gives_the_same_summary_as_one_shard(slurm_cluster, 
     ]
     for item in TINY_SETS:
         common += ["--set", item]
+    return common
+
+
+def _single_shard_reference(common: list[str], out: Path) -> None:
+    """The same eval in one process, single-threaded like the jobs (the local profile sets OMP_NUM_THREADS=1)."""
+    ref = subprocess.run(
+        [sys.executable, "-m", "eval.run", *common, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert ref.returncode == 0, ref.stderr
+
+
+def _same_results(sharded: Path, single: Path) -> None:
+    assert sorted(p.name for p in (sharded / "shards").iterdir()) == ["00000-of-00002", "00001-of-00002"]
+    a = json.loads((sharded / "summary.json").read_text())
+    b = json.loads((single / "summary.json").read_text())
+    assert a["rewards"] == b["rewards"] and a["images"] == b["images"] == 10
+    for png in sorted((single / "images").rglob("*.png")):
+        assert png.read_bytes() == (sharded / png.relative_to(single)).read_bytes(), png
+
+
+@pytest.mark.slurm
+def test_two_shard_array_job_gives_the_same_summary_as_one_shard(slurm_cluster, cache_env, tmp_path):
+    common = _shard_eval_args(tmp_path)
     sharded = tmp_path / "sharded"
     proc = subprocess.run(
         [
@@ -564,6 +592,8 @@ def test_two_shard_array_job_gives_the_same_summary_as_one_shard(slurm_cluster, 
             "2",
             "--profile",
             "local",
+            "--executor",
+            "slurm",
             "--time",
             "10",
         ],
@@ -575,17 +605,8 @@ def test_two_shard_array_job_gives_the_same_summary_as_one_shard(slurm_cluster, 
     assert proc.returncode == 0, proc.stderr
     array_id = re.search(r"submitted eval array (\d+)", proc.stdout).group(1)
     aggregate_id = re.search(r"submitted aggregation job (\d+)", proc.stdout).group(1)
-    # the reference runs meanwhile, single-threaded like the jobs (the local profile sets OMP_NUM_THREADS=1)
     single = tmp_path / "single"
-    ref = subprocess.run(
-        [sys.executable, "-m", "eval.run", *common, "--out", str(single)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert ref.returncode == 0, ref.stderr
+    _single_shard_reference(common, single)  # meanwhile
     records = slurm_cluster.wait_for_job(aggregate_id, timeout=300)
     logs = "\n".join(p.read_text() for p in sorted((sharded / "logs").glob("*.out")))
     assert all(r.state == "COMPLETED" for r in records.values()), logs
@@ -593,12 +614,7 @@ def test_two_shard_array_job_gives_the_same_summary_as_one_shard(slurm_cluster, 
     assert sorted(tasks) == [f"{array_id}_0", f"{array_id}_1"]
     assert all(r.state == "COMPLETED" for r in tasks.values()), logs
 
-    assert sorted(p.name for p in (sharded / "shards").iterdir()) == ["00000-of-00002", "00001-of-00002"]
-    a = json.loads((sharded / "summary.json").read_text())
-    b = json.loads((single / "summary.json").read_text())
-    assert a["rewards"] == b["rewards"] and a["images"] == b["images"] == 10
-    for png in sorted((single / "images").rglob("*.png")):
-        assert png.read_bytes() == (sharded / png.relative_to(single)).read_bytes(), png
+    _same_results(sharded, single)
 
     # submitting again finds the eval complete and submits nothing
     again = subprocess.run(
@@ -609,6 +625,44 @@ def test_two_shard_array_job_gives_the_same_summary_as_one_shard(slurm_cluster, 
         timeout=120,
     )
     assert again.returncode == 0 and "nothing to submit" in again.stdout
+
+
+def test_local_executor_runs_the_unfinished_shards_then_the_aggregation(cache_env, tmp_path):
+    """``launch.eval --executor local``: the same shard and aggregation commands as the Slurm scripts, run here
+    one after another; run again after a shard was lost, it redoes exactly that shard."""
+
+    def launch_eval(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "launch.eval", *common, "--out", str(sharded), "--shards", "2", *extra],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+            # no Slurm to fall back on; the thread count of the reference (bitwise equal images need it)
+            env={**{k: v for k, v in os.environ.items() if k != "SLURM_CONF"}, "OMP_NUM_THREADS": "1"},
+        )
+
+    common = _shard_eval_args(tmp_path)
+    sharded = tmp_path / "sharded"
+    shown = launch_eval("--executor", "local", "--dry-run")
+    assert shown.returncode == 0 and not sharded.exists(), shown.stderr
+    assert shown.stdout.count("-m eval.run") == 2 and "--shard 1/2" in shown.stdout, shown.stdout
+
+    proc = launch_eval("--executor", "local")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 shard(s) of 2" in proc.stdout and "aggregation: done" in proc.stdout, proc.stdout
+    single = tmp_path / "single"
+    _single_shard_reference(common, single)
+    _same_results(sharded, single)
+
+    # a lost shard and the aggregate it fed: the same command redoes that shard only
+    lost = sharded / "shards" / "00001-of-00002"
+    shutil.rmtree(lost)
+    (sharded / DONE_MARKER).unlink()
+    again = launch_eval("--executor", "local")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 shard(s) of 2" in again.stdout and "eval shard 1/2: done" in again.stdout, again.stdout
+    _same_results(sharded, single)
 
 
 def test_exported_model_dir_gives_the_images_of_its_merged_cycle(evals, tiny_run, geneval_sets, prompt_file, tmp_path):
