@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prompts": ("rewards.prompts", "write a generated prompt set to a file"),
     "tiny": ("mrlora.models.tiny", "build a tiny random SD3 / FLUX model directory"),
     "real-shapes": ("mrlora.models.real_shapes", "build a real-shape random SD3.5-M / FLUX.1-dev model directory"),
+    "completion": ("mrlora.completion", "print a bash / zsh completion script: source <(mrlora completion bash)"),
 }
 
 

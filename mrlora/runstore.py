@@ -296,6 +296,22 @@ def forget_files(directory: Path | str, marker: str, prefixes: list[str]) -> dic
     return data
 
 
+def replace_file(directory: Path | str, marker: str, rel: str, data: bytes) -> dict:
+    """Replace file ``rel`` of a complete directory and re-record it in ``marker`` (size, and sha256 where the
+    marker keeps checksums), so the directory stays verifiably complete. A crash between the two atomic writes
+    leaves the directory incomplete (the size no longer matches), never wrong."""
+    directory = Path(directory)
+    atomic_write_bytes(directory / rel, data)
+    record = read_json(directory / marker)
+    old = record.get("files", {}).get(rel, {})
+    entry: dict[str, int | str] = {"size": len(data)}
+    if "sha256" in old:
+        entry["sha256"] = hashlib.sha256(data).hexdigest()
+    record["files"] = {**record.get("files", {}), rel: entry}
+    atomic_write_json(directory / marker, record)
+    return record
+
+
 def quarantine(exc: DamagedFileError, next_step: str) -> DamagedFileError:
     """Move the unit a damaged file belongs to aside (``set_aside_damaged``) and return the error to raise: it
     names the file, where the unit went, and ``next_step`` (what redoes it, e.g. resuming the run)."""

@@ -142,6 +142,7 @@ COMMAND_MODULES = [
     "mrlora.rate.cli",
     "mrlora.models.tiny",
     "mrlora.models.real_shapes",
+    "mrlora.completion",
     "rewards.prefetch",
     "rewards.prompts",
     "rewards.geneval_server",

@@ -3,6 +3,7 @@
     python -m mrlora.merge --experts A B C --weights 1 1 1 --out DIR [--base MODEL_DIR]
     python -m mrlora.merge export --run RUN_DIR --cycle C --out DIR
     python -m mrlora.merge export --base MODEL_DIR --updates U1 U2 --out DIR
+    python -m mrlora.merge export --run RUN_DIR --cycle C --out DIR --model-card --push-to-hub OWNER/NAME [--private]
 
 Invalid input (weights, adapters, architecture, shapes, corrupt files, an occupied --out) is reported on
 stderr with what to do next, the exit status is 2, and no output directory is created.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from mrlora.cli import EXIT_USER_ERROR, add_version_flag, error_line, run_cli, setup_logging
 
@@ -71,6 +73,19 @@ def _export_parser() -> argparse.ArgumentParser:
         "--updates", nargs="+", default=[], metavar="DIR", help="merged update directories to fold in, in order"
     )
     p.add_argument("--out", required=True, help="output model directory (must not exist or be empty)")
+    p.add_argument(
+        "--model-card",
+        action="store_true",
+        help="write README.md: base model, licence of the base, the run's rewards, weights, cycles, steps and "
+        "recipe, and its eval summary (with --run)",
+    )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="then upload the export to this Hugging Face model repository (created if missing); needs the "
+        "network and a token (`hf auth login`), checked before anything is written",
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("-q", "--quiet", action="store_true", help="only print errors")
     return p
 
@@ -78,6 +93,28 @@ def _export_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The command line: exit 0 done, 2 user error (one line on stderr, nothing written)."""
     return run_cli(_main, argv, prog="mrlora.merge")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mrlora.reduce import card as cards
+
+    token = cards.check_can_push(args.push_to_hub) if args.push_to_hub else None  # refuse before writing
+    from mrlora.reduce.export import export_model, export_with_updates
+
+    if args.run:
+        out = export_model(args.run, args.cycle, args.out, with_card=args.model_card)
+    else:
+        card = None
+        if args.model_card:
+            from mrlora.reduce.base import open_base
+
+            card = cards.model_card(
+                args.base, None, open_base(args.base).arch, update_dirs=[Path(d) for d in args.updates]
+            )
+        out = str(export_with_updates(args.base, args.updates, args.out, card=card))
+    print(out)
+    if args.push_to_hub:
+        print(cards.push_to_hub(out, args.push_to_hub, private=args.private, token=token))
 
 
 def _main(argv: list[str] | None) -> int:
@@ -91,17 +128,12 @@ def _main(argv: list[str] | None) -> int:
         parser.error("--run needs --cycle")
     if exporting and args.base and args.cycle is not None:
         parser.error("--cycle goes with --run; with --base pass --updates")
+    if exporting and args.private and not args.push_to_hub:
+        parser.error("--private goes with --push-to-hub REPO_ID")
 
     try:
         if exporting:
-            from mrlora.reduce.export import export_model, export_with_updates
-
-            out = (
-                export_model(args.run, args.cycle, args.out)
-                if args.run
-                else export_with_updates(args.base, args.updates, args.out)
-            )
-            print(out)
+            _export(args)
         else:
             from mrlora.reduce.job import merge_experts
 

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from mrlora.reduce.base import BaseTransformer, open_base, resolve_base
+from mrlora.reduce.card import CARD_NAME, model_card
 from mrlora.reduce.errors import ArchMismatchError, OutputExistsError, ShapeMismatchError
 from mrlora.reduce.load_model import BASE_TRANSFORMER
 from mrlora.reduce.safetensors_io import DTYPES, OutEntry, StreamingWriter, TensorReader
@@ -39,6 +40,7 @@ from mrlora.runstore import (
     model_after,
     pid_alive,
     read_marker,
+    replace_file,
     set_aside_damaged,
     write_marker,
 )
@@ -112,17 +114,28 @@ def _export_shard(reader: TensorReader, out_path: Path, updates: dict) -> int:
     return written
 
 
+def _read_text(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def _write_card(directory: Path, card: str) -> None:
+    with atomic_file(directory / CARD_NAME) as tmp:
+        tmp.write_text(card, encoding="utf-8")
+
+
 def export_with_updates(
     base_dir: Path | str,
     update_dirs: Sequence[Path | str],
     out: Path | str,
     marker_extra: dict | None = None,
     transformer_dir: Path | str | None = None,
+    card: str | None = None,
 ) -> Path:
     """Write ``out``: the model at ``base_dir`` with ``update_dirs`` folded into its transformer.
 
     ``transformer_dir`` (a run's materialised ``cycle_XXXX/base/transformer``) replaces the transformer of
-    ``base_dir``; every other component still comes from ``base_dir``.
+    ``base_dir``; every other component still comes from ``base_dir``. ``card`` (``mrlora.reduce.card``)
+    replaces the base's README.md; given for a complete export of the same updates, only the card is rewritten.
     """
     started = time.monotonic()
     out = Path(out).absolute()
@@ -137,6 +150,9 @@ def export_with_updates(
         same = {k: existing.get(k) for k in extra} == extra
         if same:
             log.info("%s is already a complete export of the same updates", out)
+            if card is not None and _read_text(out / CARD_NAME) != card:
+                replace_file(out, EXPORT_MARKER, CARD_NAME, card.encode("utf-8"))
+                log.info("wrote the model card %s", out / CARD_NAME)
             return out
         raise OutputExistsError(
             f"{out} is a complete export of something else ({existing.get('updates')}); choose another --out"
@@ -157,6 +173,8 @@ def export_with_updates(
         for shard in base.shards:
             with TensorReader(shard.path, shard) as reader:
                 moved += _export_shard(reader, build / t_rel / shard.path.name, updates)
+        if card is not None:
+            _write_card(build, card)
         write_marker(build, EXPORT_MARKER, extra=extra, checksums=False)
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -170,9 +188,10 @@ def export_with_updates(
     return out
 
 
-def export_model(run_root: str, cycle: int, out: str) -> str:
+def export_model(run_root: str, cycle: int, out: str, with_card: bool = False) -> str:
     """A full diffusers model dir of ``run_root`` after ``cycle``: ``model_after`` (a materialised base plus
-    the updates after it, or base_0 plus cycles 1..cycle), the same weights Map and eval use."""
+    the updates after it, or base_0 plus cycles 1..cycle), the same weights Map and eval use. ``with_card``:
+    README.md is the model card of the run (config and eval summary) instead of the base's."""
     from mrlora.config import config_from_dict
 
     run = RunDir(run_root)
@@ -187,14 +206,26 @@ def export_model(run_root: str, cycle: int, out: str) -> str:
         bad = damaged_files(model.base_dir, BASE_MARKER, verify="sha256")
         if bad:
             set_aside_damaged(model.base_dir)
-            return export_model(run_root, cycle, out)
+            return export_model(run_root, cycle, out, with_card=with_card)
         transformer_dir = model.base_dir / BASE_TRANSFORMER
     base_dir = resolve_base(cfg.model.pretrained)
+    card = None
+    if with_card:
+        card = model_card(
+            base_dir,
+            cfg.model.pretrained,
+            cfg.model.arch,
+            run_cfg=cfg,
+            run_root=run.root,
+            cycle=cycle,
+            title=f"{cfg.model.name or cfg.model.arch} MapReduce LoRA, cycle {cycle} of run {run.run_ts}",
+        )
     path = export_with_updates(
         base_dir,
         list(model.update_dirs),
         out,
         transformer_dir=transformer_dir,
         marker_extra={"run": str(run.root), "cycle": cycle, "base_id": cfg.model.pretrained},
+        card=card,
     )
     return str(path)
