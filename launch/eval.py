@@ -208,8 +208,7 @@ def _profile(name: str | None):
     return load_profile(name) if name else default_profile()
 
 
-def render_scripts(args: argparse.Namespace, run_argv: list[str], array: str, out: Path) -> tuple[str, str]:
-    profile = _profile(args.profile)
+def render_scripts(args: argparse.Namespace, profile, run_argv: list[str], array: str, out: Path) -> tuple[str, str]:
     gpus = args.gpus if args.gpus is not None else (1 if profile.gpus_per_node > 0 else 0)
     shard_size = Resources(
         nodes=1,
@@ -302,13 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     pending = out.pending_shards(args.shards)
     from launch.mapreduce import resolve_executor
 
-    if resolve_executor(args.executor, _profile(args.profile), dry_run=args.print) == "local":
+    profile = _profile(args.profile)
+    if resolve_executor(args.executor, profile, dry_run=args.print) == "local":
         given = sys.argv[1:] if argv is None else list(argv)
         return _run_here(
             args, run_argv, pending, out.root, ckpt.label, shlex.join(["python", "-m", "launch.eval", *given])
         )
     eval_script, aggregate_script = render_scripts(
-        args, run_argv, array_spec(pending, args.max_parallel) or "0", out.root
+        args, profile, run_argv, array_spec(pending, args.max_parallel) or "0", out.root
     )
     if args.print:
         if pending:

@@ -37,27 +37,14 @@ def _mem(gb: float) -> str:
 
 def sbatch_parameters(job: Job, run_ts: str, profile: ClusterProfile, dependencies: list[str]) -> dict:
     """submitit ``SlurmExecutor.update_parameters`` keywords for ``job`` (sbatch's names)."""
-    res = job.resources
     params: dict = {
         "job_name": job.name(run_ts),
-        "time": res.time_min,
-        "nodes": res.nodes,
-        "ntasks_per_node": res.procs_per_node,
-        "cpus_per_task": res.cpus_per_task,
+        # submitit's keywords are sbatch's flags with "_" for "-": the one rendering of the job's size
+        **{flag.replace("-", "_"): value for flag, value in resource_flags(job.resources).items()},
         "signal_delay_s": profile.signal_delay_s,
         "comment": run_comment(run_ts),
         "wckey": "mrlora",
     }
-    if res.gpus_per_node:
-        if res.gres_gpu:
-            params["gres"] = f"gpu:{res.gpus_per_node}"
-        else:
-            params["gpus_per_node"] = res.gpus_per_node
-    if res.mem_gb:
-        params["mem"] = _mem(res.mem_gb)
-    for key in ("partition", "account", "qos"):
-        if getattr(res, key):
-            params[key] = getattr(res, key)
     if profile.setup_lines:
         params["setup"] = profile.setup_lines
     if dependencies:

@@ -11,15 +11,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bash_script(tmp_path_factory) -> Path:
-    proc = subprocess.run(
-        [sys.executable, "-m", "mrlora.commands", "completion", "bash"],
+def completion(shell: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mrlora.commands", "completion", shell],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+@pytest.fixture(scope="module")
+def bash_script(tmp_path_factory) -> Path:
+    proc = completion("bash")
     assert proc.returncode == 0, proc.stderr
     path = tmp_path_factory.mktemp("completion") / "mrlora.bash"
     path.write_text(proc.stdout)
@@ -54,24 +58,12 @@ def test_bash_completes_subcommands_flags_and_choices(bash_script):
 
 
 def test_zsh_script_registers_the_same_function(bash_script):
-    proc = subprocess.run(
-        [sys.executable, "-m", "mrlora.commands", "completion", "zsh"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = completion("zsh")
     assert proc.returncode == 0, proc.stderr
     assert "autoload -U +X bashcompinit && bashcompinit" in proc.stdout
     assert proc.stdout.endswith(bash_script.read_text())
 
 
 def test_an_unknown_shell_is_a_usage_error():
-    proc = subprocess.run(
-        [sys.executable, "-m", "mrlora.commands", "completion", "fish"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = completion("fish")
     assert proc.returncode == 2 and "invalid choice: 'fish'" in proc.stderr

@@ -82,19 +82,19 @@ class LoraPair:
     def loaded(cls, A: torch.Tensor, B: torch.Tensor, scale: float) -> "LoraPair":
         return cls(scale, (int(A.shape[0]), int(A.shape[1])), (int(B.shape[0]), int(B.shape[1])), (A, B))
 
+    def _factor(self, index: int) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[index]
+        assert self._file is not None
+        return self._file.read(self._keys[index])
+
     @property
     def A(self) -> torch.Tensor:
-        if self._tensors is not None:
-            return self._tensors[0]
-        assert self._file is not None
-        return self._file.read(self._keys[0])
+        return self._factor(0)
 
     @property
     def B(self) -> torch.Tensor:
-        if self._tensors is not None:
-            return self._tensors[1]
-        assert self._file is not None
-        return self._file.read(self._keys[1])
+        return self._factor(1)
 
     @property
     def rank(self) -> int:
@@ -293,9 +293,9 @@ def read_expert_adapter(path: Path | str, load: bool = True) -> ExpertAdapter:
         if load:
             modules[module] = LoraPair.loaded(kept[key_a], kept[key_b], scale)
         else:
-            shape_a = (int(a_shape[0]), int(a_shape[1]))
-            shape_b = (int(b_shape[0]), int(b_shape[1]))
-            modules[module] = LoraPair(scale, shape_a, shape_b, _file=source, _keys=(key_a, key_b))
+            modules[module] = LoraPair(
+                scale, (a_shape[0], a_shape[1]), (b_shape[0], b_shape[1]), _file=source, _keys=(key_a, key_b)
+            )
 
     if "scale" in meta and not (config.get("rank_pattern") or config.get("alpha_pattern")):
         expected = next(iter(modules.values())).scale

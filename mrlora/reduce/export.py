@@ -35,6 +35,7 @@ from mrlora.runstore import (
     BASE_MARKER,
     RunDir,
     atomic_file,
+    atomic_write_text,
     damaged_files,
     fsync_dir,
     model_after,
@@ -118,11 +119,6 @@ def _read_text(path: Path) -> str | None:
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
-def _write_card(directory: Path, card: str) -> None:
-    with atomic_file(directory / CARD_NAME) as tmp:
-        tmp.write_text(card, encoding="utf-8")
-
-
 def export_with_updates(
     base_dir: Path | str,
     update_dirs: Sequence[Path | str],
@@ -174,7 +170,7 @@ def export_with_updates(
             with TensorReader(shard.path, shard) as reader:
                 moved += _export_shard(reader, build / t_rel / shard.path.name, updates)
         if card is not None:
-            _write_card(build, card)
+            atomic_write_text(build / CARD_NAME, card)
         write_marker(build, EXPORT_MARKER, extra=extra, checksums=False)
         if out.exists():
             out.rmdir()  # empty, checked above
